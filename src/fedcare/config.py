@@ -1,0 +1,211 @@
+"""Run configuration: TOML files, ``--set key=value`` overrides, validation.
+
+Every key has a default, so an empty config is the default job (the bundled
+heart-disease data across its 4 hospitals). Keys are dotted paths into the
+sections below, e.g. ``federation.rounds`` or ``data.partition``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcare.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "heart-disease"
+    """Bundled dataset name (``heart-disease``, ``breast-cancer``, ``synthetic``) or ``files``."""
+    protocol: str = "flamby"
+    """Preprocessing protocol of a bundled dataset (heart-disease: ``flamby`` or ``impute``)."""
+    data_dir: str = ""
+    """Directory with one CSV/Parquet file per site (dataset = "files")."""
+    files: list[str] = field(default_factory=list)
+    """Explicit data files (dataset = "files"); alternative to data_dir."""
+    schema: str = ""
+    """Schema TOML for user files (see ``fedcare schema infer``)."""
+    sites: int = 0
+    """Number of simulated sites for data without natural sites (0: dataset default)."""
+    partition: str = "natural"
+    """natural | iid | dirichlet | quantity."""
+    alpha: float = 0.5
+    """Dirichlet concentration for the dirichlet and quantity partitions (smaller = more skew)."""
+    test_fraction: float = -1.0
+    """Share of each site's rows held out for testing (negative: dataset default)."""
+    split_seed: int = 0
+    """Seed of the train/test split and the partition, kept apart from the training seed."""
+    missing: str = "drop"
+    """drop | impute | fail: what to do with missing feature values."""
+    standardize: str = "federated"
+    """federated | site | none."""
+    n_patients: int = 100_000
+    """Cohort size of the generated ``synthetic`` dataset."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "logreg"
+    """logreg | mlp."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the MLP."""
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = "fedavg"
+    """fedavg | fedprox | fedadam | fedyogi | fedadagrad."""
+    rounds: int = 20
+    fraction: float = 1.0
+    """Share of sites sampled each round (at least min_sites)."""
+    min_sites: int = 1
+    """Quorum: a round with fewer participating sites is not aggregated."""
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    """Local SGD learning rate."""
+    momentum: float = 0.0
+    """Local SGD momentum (reset every round)."""
+    mu: float = 0.01
+    """FedProx proximal weight."""
+    server_lr: float = 0.0
+    """Server learning rate (0: the strategy's default: 1.0 for fedavg/fedprox, 0.1 adaptive)."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    """Adaptivity of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)."""
+
+
+@dataclass
+class BaselineConfig:
+    enabled: bool = True
+    """Also train pooled (centralised) and each-site-alone models on the same budget."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str = "runs"
+    """Parent directory of run directories."""
+    name: str = ""
+    """Run directory name (default: <dataset>-<strategy>-<time>)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> RunConfig:
+        config = cls()
+        _merge(config, raw, prefix="", source=source)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def set(self, assignment: str) -> None:
+        """Apply one ``key=value`` override; the value is read as TOML, else as a string."""
+        key, sep, text = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. federation.rounds=50); "
+                              f"got {assignment!r}.")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        *sections, leaf = key.strip().split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for section in reversed(sections):
+            nested = {section: nested}
+        _merge(self, nested, prefix="", source="--set")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (loadable with `load`)."""
+        lines: list[str] = []
+        sections: list[tuple[str, dict[str, Any]]] = []
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                sections.append((key, value))
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for name, values in sections:
+            lines += ["", f"[{name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _merge(target: Any, raw: Mapping[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(target))
+    known = {f.name for f in dataclasses.fields(target)}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {path!r}; expected one of "
+                              f"{sorted(prefix + k for k in known)}.")
+        expected = hints[key]
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {path!r} is a section; expected a table of keys, "
+                                  f"found {value!r}.")
+            _merge(current, value, prefix=f"{path}.", source=source)
+            continue
+        setattr(target, key, _coerce(value, expected, path, source))
+
+
+def _coerce(value: Any, expected: Any, path: str, source: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(expected, types.UnionType):
+        raise TypeError("config fields are not unions")
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {path!r} must be {expected.__name__}; found {value!r} "
+                      f"({type(value).__name__}).")

@@ -1,0 +1,1 @@
+"""Data: schema, loaders, bundled datasets, partitioners, preprocessing."""

@@ -1,0 +1,257 @@
+"""Bundled datasets (no download) and the path from a `DataConfig` to a `FederatedData`.
+
+The registry maps the ``data.dataset`` config value to a loader. Each loader
+returns the shared schema, validated site tables and whether those sites are
+natural (real hospitals) or one cohort to be partitioned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from fedcare.config import DataConfig
+from fedcare.data.loaders import (
+    MissingPolicy,
+    SiteTable,
+    apply_missing_policy,
+    find_site_files,
+    load_sites,
+    parse_table,
+)
+from fedcare.data.partition import Partition, assign_rows, check_nonempty, site_proportions
+from fedcare.data.preprocess import Standardize, SumVectors, prepare_sites, split_rows
+from fedcare.data.schema import Schema
+from fedcare.data.site_data import FederatedData
+from fedcare.data.tables import read_table
+from fedcare.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a dataset loader returns."""
+
+    schema: Schema
+    tables: list[SiteTable]
+    natural_sites: bool
+    description: str
+    default_test_fraction: float
+    default_sites: int = 1
+
+
+# ---------------------------------------------------------------- heart disease
+HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang",
+                 "oldpeak", "slope", "ca", "thal", "num"]
+HEART_HOSPITALS = {
+    "cleveland": "Cleveland Clinic Foundation",
+    "hungarian": "Hungarian Institute of Cardiology, Budapest",
+    "switzerland": "University Hospitals Zurich and Basel",
+    "va": "V.A. Medical Center, Long Beach",
+}
+# FLamby's Fed-Heart-Disease: columns slope, ca, thal dropped (mostly missing
+# outside Cleveland), cp and restecg one-hot with the first level dropped,
+# num > 0 is disease, 66/34 stratified split per hospital.
+HEART_SCHEMA = Schema(
+    numeric=("age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"),
+    categorical={"cp": ("1", "2", "3", "4"), "restecg": ("0", "1", "2")},
+    target="num",
+    positive=("1", "2", "3", "4"),
+    drop_first=True,
+)
+HEART_PROTOCOLS = {
+    "flamby": MissingPolicy.DROP,  # FLamby drops rows with a missing value: 740 of 920 rows
+    "impute": MissingPolicy.IMPUTE,  # keep all 920 rows, impute from each hospital's own data
+}
+
+
+def bundled_path(*parts: str) -> Path:
+    return Path(str(resources.files("fedcare.data").joinpath("bundled", *parts)))
+
+
+def heart_disease(config: DataConfig) -> Source:
+    if config.protocol not in HEART_PROTOCOLS:
+        raise ConfigError(f"data.protocol must be one of {sorted(HEART_PROTOCOLS)} for "
+                          f"heart-disease; got {config.protocol!r}.")
+    tables = []
+    for name in HEART_HOSPITALS:
+        table = read_table(bundled_path("heart_disease", f"processed.{name}.data"),
+                           header=HEART_COLUMNS)
+        tables.append(parse_table(table, HEART_SCHEMA, name))
+    return Source(
+        schema=HEART_SCHEMA,
+        tables=[apply_missing_policy(t, HEART_SCHEMA, HEART_PROTOCOLS[config.protocol])
+                for t in tables],
+        natural_sites=True,
+        description=f"UCI Heart Disease, 4 hospitals, protocol {config.protocol}",
+        default_test_fraction=0.34,
+    )
+
+
+# ---------------------------------------------------------------- breast cancer
+def breast_cancer(config: DataConfig) -> Source:
+    from sklearn.datasets import load_breast_cancer  # ships the CSV: no download
+
+    bunch = load_breast_cancer()
+    names = tuple(str(n) for n in bunch.feature_names)
+    # scikit-learn codes 0 = malignant; the clinically positive class is malignant.
+    target = (bunch.target == 0).astype(np.float64)
+    schema = Schema(numeric=names, categorical={}, target="malignant", positive=("1",))
+    table = _array_table("breast-cancer", "scikit-learn load_breast_cancer",
+                         bunch.data.astype(np.float64), target)
+    return Source(schema, [table], natural_sites=False,
+                  description="Wisconsin Diagnostic Breast Cancer (scikit-learn copy)",
+                  default_test_fraction=0.2, default_sites=10)
+
+
+# ---------------------------------------------------------------- synthetic cohort
+SYNTHETIC_FEATURES = 30
+
+
+def synthetic_cohort(n_patients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A generated cohort: correlated vitals and labs, a non-linear risk, ~30% prevalence.
+
+    Data generation is simulation, not privacy: it is seeded (``data.split_seed``).
+    """
+    if n_patients < 2:
+        raise ConfigError(f"data.n_patients must be >= 2; got {n_patients}.")
+    rng = np.random.default_rng(seed)
+    d = SYNTHETIC_FEATURES
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    x = rng.normal(size=(n_patients, d)) @ (np.eye(d) + 0.5 * mixing)
+    weights = rng.normal(size=d) * (rng.random(d) < 0.5)
+    logit = x @ weights + 0.8 * x[:, 0] * x[:, 1] - 0.5 * x[:, 2] ** 2 - 0.8
+    y = (rng.random(n_patients) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    return x, y
+
+
+def synthetic(config: DataConfig) -> Source:
+    x, y = synthetic_cohort(config.n_patients, config.split_seed)
+    names = tuple(f"x{i:02d}" for i in range(x.shape[1]))
+    schema = Schema(numeric=names, categorical={}, target="outcome", positive=("1",))
+    table = _array_table("synthetic", f"generated cohort (seed {config.split_seed})", x, y)
+    return Source(schema, [table], natural_sites=False,
+                  description=f"generated cohort of {config.n_patients} patients",
+                  default_test_fraction=0.2, default_sites=100)
+
+
+def _array_table(name: str, source: str, x: np.ndarray, y: np.ndarray) -> SiteTable:
+    return SiteTable(name, source, None, np.arange(len(y)), x,
+                     np.zeros((len(y), 0), dtype=np.int64), y)
+
+
+# ---------------------------------------------------------------- user files
+def user_files(config: DataConfig) -> Source:
+    if not config.schema:
+        raise ConfigError("data.schema is required for dataset = \"files\"; write one with "
+                          "`fedcare schema infer DATA... --target COLUMN --out schema.toml`.")
+    schema = Schema.load(config.schema)
+    if config.files and config.data_dir:
+        raise ConfigError("Give data.files or data.data_dir, not both.")
+    if config.files:
+        paths: list[Path] = [Path(f) for f in config.files]
+    elif config.data_dir:
+        paths = find_site_files(config.data_dir)
+    else:
+        raise ConfigError("dataset = \"files\" needs data.data_dir (one file per site) or "
+                          "data.files.")
+    policy = _enum(MissingPolicy, config.missing, "data.missing")
+    tables = [apply_missing_policy(t, schema, policy) for t in load_sites(paths, schema)]
+    return Source(schema, tables, natural_sites=True,
+                  description=f"{len(tables)} sites from {config.data_dir or 'files'}",
+                  default_test_fraction=0.2)
+
+
+DATASETS: dict[str, Callable[[DataConfig], Source]] = {
+    "heart-disease": heart_disease,
+    "breast-cancer": breast_cancer,
+    "synthetic": synthetic,
+    "files": user_files,
+}
+
+
+E = TypeVar("E", MissingPolicy, Partition, Standardize)
+
+
+def _enum(kind: type[E], value: str, key: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be one of {[m.value for m in kind]}; got {value!r}.") \
+            from None
+
+
+def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) -> FederatedData:
+    """Load, validate, split, partition and encode the data the config names."""
+    if config.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset must be one of {sorted(DATASETS)}; "
+                          f"got {config.dataset!r}.")
+    if config.data_dir or config.files:
+        if config.dataset != "files":
+            raise ConfigError(f"data.data_dir/data.files are for dataset = \"files\"; the config "
+                              f"names the bundled dataset {config.dataset!r}.")
+    source = DATASETS[config.dataset](config)
+    partition = _enum(Partition, config.partition, "data.partition")
+    standardize = _enum(Standardize, config.standardize, "data.standardize")
+    test_fraction = (source.default_test_fraction if config.test_fraction < 0
+                     else config.test_fraction)
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be in [0, 1); got {test_fraction}.")
+    rng = np.random.default_rng(config.split_seed)
+
+    if partition is Partition.NATURAL:
+        if not source.natural_sites:
+            raise ConfigError(f"{config.dataset} has no natural sites; choose data.partition = "
+                              "\"iid\", \"dirichlet\" or \"quantity\" (and data.sites).")
+        if config.sites:
+            raise ConfigError("data.sites sets the number of simulated sites; with the natural "
+                              "partition the data decide it. Remove data.sites or choose another "
+                              "partition.")
+        splits = []
+        for table in source.tables:
+            train, test = split_rows(table.target, test_fraction, rng)
+            if len(train) == 0:
+                raise DataError(f"{table.source}: site {table.name!r} has no training rows left "
+                                f"after holding out {test_fraction:.0%} for testing.")
+            splits.append((table.subset(train), table.subset(test)))
+    else:
+        n_sites = config.sites or source.default_sites
+        pooled = _concat(source.tables, config.dataset)
+        train, test = split_rows(pooled.target, test_fraction, rng)
+        proportions = site_proportions(partition, n_sites, 2, config.alpha, rng)
+        width = len(str(n_sites - 1))
+        names = [f"site-{i:0{width}d}" for i in range(n_sites)]
+        train_parts = assign_rows(pooled.target[train].astype(np.int64), proportions, rng)
+        test_parts = assign_rows(pooled.target[test].astype(np.int64), proportions, rng)
+        check_nonempty(train_parts, names, partition, config.alpha)
+        splits = []
+        for name, tr, te in zip(names, train_parts, test_parts, strict=True):
+            splits.append((_rename(pooled.subset(train[tr]), name),
+                           _rename(pooled.subset(test[te]), name)))
+
+    kwargs = {} if sum_vectors is None else {"sum_vectors": sum_vectors}
+    sites, standardization = prepare_sites(splits, source.schema, standardize, **kwargs)
+    description = source.description
+    if partition is not Partition.NATURAL:
+        description += f", {len(sites)} sites ({partition.value} partition)"
+    return FederatedData(source.schema, source.schema.encoded_feature_names(), sites, description,
+                         standardization)
+
+
+def _concat(tables: list[SiteTable], dataset: str) -> SiteTable:
+    if len(tables) == 1:
+        return tables[0]
+    return SiteTable(dataset, "+".join(t.source for t in tables), None,
+                     np.arange(sum(len(t) for t in tables)),
+                     np.concatenate([t.numeric for t in tables]),
+                     np.concatenate([t.categorical for t in tables]),
+                     np.concatenate([t.target for t in tables]))
+
+
+def _rename(table: SiteTable, name: str) -> SiteTable:
+    return SiteTable(name, table.source, table.first_data_line, table.rows, table.numeric,
+                     table.categorical, table.target)

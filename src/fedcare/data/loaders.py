@@ -1,0 +1,262 @@
+"""Validated per-site tables from user files: one file per site, or one file with a site column.
+
+Validation happens here, once, with messages that name the file, the row, the
+column, what was expected and what was found. What comes out (`SiteTable`) is
+numeric: numbers as float64 with NaN for missing, categories as vocabulary
+codes with -1 for missing, the target as 0/1 (NaN for missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from fedcare.data.schema import Schema
+from fedcare.data.tables import Table, locate, read_table
+from fedcare.errors import DataError, SchemaError
+
+DATA_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class MissingPolicy(StrEnum):
+    """What to do with a missing feature value."""
+
+    DROP = "drop"  #: drop the row (FLamby's choice for Fed-Heart-Disease)
+    IMPUTE = "impute"  #: fill from the site's own training data (mean / most frequent)
+    FAIL = "fail"  #: refuse the data, naming the first missing cell
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """One site's validated records, before any split or encoding.
+
+    Attributes
+    ----------
+    name : str
+        Site name (the file stem, or the value of the site column).
+    source : str
+        Where the rows came from (a file path, or a description), for messages.
+    first_data_line : int or None
+        Line of the source's first data row (text files), so messages name lines.
+    rows : ndarray of int64, shape (n,)
+        Row index of each record in `source` (0-based).
+    numeric : ndarray of float64, shape (n, n_numeric)
+        Numeric columns in schema order; NaN where missing.
+    categorical : ndarray of int64, shape (n, n_categorical)
+        Vocabulary code of each categorical cell; -1 where missing.
+    target : ndarray of float64, shape (n,)
+        1.0 for a positive value, 0.0 otherwise, NaN where missing.
+    """
+
+    name: str
+    source: str
+    first_data_line: int | None
+    rows: np.ndarray
+    numeric: np.ndarray
+    categorical: np.ndarray
+    target: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, mask_or_index: np.ndarray) -> SiteTable:
+        return SiteTable(self.name, self.source, self.first_data_line, self.rows[mask_or_index],
+                         self.numeric[mask_or_index], self.categorical[mask_or_index],
+                         self.target[mask_or_index])
+
+    def where(self, i: int) -> str:
+        """Location of record `i` of this site in its file."""
+        return locate(self.source, self.first_data_line, int(self.rows[i]))
+
+
+def parse_table(table: Table, schema: Schema, name: str,
+                rows: np.ndarray | None = None) -> SiteTable:
+    """Check `table` (or its `rows`) against `schema` and convert it to numbers."""
+    missing = [c for c in schema.required_columns if c not in table.columns]
+    if missing:
+        raise SchemaError(f"{table.source}: column(s) {missing} required by the schema are not "
+                          f"in the file; found columns {table.columns}.")
+    index = np.arange(table.n_rows) if rows is None else rows
+    if len(index) == 0:
+        raise DataError(f"{table.source}: site {name!r} has no data rows.")
+    missing_tokens = list(schema.missing_values)
+
+    def is_missing(values: np.ndarray) -> np.ndarray:
+        return np.array([v is None for v in values], dtype=bool) | np.isin(
+            values.astype(str), missing_tokens)
+
+    numeric = np.empty((len(index), len(schema.numeric)), dtype=np.float64)
+    for j, column in enumerate(schema.numeric):
+        values = table.cells[column][index]
+        absent = is_missing(values)
+        numeric[:, j] = _parse_numbers(values, absent, table, index, column)
+    categorical = np.empty((len(index), len(schema.categorical)), dtype=np.int64)
+    for j, (column, vocabulary) in enumerate(schema.categorical.items()):
+        values = table.cells[column][index]
+        absent = is_missing(values)
+        codes = _encode_categories(values, vocabulary)
+        unknown = np.flatnonzero((codes < 0) & ~absent)
+        if len(unknown):
+            i = int(unknown[0])
+            raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: unknown category "
+                              f"{values[i]!r}; expected one of {list(vocabulary)} (add it to the "
+                              f"schema's vocabulary if it is valid).")
+        categorical[:, j] = np.where(absent, -1, codes)
+    values = table.cells[schema.target][index]
+    absent = is_missing(values)
+    target = np.where(absent, np.nan, np.isin(values.astype(str), list(schema.positive)))
+    if all(_is_number(p) for p in schema.positive):
+        # A numeric target: a non-number there is a typo, not a negative label.
+        _parse_numbers(values, absent, table, index, schema.target)
+    site = SiteTable(name, table.source, table.first_data_line, index, numeric, categorical, target.astype(np.float64))
+    _check_all_missing(site, schema)
+    return site
+
+
+def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: np.ndarray,
+                   column: str) -> np.ndarray:
+    filled = np.where(absent, "nan", values).astype(str)
+    try:
+        parsed = filled.astype(np.float64)
+    except ValueError:
+        parsed = None
+    if parsed is not None and np.isfinite(parsed[~absent]).all():
+        return parsed
+    for i, text in enumerate(filled):
+        if absent[i]:
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
+                              f"number, found {text!r}.") from None
+        if not np.isfinite(number):
+            raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
+                              f"finite number, found {text!r}.")
+    raise AssertionError("unreachable: a column failed to parse but no cell was at fault")
+
+
+def _encode_categories(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
+    lookup = {v: i for i, v in enumerate(vocabulary)}
+    # Numeric categories written as 1 in one file and 1.0 in another still match.
+    for i, v in enumerate(vocabulary):
+        if _is_number(v):
+            lookup.setdefault(_canonical_number(v), i)
+    codes = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        text = "" if v is None else str(v)
+        code = lookup.get(text)
+        if code is None and _is_number(text):
+            code = lookup.get(_canonical_number(text))
+        codes[i] = -1 if code is None else code
+    return codes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical_number(text: str) -> str:
+    return repr(float(text))
+
+
+def _check_all_missing(site: SiteTable, schema: Schema) -> None:
+    n = len(site)
+    for j, column in enumerate(schema.numeric):
+        if np.isnan(site.numeric[:, j]).all():
+            raise DataError(f"{site.source}: column {column!r} is missing in all {n} rows "
+                            f"of site {site.name!r}; the site cannot train on it or impute it. "
+                            "Fill it or remove it from the schema.")
+    for j, column in enumerate(schema.categorical):
+        if (site.categorical[:, j] < 0).all():
+            raise DataError(f"{site.source}: column {column!r} is missing in all {n} rows "
+                            f"of site {site.name!r}; the site cannot train on it or impute it. "
+                            "Fill it or remove it from the schema.")
+
+
+def apply_missing_policy(site: SiteTable, schema: Schema, policy: MissingPolicy) -> SiteTable:
+    """Enforce `policy` on feature values; a missing target is always handled here.
+
+    ``drop`` drops every row with a missing feature or target; ``impute`` keeps
+    missing features (they are filled later from the site's training rows) but
+    refuses a missing target, which cannot be imputed; ``fail`` refuses any
+    missing value. Errors name the first offending cell.
+    """
+    feature_missing = np.isnan(site.numeric).any(axis=1) | (site.categorical < 0).any(axis=1)
+    target_missing = np.isnan(site.target)
+    if policy is MissingPolicy.DROP:
+        kept = site.subset(~(feature_missing | target_missing))
+        if len(kept) == 0:
+            raise DataError(f"{site.source}: every row of site {site.name!r} has a missing "
+                            "value, so the 'drop' missing-value policy leaves it empty; use "
+                            "missing = \"impute\" or fix the data.")
+        return kept
+    if target_missing.any():
+        i = int(np.flatnonzero(target_missing)[0])
+        raise SchemaError(f"{site.where(i)}, column {schema.target!r} (target): value missing; "
+                          f"a label cannot be imputed. Use missing = \"drop\" or fix the row.")
+    if policy is MissingPolicy.FAIL and feature_missing.any():
+        i = int(np.flatnonzero(feature_missing)[0])
+        columns = [*schema.numeric, *schema.categorical]
+        missing_at = np.concatenate([np.isnan(site.numeric[i]), site.categorical[i] < 0])
+        column = columns[int(np.flatnonzero(missing_at)[0])]
+        raise SchemaError(f"{site.where(i)}, column {column!r}: value missing and the missing-"
+                          "value policy is 'fail'; use missing = \"drop\" or \"impute\".")
+    return site
+
+
+def load_sites(paths: Sequence[str | Path], schema: Schema) -> list[SiteTable]:
+    """Load user files: one per site (site = file stem), or files split by ``schema.site_column``.
+
+    Every file must have the same columns; a file whose columns differ from the
+    first one is refused, naming both.
+    """
+    if not paths:
+        raise DataError("No data files given; expected one CSV or Parquet file per site, or one "
+                        "file with a site column.")
+    sites: list[SiteTable] = []
+    first: Table | None = None
+    for path in paths:
+        table = read_table(path)
+        if first is None:
+            first = table
+        elif set(table.columns) != set(first.columns):
+            only_here = sorted(set(table.columns) - set(first.columns))
+            only_there = sorted(set(first.columns) - set(table.columns))
+            raise SchemaError(f"{table.source}: columns differ from {first.source}: only in this "
+                              f"file {only_here}, only in {first.source} {only_there}. Every site "
+                              "must export the same columns.")
+        if schema.site_column is None:
+            sites.append(parse_table(table, schema, Path(path).stem))
+            continue
+        if schema.site_column not in table.columns:
+            raise SchemaError(f"{table.source}: the schema's site column {schema.site_column!r} "
+                              f"is not in the file; found columns {table.columns}.")
+        labels = table.cells[schema.site_column].astype(str)
+        for name in dict.fromkeys(labels):  # first-appearance order, deterministic
+            sites.append(parse_table(table, schema, str(name), np.flatnonzero(labels == name)))
+    names = [s.name for s in sites]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"Site name(s) {repeated} appear in more than one file; site names must "
+                        "be unique.")
+    return sites
+
+
+def find_site_files(data_dir: str | Path) -> list[Path]:
+    """The data files of a directory (sorted, so site order is deterministic)."""
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        raise DataError(f"Data directory {directory} does not exist.")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"Data directory {directory} holds no .csv or .parquet file.")
+    return files

@@ -1,0 +1,167 @@
+"""From validated site tables to model-ready tensors, without pooling raw rows.
+
+Each site splits its own rows into train and test, imputes from its own
+training rows, one-hot encodes with the shared vocabulary and standardises its
+numeric columns. Standardisation statistics are either the site's own
+(``site``) or federated (``federated``): every site contributes the sums
+(n, sum x, sum x^2) of its training rows, only their total is used, so the
+statistics equal those of the pooled training data while no site reveals a
+row. That total goes through the same summation as model updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import torch
+
+from fedcare.data.loaders import SiteTable
+from fedcare.data.schema import Schema
+from fedcare.data.site_data import SiteData
+from fedcare.errors import DataError
+
+SumVectors = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+class Standardize(StrEnum):
+    SITE = "site"  #: each site uses the mean and std of its own training rows
+    FEDERATED = "federated"  #: the pooled training mean and std, from summed moments
+    NONE = "none"
+
+
+def split_rows(labels: np.ndarray, test_fraction: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of row indices into (train, test), sorted.
+
+    Each class contributes ``round(test_fraction * n_class)`` rows to the test
+    set (none from a class with a single row), as scikit-learn's stratified
+    splitter does up to rounding.
+    """
+    test: list[np.ndarray] = []
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        rng.shuffle(rows)
+        n_test = int(round(test_fraction * len(rows))) if len(rows) > 1 else 0
+        test.append(rows[:n_test])
+    test_rows = np.sort(np.concatenate(test)) if test else np.array([], dtype=np.int64)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_rows] = False
+    return np.flatnonzero(train_mask), test_rows
+
+
+def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema) -> list[SiteTable]:
+    """Fill missing values of `train` and `others` from `train` alone.
+
+    Numeric: the training mean; categorical: the most frequent training
+    category (lowest code on ties, so it is deterministic).
+    """
+    for j, column in enumerate(schema.numeric):
+        if np.isnan(train.numeric[:, j]).all():
+            raise DataError(f"{train.source}: column {column!r} is missing in every training row "
+                            f"of site {train.name!r}, so it cannot be imputed from the site's own "
+                            "data; fill it or remove it from the schema.")
+    for j, column in enumerate(schema.categorical):
+        if (train.categorical[:, j] < 0).all():
+            raise DataError(f"{train.source}: column {column!r} is missing in every training row "
+                            f"of site {train.name!r}, so it cannot be imputed from the site's own "
+                            "data; fill it or remove it from the schema.")
+    means = np.nanmean(train.numeric, axis=0) if train.numeric.shape[1] else np.zeros(0)
+    modes = np.array([
+        np.bincount(col[col >= 0]).argmax() for col in train.categorical.T
+    ], dtype=np.int64)
+    filled = []
+    for table in (train, *others):
+        numeric = np.where(np.isnan(table.numeric), means, table.numeric)
+        categorical = np.where(table.categorical < 0, modes, table.categorical)
+        filled.append(SiteTable(table.name, table.source, table.first_data_line, table.rows,
+                                numeric, categorical, table.target))
+    return filled
+
+
+def moments(table: SiteTable) -> np.ndarray:
+    """What a site contributes to federated standardisation: [n, sum x..., sum x^2...]."""
+    x = table.numeric
+    return np.concatenate([[len(x)], x.sum(axis=0), (x * x).sum(axis=0)])
+
+
+def mean_std_from_moments(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = total[0]
+    p = (len(total) - 1) // 2
+    mean = total[1:1 + p] / n
+    var = np.maximum(total[1 + p:] / n - mean * mean, 0.0)
+    return mean, _safe_std(np.sqrt(var))
+
+
+def _safe_std(std: np.ndarray) -> np.ndarray:
+    # A constant column (e.g. a site where everyone is male) keeps its values
+    # centred instead of dividing by zero.
+    return np.where(std > 1e-12, std, 1.0)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One-hot encoding and standardisation shared by all sites' rows."""
+
+    schema: Schema
+
+    def encode(self, table: SiteTable, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+        numeric = (table.numeric - mean) / std
+        blocks = [numeric]
+        for j, vocabulary in enumerate(self.schema.categorical.values()):
+            onehot = np.eye(len(vocabulary))[table.categorical[:, j]]
+            blocks.append(onehot[:, 1:] if self.schema.drop_first else onehot)
+        return torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.float32))
+
+
+def prepare_sites(
+    splits: Sequence[tuple[SiteTable, SiteTable]],
+    schema: Schema,
+    standardize: Standardize,
+    sum_vectors: SumVectors = lambda vs: np.sum(vs, axis=0),
+) -> tuple[list[SiteData], dict[str, dict[str, list[float]]]]:
+    """Impute, encode and standardise each site's (train, test) tables.
+
+    Parameters
+    ----------
+    splits : sequence of (train, test) site tables
+        Each site's rows, already split; missing features are imputed here
+        from the site's own training rows.
+    schema : Schema
+    standardize : Standardize
+    sum_vectors : callable
+        How sites' contributions are totalled for federated statistics; plain
+        summation in simulation, the protection scheme's aggregation otherwise.
+
+    Returns
+    -------
+    sites : list of SiteData
+    standardization : dict
+        Per site, the ``mean`` and ``std`` applied to its numeric columns, so
+        the model can be used on new records of that site.
+    """
+    filled = [impute(train, [test], schema) for train, test in splits]
+    p = len(schema.numeric)
+    if standardize is Standardize.FEDERATED:
+        mean, std = mean_std_from_moments(sum_vectors([moments(train) for train, _ in filled]))
+        stats = [(mean, std)] * len(filled)
+    elif standardize is Standardize.SITE:
+        stats = [(train.numeric.mean(axis=0), _safe_std(train.numeric.std(axis=0)))
+                 for train, _ in filled]
+    else:
+        stats = [(np.zeros(p), np.ones(p))] * len(filled)
+    encoder = Encoder(schema)
+    sites = []
+    standardization = {}
+    for (train, test), (mean, std) in zip(filled, stats, strict=True):
+        standardization[train.name] = {"mean": mean.tolist(), "std": std.tolist()}
+        sites.append(SiteData(
+            name=train.name,
+            x_train=encoder.encode(train, mean, std),
+            y_train=torch.from_numpy(train.target.astype(np.float32)),
+            x_test=encoder.encode(test, mean, std),
+            y_test=torch.from_numpy(test.target.astype(np.float32)),
+        ))
+    return sites, standardization

@@ -1,0 +1,233 @@
+"""The shared description of a federation's tabular data.
+
+Every site must hold the same columns with the same meaning; the `Schema` says
+which columns are numeric, which are categorical (with their full vocabulary,
+so one-hot encodings line up across sites without pooling any row), which
+column is the binary target and which values of it count as positive.
+
+A schema lives in a small TOML file next to the data::
+
+    target = "num"
+    positive = ["1", "2", "3", "4"]
+    site_column = "hospital"        # optional: one file holding every site
+    missing_values = ["", "?", "NA"]
+    drop_first = false              # one-hot: drop each column's first category
+
+    [numeric]
+    columns = ["age", "chol"]
+
+    [categorical]
+    cp = ["1", "2", "3", "4"]
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcare.errors import SchemaError
+
+DEFAULT_MISSING_VALUES: tuple[str, ...] = ("", "?", "NA", "N/A", "NaN", "nan", "null", "None")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Columns of one federation's data and how to read them.
+
+    Parameters
+    ----------
+    numeric : sequence of str
+        Columns read as floating-point numbers.
+    categorical : mapping of str to sequence of str
+        Columns read as categories, each with its complete vocabulary (as the
+        strings found in the files). A value outside the vocabulary is an error.
+    target : str
+        The binary outcome column.
+    positive : sequence of str
+        Values of `target` that count as the positive class (label 1); every
+        other non-missing value is label 0.
+    site_column : str or None
+        Column naming the site of each row, when one file holds every site.
+    missing_values : sequence of str
+        Cell contents read as "missing".
+    drop_first : bool
+        Whether one-hot encoding drops each categorical column's first category.
+    """
+
+    numeric: tuple[str, ...]
+    categorical: Mapping[str, tuple[str, ...]]
+    target: str
+    positive: tuple[str, ...]
+    site_column: str | None = None
+    missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
+    drop_first: bool = False
+    _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numeric", tuple(self.numeric))
+        object.__setattr__(
+            self, "categorical", {k: tuple(v) for k, v in self.categorical.items()}
+        )
+        object.__setattr__(self, "positive", tuple(self.positive))
+        object.__setattr__(self, "missing_values", tuple(self.missing_values))
+        features = (*self.numeric, *self.categorical)
+        seen: set[str] = set()
+        for name in (*features, self.target, *([self.site_column] if self.site_column else [])):
+            if name in seen:
+                raise SchemaError(f"Schema names column {name!r} twice; each column has one role.")
+            seen.add(name)
+        if not features:
+            raise SchemaError("Schema has no feature columns; expected at least one numeric or "
+                              "categorical column.")
+        if not self.positive:
+            raise SchemaError(f"Schema gives no positive value for target {self.target!r}; "
+                              "expected a non-empty list such as positive = [\"1\"].")
+        for name, vocabulary in self.categorical.items():
+            if len(vocabulary) == 0:
+                raise SchemaError(f"Categorical column {name!r} has an empty vocabulary.")
+            if len(set(vocabulary)) != len(vocabulary):
+                raise SchemaError(f"Categorical column {name!r} lists a category twice: "
+                                  f"{list(vocabulary)}.")
+        object.__setattr__(self, "_order", features)
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        """Input columns in encoding order: numeric first, then categorical."""
+        return self._order
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Every column a data file must hold."""
+        site = (self.site_column,) if self.site_column else ()
+        return (*self._order, self.target, *site)
+
+    def encoded_feature_names(self) -> list[str]:
+        """Names of the model's inputs after one-hot encoding, in order."""
+        names = list(self.numeric)
+        for column, vocabulary in self.categorical.items():
+            kept = vocabulary[1:] if self.drop_first else vocabulary
+            names.extend(f"{column}={value}" for value in kept)
+        return names
+
+    @property
+    def n_features(self) -> int:
+        """Width of the encoded input vector."""
+        return len(self.encoded_feature_names())
+
+    # --------------------------------------------------------------- files
+    def to_toml(self, comments: Sequence[str] = ()) -> str:
+        """Render the schema as TOML; `comments` become leading ``#`` lines."""
+        out = [f"# {line}" for line in comments]
+        out.append(f"target = {_toml_str(self.target)}")
+        out.append(f"positive = {_toml_list(self.positive)}")
+        if self.site_column is not None:
+            out.append(f"site_column = {_toml_str(self.site_column)}")
+        out.append(f"missing_values = {_toml_list(self.missing_values)}")
+        out.append(f"drop_first = {'true' if self.drop_first else 'false'}")
+        out.append("")
+        out.append("[numeric]")
+        out.append(f"columns = {_toml_list(self.numeric)}")
+        out.append("")
+        out.append("[categorical]")
+        out.extend(f"{_toml_key(k)} = {_toml_list(v)}" for k, v in self.categorical.items())
+        return "\n".join(out) + "\n"
+
+    def save(self, path: str | Path, comments: Sequence[str] = ()) -> None:
+        """Write the schema to a TOML file."""
+        Path(path).write_text(self.to_toml(comments), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
+        """Build a schema from parsed TOML, naming `source` in every error."""
+        allowed = {"target", "positive", "site_column", "missing_values", "drop_first",
+                   "numeric", "categorical"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only {sorted(allowed)}.")
+        target = raw.get("target")
+        if not isinstance(target, str) or not target:
+            raise SchemaError(f"{source}: 'target' must be a column name (string); "
+                              f"found {target!r}.")
+        numeric_table = raw.get("numeric", {})
+        if not isinstance(numeric_table, Mapping):
+            raise SchemaError(f"{source}: [numeric] must be a table with 'columns = [...]'.")
+        numeric = _str_list(numeric_table.get("columns", []), f"{source}: numeric.columns")
+        categorical_raw = raw.get("categorical", {})
+        if not isinstance(categorical_raw, Mapping):
+            raise SchemaError(f"{source}: [categorical] must be a table of column = [values].")
+        categorical = {
+            str(k): tuple(_str_list(v, f"{source}: categorical.{k}"))
+            for k, v in categorical_raw.items()
+        }
+        site_column = raw.get("site_column")
+        if site_column is not None and not isinstance(site_column, str):
+            raise SchemaError(f"{source}: 'site_column' must be a string; found {site_column!r}.")
+        drop_first = raw.get("drop_first", False)
+        if not isinstance(drop_first, bool):
+            raise SchemaError(f"{source}: 'drop_first' must be true or false; found {drop_first!r}.")
+        missing = raw.get("missing_values", list(DEFAULT_MISSING_VALUES))
+        try:
+            return cls(
+                numeric=tuple(numeric),
+                categorical=categorical,
+                target=target,
+                positive=tuple(_str_list(raw.get("positive", []), f"{source}: positive")),
+                site_column=site_column,
+                missing_values=tuple(_str_list(missing, f"{source}: missing_values")),
+                drop_first=drop_first,
+            )
+        except SchemaError as exc:
+            raise SchemaError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schema:
+        """Read a schema TOML file."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SchemaError(f"Schema file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SchemaError(f"Schema file {path} is not valid TOML: {exc}.") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description (for run directories and model files)."""
+        return {
+            "target": self.target,
+            "positive": list(self.positive),
+            "site_column": self.site_column,
+            "missing_values": list(self.missing_values),
+            "drop_first": self.drop_first,
+            "numeric": {"columns": list(self.numeric)},
+            "categorical": {k: list(v) for k, v in self.categorical.items()},
+        }
+
+
+def _str_list(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+        raise SchemaError(f"{where} must be a list of strings; found {value!r}.")
+    return [v if isinstance(v, str) else _number_text(v) for v in value]
+
+
+def _number_text(value: int | float) -> str:
+    # Vocabularies are matched against the text in the files; 1.0 in TOML means "1.0".
+    return str(value)
+
+
+def _toml_str(value: str) -> str:
+    # JSON string escapes are a subset of TOML basic-string escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else _toml_str(key)
+
+
+def _toml_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(_toml_str(v) for v in values) + "]"

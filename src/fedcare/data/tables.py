@@ -1,0 +1,130 @@
+"""Reading raw tables (CSV, Parquet) into columns of text, remembering where each cell came from."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedcare.errors import DataError
+
+
+@dataclass(frozen=True)
+class Table:
+    """A file's cells as text, column by column.
+
+    Attributes
+    ----------
+    source : str
+        The file the table was read from, as the user named it.
+    columns : list of str
+        Column names, in file order.
+    cells : dict of str to ndarray
+        Each column's cells as an object array of ``str`` (``None`` for a null
+        in a typed file such as Parquet).
+    first_data_line : int or None
+        Line number (1-based) of the first data row in a text file, ``None``
+        for binary formats, so messages can point at the line to fix.
+    """
+
+    source: str
+    columns: list[str]
+    cells: dict[str, np.ndarray]
+    first_data_line: int | None
+
+    @property
+    def n_rows(self) -> int:
+        return 0 if not self.columns else len(self.cells[self.columns[0]])
+
+    def where(self, row: int) -> str:
+        """Human location of data row `row` (0-based): file, row and line."""
+        return locate(self.source, self.first_data_line, row)
+
+
+def locate(source: str, first_data_line: int | None, row: int) -> str:
+    """Human location of data row `row` (0-based) of `source`: file, row and, for text, line."""
+    if first_data_line is None:
+        return f"{source}, row {row + 1}"
+    return f"{source}, row {row + 1} (line {first_data_line + row})"
+
+
+def read_table(path: str | Path, header: Sequence[str] | None = None) -> Table:
+    """Read a CSV or Parquet file.
+
+    Parameters
+    ----------
+    path : path
+        ``.csv`` (comma-separated, first line the header unless `header` is
+        given), ``.parquet`` or ``.pq``.
+    header : sequence of str, optional
+        Column names for a CSV file that has no header line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
+    return _read_csv(path, header)
+
+
+def _read_csv(path: Path, header: Sequence[str] | None) -> Table:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "export the file as UTF-8 CSV.") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV: {exc}.") from None
+    # Blank lines (e.g. a trailing newline twice) carry no record; keep line numbers right.
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(cell.strip() for cell in r)]
+    if header is None:
+        if not numbered:
+            raise DataError(f"{path}: the file is empty; expected a header line and data rows.")
+        header_line, names = numbered[0]
+        data = numbered[1:]
+        first_line = header_line + 1
+    else:
+        names = list(header)
+        data = numbered
+        first_line = 1
+    names = [n.strip() for n in names]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: the header names column(s) {duplicates} more than once.")
+    if any(not n for n in names):
+        raise DataError(f"{path}: the header has an empty column name at position "
+                        f"{[i + 1 for i, n in enumerate(names) if not n]}.")
+    for line, record in data:
+        if len(record) != len(names):
+            raise DataError(f"{path}, line {line}: {len(record)} fields; expected {len(names)} "
+                            "as in the header.")
+    # Line numbers must stay exact for messages: blank lines inside the data are not allowed.
+    if data and data[-1][0] - data[0][0] + 1 != len(data):
+        gap = next(data[i][0] + 1 for i in range(len(data) - 1) if data[i + 1][0] != data[i][0] + 1)
+        raise DataError(f"{path}, line {gap}: blank line inside the data; remove it.")
+    first_line = data[0][0] if data else first_line
+    grid = np.array([r for _, r in data], dtype=object).reshape(len(data), len(names))
+    cells = {name: np.array([c.strip() for c in grid[:, j]], dtype=object)
+             for j, name in enumerate(names)}
+    return Table(str(path), names, cells, first_line)
+
+
+def _read_parquet(path: Path) -> Table:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow; install fedcare[parquet].") from None
+    try:
+        arrow = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}.") from None
+    cells = {}
+    for name in arrow.column_names:
+        values = arrow.column(name).to_pylist()
+        cells[name] = np.array([None if v is None else str(v) for v in values], dtype=object)
+    return Table(str(path), list(arrow.column_names), cells, None)

@@ -1,0 +1,35 @@
+"""One error hierarchy for everything fedcare refuses.
+
+Every message says what was expected, what was found, and where (file, row,
+column, site, config key), so a user can fix the input without reading code.
+"""
+
+from __future__ import annotations
+
+
+class FedcareError(Exception):
+    """Base class of every error fedcare raises on purpose."""
+
+
+class ConfigError(FedcareError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class SchemaError(FedcareError, ValueError):
+    """Data do not match their schema (wrong type, unknown category, missing column...)."""
+
+
+class DataError(FedcareError, ValueError):
+    """Data cannot be used as given (unreadable file, empty site, all-missing column...)."""
+
+
+class ProtocolError(FedcareError):
+    """A site or the aggregator sent something the protocol does not allow."""
+
+
+class QuorumError(FedcareError):
+    """Too few sites took part in a round for it to be aggregated."""
+
+
+class BudgetExceeded(FedcareError):
+    """A privacy budget would be overspent; nothing was run."""

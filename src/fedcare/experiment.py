@@ -1,0 +1,166 @@
+"""One run, end to end: data, federated training, baselines, evaluation, run directory.
+
+This is what `fedcare run` calls; it is a library function so notebooks and
+sweeps get the same behaviour without the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcare import __version__
+from fedcare.config import RunConfig
+from fedcare.data.datasets import build_federation
+from fedcare.data.site_data import FederatedData
+from fedcare.errors import FedcareError
+from fedcare.evaluation import binary_metrics
+from fedcare.federation.aggregator import RoundReport
+from fedcare.federation.training import LocalTrainer
+from fedcare.models import FlatModel
+from fedcare.report.rundir import RunWriter, make_run_dir
+from fedcare.runtime.local import LocalRuntime, training_plan
+from fedcare.seeding import BASELINE, INIT, torch_generator
+
+Metrics = dict[str, float]
+# Per-round per-site evaluation costs one forward pass per site; past this many
+# sites only the pooled test set is evaluated every round (sites at the end).
+PER_SITE_EVAL_MAX_SITES = 50
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on the pooled test set and on each site's test set."""
+
+    pooled: Metrics
+    sites: dict[str, Metrics] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pooled": self.pooled, "sites": self.sites}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    data: FederatedData
+    federated: Evaluation
+    pooled_baseline: Evaluation | None
+    local_baselines: dict[str, Evaluation]
+    summary: dict[str, Any]
+
+
+def evaluate(model: FlatModel, params: torch.Tensor, data: FederatedData,
+             per_site: bool = True) -> Evaluation:
+    model.load(params)
+    x, y = data.pooled_test()
+    pooled = binary_metrics(model.predict_logits(x), y)
+    sites = {}
+    if per_site:
+        sites = {s.name: binary_metrics(model.predict_logits(s.x_test), s.y_test)
+                 for s in data.sites}
+    return Evaluation(pooled, sites)
+
+
+def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: RunConfig,
+                    stream: int) -> torch.Tensor:
+    """A baseline on one data set with the federated run's budget: rounds x local epochs."""
+    plan = training_plan(config)
+    epochs = config.federation.rounds * plan.epochs
+    plan = type(plan)(epochs, plan.batch_size, plan.lr, plan.momentum)
+    start = model.init_params(torch_generator(config.seed, INIT))
+    params, _ = LocalTrainer(model).train(x, y, start, plan,
+                                          torch_generator(config.seed, BASELINE, stream))
+    return params
+
+
+def run_experiment(config: RunConfig, out: str | Path | None = None,
+                   on_round: Callable[[RoundReport, Evaluation], None] | None = None) -> RunResult:
+    """Run the configured federation and its baselines; write the run directory.
+
+    Parameters
+    ----------
+    config : RunConfig
+    out : path, optional
+        Exact run directory (must be new or empty); default a fresh one under ``config.out``.
+    on_round : callable, optional
+        Called after each round with its report and the global model's evaluation
+        (the CLI draws its progress bar with it).
+
+    If a round fails (for example the quorum is not met), everything computed
+    so far stays on disk: the metrics of earlier rounds, the last global model
+    and a summary with ``status = "failed"`` and the error; then the error is raised.
+    """
+    started = time.perf_counter()
+    data = build_federation(config.data)
+    run_dir = make_run_dir(config, out)
+    writer = RunWriter(run_dir, config)
+    runtime = LocalRuntime(data, config)
+    model = runtime.model
+    per_site = len(data.sites) <= PER_SITE_EVAL_MAX_SITES
+    summary: dict[str, Any] = {
+        "fedcare_version": __version__,
+        "status": "running",
+        "dataset": config.data.dataset,
+        "description": data.description,
+        "strategy": config.federation.strategy,
+        "model": config.model.name,
+        "n_parameters": model.spec.size,
+        "seed": config.seed,
+        "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
+                  for s in data.sites],
+        "rounds_completed": 0,
+    }
+    meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
+            "schema": data.schema.to_dict(), "feature_names": data.feature_names,
+            "standardization": data.standardization}
+    params = runtime.initial_params()
+
+    def after_round(new_params: torch.Tensor, report: RoundReport) -> None:
+        nonlocal params
+        params = new_params
+        evaluation = evaluate(model, new_params, data, per_site)
+        writer.log_round({"round": report.round, "participants": report.participants,
+                          "failures": report.failures, "train_loss": report.train_loss,
+                          "n_examples": report.n_examples, **evaluation.to_dict()})
+        summary["rounds_completed"] = report.round
+        if on_round is not None:
+            on_round(report, evaluation)
+
+    try:
+        params = runtime.run(after_round, params)
+    except FedcareError as exc:
+        summary.update(status="failed", error=str(exc),
+                       elapsed_seconds=time.perf_counter() - started)
+        writer.save_model(params, meta)
+        writer.write_summary(summary)
+        writer.close()
+        raise
+    writer.save_model(params, meta)
+    federated = evaluate(model, params, data)
+
+    pooled_baseline = None
+    local_baselines: dict[str, Evaluation] = {}
+    if config.baselines.enabled:
+        x, y = data.pooled_train()
+        pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
+        for i, site in enumerate(data.sites):
+            local = train_centrally(model, site.x_train, site.y_train, config, i + 1)
+            local_baselines[site.name] = evaluate(model, local, data)
+    summary.update(
+        status="completed",
+        elapsed_seconds=time.perf_counter() - started,
+        federated=federated.to_dict(),
+        baselines=None if pooled_baseline is None else {
+            "pooled": pooled_baseline.to_dict(),
+            "local": {k: v.to_dict() for k, v in local_baselines.items()},
+        },
+        config=config.to_dict(),
+    )
+    writer.write_summary(summary)
+    writer.close()
+    return RunResult(run_dir, data, federated, pooled_baseline, local_baselines, summary)

@@ -1,0 +1,153 @@
+"""The aggregator: the round loop, site selection, quorum, and the strategy step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedcare.errors import ConfigError, FedcareError, ProtocolError, QuorumError
+from fedcare.federation.site import FitInstructions, FitResult
+from fedcare.federation.strategy import Strategy
+from fedcare.federation.training import TrainingPlan
+from fedcare.models.params import ParamSpec
+from fedcare.protection import PlainSum
+from fedcare.seeding import SAMPLING, derive_seed
+
+
+class SiteClient(Protocol):
+    """Anything that can run a site's round: in process, or across the network."""
+
+    @property
+    def name(self) -> str: ...
+
+    def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult: ...
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What happened in one round, for metrics and the audit trail."""
+
+    round: int
+    selected: list[str]
+    participants: list[str]
+    failures: dict[str, str] = field(default_factory=dict)
+    train_loss: float = math.nan
+    n_examples: int = 0
+
+
+class Aggregator:
+    """Runs rounds: select sites, collect protected updates, combine, apply the strategy.
+
+    Parameters
+    ----------
+    strategy : Strategy
+    spec : ParamSpec
+        Layout of the global parameters; payloads must be ``spec.size + 1`` long.
+    plan : TrainingPlan
+        Local training each selected site runs.
+    fraction : float
+        Share of sites selected per round, in (0, 1]; at least `min_sites` are selected.
+    min_sites : int
+        Quorum: a round whose usable updates are fewer is refused with `QuorumError`.
+    seed : int
+        Seed of site selection (reproducible).
+    protection : PlainSum
+    """
+
+    def __init__(self, strategy: Strategy, spec: ParamSpec, plan: TrainingPlan, *,
+                 fraction: float = 1.0, min_sites: int = 1, seed: int = 0,
+                 protection: PlainSum | None = None) -> None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"federation.fraction must be in (0, 1]; got {fraction}.")
+        if min_sites < 1:
+            raise ConfigError(f"federation.min_sites must be >= 1; got {min_sites}.")
+        self.strategy = strategy
+        self.spec = spec
+        self.plan = TrainingPlan(plan.epochs, plan.batch_size, plan.lr, plan.momentum,
+                                 strategy.proximal_mu)
+        self.fraction = fraction
+        self.min_sites = min_sites
+        self.seed = seed
+        self.protection = protection or PlainSum()
+
+    def select(self, n_sites: int, round_number: int) -> list[int]:
+        """Indices of the sites taking part in `round_number` (sorted, reproducible)."""
+        if n_sites < self.min_sites:
+            raise QuorumError(f"The federation has {n_sites} site(s) but federation.min_sites is "
+                              f"{self.min_sites}.")
+        k = min(n_sites, max(self.min_sites, math.ceil(self.fraction * n_sites)))
+        if k == n_sites:
+            return list(range(n_sites))
+        rng = np.random.default_rng(derive_seed(self.seed, SAMPLING, round_number))
+        return sorted(int(i) for i in rng.choice(n_sites, size=k, replace=False))
+
+    def run_round(self, round_number: int, clients: Sequence[SiteClient],
+                  params: torch.Tensor) -> tuple[torch.Tensor, RoundReport]:
+        """One round from the current global parameters; returns the next ones and a report.
+
+        A site whose fit fails with a fedcare error, or whose payload has the
+        wrong length or a non-finite value, is left out of this round and
+        named in the report; the round goes on if the quorum still holds.
+        """
+        selected = [clients[i] for i in self.select(len(clients), round_number)]
+        instructions = FitInstructions(round_number, self.plan)
+        total: torch.Tensor | None = None
+        participants: list[str] = []
+        failures: dict[str, str] = {}
+        loss_sum, n_sum = 0.0, 0
+        for client in selected:
+            try:
+                result = client.fit(params, instructions)
+                self.check_payload(result)
+            except FedcareError as exc:
+                failures[client.name] = str(exc)
+                continue
+            total = self.protection.combine(total, result.payload)
+            participants.append(client.name)
+            loss_sum += result.train_loss * result.n_examples
+            n_sum += result.n_examples
+        if len(participants) < self.min_sites or total is None:
+            detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "none failed"
+            raise QuorumError(f"Round {round_number}: {len(participants)} of {len(selected)} "
+                              f"selected sites returned a usable update, fewer than "
+                              f"federation.min_sites = {self.min_sites} ({detail}). The global "
+                              f"model of round {round_number - 1} is kept.")
+        aggregate = self.protection.reveal(total)
+        weight = float(aggregate[-1])
+        update = aggregate[:-1] / weight
+        new_params = self.strategy.apply(params, update)
+        report = RoundReport(round_number, [c.name for c in selected], participants, failures,
+                             loss_sum / max(n_sum, 1), n_sum)
+        return new_params, report
+
+    def check_payload(self, result: FitResult) -> None:
+        payload = result.payload
+        if payload.ndim != 1 or payload.numel() != self.spec.size + 1:
+            raise ProtocolError(f"site {result.site!r}: payload of shape {tuple(payload.shape)}; "
+                                f"expected {self.spec.size + 1} values (update and weight).")
+        if not bool(torch.isfinite(payload).all()):
+            bad = int(torch.nonzero(~torch.isfinite(payload))[0, 0])
+            where = "weight" if bad == self.spec.size else self.spec.locate(bad)
+            raise ProtocolError(f"site {result.site!r}: payload value {bad} ({where}) is "
+                                f"{payload[bad].item()}; expected a finite number. The update "
+                                "was discarded.")
+        if not float(payload[-1]) > 0:
+            raise ProtocolError(f"site {result.site!r}: aggregation weight "
+                                f"{float(payload[-1])}; expected a positive row count.")
+
+    def fit(self, clients: Sequence[SiteClient], params: torch.Tensor, rounds: int,
+            on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,
+            start_round: int = 1) -> torch.Tensor:
+        """Run rounds `start_round`..`rounds`; `on_round` sees each new model and its report."""
+        if rounds < 1:
+            raise ConfigError(f"federation.rounds must be >= 1; got {rounds}.")
+        for round_number in range(start_round, rounds + 1):
+            params, report = self.run_round(round_number, clients, params)
+            if on_round is not None:
+                on_round(params, report)
+        return params

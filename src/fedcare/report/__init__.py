@@ -1,0 +1,1 @@
+"""Run directories: resolved config, per-round metrics, model, summary."""

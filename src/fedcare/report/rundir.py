@@ -1,0 +1,86 @@
+"""The run directory: everything a run produced, written as it happens.
+
+Layout (documented in the README)::
+
+    RUN_DIR/
+      config.toml      the resolved configuration (re-runnable with `fedcare run`)
+      metrics.jsonl    one JSON object per round, appended when the round ends
+      model.pt         final global model: flat parameters, layout, schema, preprocessing
+      summary.json     final metrics of the federated model and the baselines
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
+
+
+def make_run_dir(config: RunConfig, out: str | Path | None = None) -> Path:
+    """Create a fresh run directory; `out` names it exactly, else it goes under ``config.out``."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"--out {path} exists and is not empty; choose a new directory so "
+                              "no earlier run is overwritten.")
+    else:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        base = config.name or f"{config.data.dataset}-{config.federation.strategy}-{stamp}"
+        path = Path(config.out) / base
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path(config.out) / f"{base}-{suffix}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def jsonable(value: Any) -> Any:
+    """NaN and inf become null: JSON has no such numbers, and consumers choke on them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write atomically: a reader never sees half a file, a crash never leaves one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Appends round metrics and writes the final artefacts of one run."""
+
+    def __init__(self, path: Path, config: RunConfig) -> None:
+        self.path = path
+        (path / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+        self._metrics = (path / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
+        self._metrics.flush()
+
+    def save_model(self, params: torch.Tensor, meta: dict[str, Any]) -> None:
+        tmp = self.path / "model.pt.tmp"
+        torch.save({"params": params.detach().clone(), **meta}, tmp)
+        os.replace(tmp, self.path / "model.pt")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / "summary.json", summary)
+
+    def close(self) -> None:
+        self._metrics.close()

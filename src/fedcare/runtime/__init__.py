@@ -1,0 +1,1 @@
+"""Where the pieces run: `local` (every site in one process)."""

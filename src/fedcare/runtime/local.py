@@ -1,0 +1,61 @@
+"""The local runtime: every site in one process, one model instance swapped per site.
+
+No process, thread or actor per site: the sites share one `LocalTrainer`
+whose flat parameter vector is overwritten with the global weights at the
+start of each site's fit. That keeps memory at one model plus one aggregate
+vector whatever the number of sites, and makes runs deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fedcare.config import RunConfig
+from fedcare.data.site_data import FederatedData
+from fedcare.federation.aggregator import Aggregator, RoundReport
+from fedcare.federation.site import Site
+from fedcare.federation.strategy import build_strategy
+from fedcare.federation.training import LocalTrainer, TrainingPlan
+from fedcare.models import FlatModel, build_model
+from fedcare.protection import PlainSum
+from fedcare.seeding import INIT, torch_generator
+
+
+def training_plan(config: RunConfig) -> TrainingPlan:
+    f = config.federation
+    return TrainingPlan(epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
+                        momentum=f.momentum)
+
+
+class LocalRuntime:
+    """A whole simulated federation in this process.
+
+    Parameters
+    ----------
+    data : FederatedData
+    config : RunConfig
+    """
+
+    def __init__(self, data: FederatedData, config: RunConfig) -> None:
+        self.data = data
+        self.config = config
+        self.model = FlatModel(build_model(config.model, data.n_features))
+        self.trainer = LocalTrainer(self.model)
+        protection = PlainSum()
+        self.sites = [Site(d, self.trainer, index=i, seed=config.seed, protection=protection)
+                      for i, d in enumerate(data.sites)]
+        f = config.federation
+        self.aggregator = Aggregator(build_strategy(f), self.model.spec, training_plan(config),
+                                     fraction=f.fraction, min_sites=f.min_sites,
+                                     seed=config.seed, protection=protection)
+
+    def initial_params(self) -> torch.Tensor:
+        return self.model.init_params(torch_generator(self.config.seed, INIT))
+
+    def run(self, on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,
+            params: torch.Tensor | None = None) -> torch.Tensor:
+        """Train for ``federation.rounds`` rounds; return the final global parameters."""
+        start = self.initial_params() if params is None else params
+        return self.aggregator.fit(self.sites, start, self.config.federation.rounds, on_round)
