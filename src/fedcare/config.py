@@ -22,8 +22,9 @@ from fedcare.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    dataset: str = "heart-disease"
-    """Bundled dataset name (``heart-disease``, ``breast-cancer``, ``synthetic``) or ``files``."""
+    dataset: str = ""
+    """Bundled dataset (``heart-disease``, ``breast-cancer``, ``synthetic``) or ``files``;
+    empty: ``files`` when data_dir or files is set, else ``heart-disease``."""
     protocol: str = "flamby"
     """Preprocessing protocol of a bundled dataset (heart-disease: ``flamby`` or ``impute``)."""
     data_dir: str = ""
@@ -48,6 +49,13 @@ class DataConfig:
     """federated | site | none."""
     n_patients: int = 100_000
     """Cohort size of the generated ``synthetic`` dataset."""
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset this config selects, with the empty default resolved."""
+        if self.dataset:
+            return self.dataset
+        return "files" if self.data_dir or self.files else "heart-disease"
 
 
 @dataclass

@@ -97,15 +97,15 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     """
     started = time.perf_counter()
     data = build_federation(config.data)
+    runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     run_dir = make_run_dir(config, out)
     writer = RunWriter(run_dir, config)
-    runtime = LocalRuntime(data, config)
     model = runtime.model
     per_site = len(data.sites) <= PER_SITE_EVAL_MAX_SITES
     summary: dict[str, Any] = {
         "fedcare_version": __version__,
         "status": "running",
-        "dataset": config.data.dataset,
+        "dataset": config.data.dataset_name,
         "description": data.description,
         "strategy": config.federation.strategy,
         "model": config.model.name,

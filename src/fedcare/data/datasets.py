@@ -187,14 +187,13 @@ def _enum(kind: type[E], value: str, key: str) -> E:
 
 def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) -> FederatedData:
     """Load, validate, split, partition and encode the data the config names."""
-    if config.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset must be one of {sorted(DATASETS)}; "
-                          f"got {config.dataset!r}.")
-    if config.data_dir or config.files:
-        if config.dataset != "files":
-            raise ConfigError(f"data.data_dir/data.files are for dataset = \"files\"; the config "
-                              f"names the bundled dataset {config.dataset!r}.")
-    source = DATASETS[config.dataset](config)
+    dataset = config.dataset_name
+    if dataset not in DATASETS:
+        raise ConfigError(f"data.dataset must be one of {sorted(DATASETS)}; got {dataset!r}.")
+    if (config.data_dir or config.files) and dataset != "files":
+        raise ConfigError(f"data.data_dir/data.files are for dataset = \"files\"; the config "
+                          f"names the bundled dataset {dataset!r}.")
+    source = DATASETS[dataset](config)
     partition = _enum(Partition, config.partition, "data.partition")
     standardize = _enum(Standardize, config.standardize, "data.standardize")
     test_fraction = (source.default_test_fraction if config.test_fraction < 0
@@ -205,7 +204,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
 
     if partition is Partition.NATURAL:
         if not source.natural_sites:
-            raise ConfigError(f"{config.dataset} has no natural sites; choose data.partition = "
+            raise ConfigError(f"{dataset} has no natural sites; choose data.partition = "
                               "\"iid\", \"dirichlet\" or \"quantity\" (and data.sites).")
         if config.sites:
             raise ConfigError("data.sites sets the number of simulated sites; with the natural "
@@ -220,7 +219,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
             splits.append((table.subset(train), table.subset(test)))
     else:
         n_sites = config.sites or source.default_sites
-        pooled = _concat(source.tables, config.dataset)
+        pooled = _concat(source.tables, dataset)
         train, test = split_rows(pooled.target, test_fraction, rng)
         proportions = site_proportions(partition, n_sites, 2, config.alpha, rng)
         width = len(str(n_sites - 1))

@@ -112,7 +112,8 @@ def parse_table(table: Table, schema: Schema, name: str,
     if all(_is_number(p) for p in schema.positive):
         # A numeric target: a non-number there is a typo, not a negative label.
         _parse_numbers(values, absent, table, index, schema.target)
-    site = SiteTable(name, table.source, table.first_data_line, index, numeric, categorical, target.astype(np.float64))
+    site = SiteTable(name, table.source, table.first_data_line, index, numeric, categorical,
+                     target.astype(np.float64))
     _check_all_missing(site, schema)
     return site
 

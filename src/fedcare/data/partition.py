@@ -68,7 +68,7 @@ def _largest_remainder(shares: np.ndarray, total: int, rng: np.random.Generator)
         # Ties broken at random, not always in favour of the first sites.
         order = np.lexsort((rng.random(len(shares)), -(exact - counts)))
         counts[order[:short]] += 1
-    return counts
+    return np.asarray(counts, dtype=np.int64)
 
 
 def check_nonempty(parts: list[np.ndarray], names: list[str], scheme: Partition,

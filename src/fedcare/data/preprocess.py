@@ -44,7 +44,7 @@ def split_rows(labels: np.ndarray, test_fraction: float,
     for k in np.unique(labels):
         rows = np.flatnonzero(labels == k)
         rng.shuffle(rows)
-        n_test = int(round(test_fraction * len(rows))) if len(rows) > 1 else 0
+        n_test = round(test_fraction * len(rows)) if len(rows) > 1 else 0
         test.append(rows[:n_test])
     test_rows = np.sort(np.concatenate(test)) if test else np.array([], dtype=np.int64)
     train_mask = np.ones(len(labels), dtype=bool)

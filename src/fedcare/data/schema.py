@@ -147,7 +147,8 @@ class Schema:
                    "numeric", "categorical"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only {sorted(allowed)}.")
+            raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
+                              f"{sorted(allowed)}.")
         target = raw.get("target")
         if not isinstance(target, str) or not target:
             raise SchemaError(f"{source}: 'target' must be a column name (string); "
@@ -168,7 +169,8 @@ class Schema:
             raise SchemaError(f"{source}: 'site_column' must be a string; found {site_column!r}.")
         drop_first = raw.get("drop_first", False)
         if not isinstance(drop_first, bool):
-            raise SchemaError(f"{source}: 'drop_first' must be true or false; found {drop_first!r}.")
+            raise SchemaError(f"{source}: 'drop_first' must be true or false; "
+                              f"found {drop_first!r}.")
         missing = raw.get("missing_values", list(DEFAULT_MISSING_VALUES))
         try:
             return cls(

@@ -118,7 +118,8 @@ def _read_parquet(path: Path) -> Table:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow; install fedcare[parquet].") from None
+        raise DataError(f"{path}: reading Parquet needs pyarrow; "
+                        "install fedcare[parquet].") from None
     try:
         arrow = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file

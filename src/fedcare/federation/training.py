@@ -77,7 +77,7 @@ class LocalTrainer:
                 index = order[begin:begin + plan.batch_size]
                 grads.zero_()
                 loss = F.binary_cross_entropy_with_logits(module(x[index]).squeeze(-1), y[index])
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 if plan.proximal_mu:
                     # gradient of mu/2 ||w - w_start||^2
                     grads.add_(params, alpha=plan.proximal_mu).add_(start, alpha=-plan.proximal_mu)

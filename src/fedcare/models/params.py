@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass(frozen=True)
 class ParamSpec:
     """Layout of a flat parameter vector: names, shapes and offsets."""
@@ -111,7 +110,8 @@ class FlatModel:
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x).squeeze(-1)
+        logits: torch.Tensor = self.module(x)
+        return logits.squeeze(-1)
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:

@@ -33,7 +33,7 @@ def make_run_dir(config: RunConfig, out: str | Path | None = None) -> Path:
                               "no earlier run is overwritten.")
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        base = config.name or f"{config.data.dataset}-{config.federation.strategy}-{stamp}"
+        base = config.name or f"{config.data.dataset_name}-{config.federation.strategy}-{stamp}"
         path = Path(config.out) / base
         suffix = 1
         while path.exists():
