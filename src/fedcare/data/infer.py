@@ -60,6 +60,9 @@ def infer_schema(
         if numbers is None:
             categorical[column] = tuple(levels)
             notes.append(f"{column}: categorical, {len(levels)} categories.")
+        elif set(numbers) <= {0.0, 1.0}:
+            numeric.append(column)
+            notes.append(f"{column}: a 0/1 indicator, kept numeric.")
         elif len(levels) <= MAX_CODE_LEVELS and all(n.is_integer() for n in numbers):
             categorical[column] = tuple(_dedupe_numbers(levels))
             notes.append(f"{column}: {len(levels)} whole-number values, proposed as categorical "
