@@ -100,6 +100,9 @@ class BaselineConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    threads: int = 1
+    """Intra-op threads for torch. Batches of tabular models are too small to split
+    across cores: one thread is fastest, and more threads spin against any other load."""
     out: str = "runs"
     """Parent directory of run directories."""
     name: str = ""

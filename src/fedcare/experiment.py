@@ -18,7 +18,7 @@ from fedcare import __version__
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
 from fedcare.data.site_data import FederatedData
-from fedcare.errors import FedcareError
+from fedcare.errors import ConfigError, FedcareError
 from fedcare.evaluation import binary_metrics
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
@@ -96,6 +96,9 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     and a summary with ``status = "failed"`` and the error; then the error is raised.
     """
     started = time.perf_counter()
+    if config.threads < 1:
+        raise ConfigError(f"threads must be >= 1; got {config.threads}.")
+    torch.set_num_threads(config.threads)
     data = build_federation(config.data)
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     run_dir = make_run_dir(config, out)
