@@ -141,12 +141,11 @@ class Aggregator:
                                 f"{float(payload[-1])}; expected a positive row count.")
 
     def fit(self, clients: Sequence[SiteClient], params: torch.Tensor, rounds: int,
-            on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,
-            start_round: int = 1) -> torch.Tensor:
-        """Run rounds `start_round`..`rounds`; `on_round` sees each new model and its report."""
+            on_round: Callable[[torch.Tensor, RoundReport], None] | None = None) -> torch.Tensor:
+        """Run rounds 1..`rounds`; `on_round` sees each new model and its report."""
         if rounds < 1:
             raise ConfigError(f"federation.rounds must be >= 1; got {rounds}.")
-        for round_number in range(start_round, rounds + 1):
+        for round_number in range(1, rounds + 1):
             params, report = self.run_round(round_number, clients, params)
             if on_round is not None:
                 on_round(params, report)
