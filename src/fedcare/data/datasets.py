@@ -8,7 +8,7 @@ natural (real hospitals) or one cohort to be partitioned.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TypeVar
@@ -140,7 +140,7 @@ def synthetic(config: DataConfig) -> Source:
 
 
 def _array_table(name: str, source: str, x: np.ndarray, y: np.ndarray) -> SiteTable:
-    return SiteTable(name, source, None, np.arange(len(y)), x,
+    return SiteTable(name, source, np.arange(len(y)), None, x,
                      np.zeros((len(y), 0), dtype=np.int64), y)
 
 
@@ -229,8 +229,8 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
         check_nonempty(train_parts, names, partition, config.alpha)
         splits = []
         for name, tr, te in zip(names, train_parts, test_parts, strict=True):
-            splits.append((_rename(pooled.subset(train[tr]), name),
-                           _rename(pooled.subset(test[te]), name)))
+            splits.append((replace(pooled.subset(train[tr]), name=name),
+                           replace(pooled.subset(test[te]), name=name)))
 
     kwargs = {} if sum_vectors is None else {"sum_vectors": sum_vectors}
     sites, standardization = prepare_sites(splits, source.schema, standardize, **kwargs)
@@ -244,13 +244,8 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
 def _concat(tables: list[SiteTable], dataset: str) -> SiteTable:
     if len(tables) == 1:
         return tables[0]
-    return SiteTable(dataset, "+".join(t.source for t in tables), None,
-                     np.arange(sum(len(t) for t in tables)),
+    return SiteTable(dataset, "+".join(t.source for t in tables),
+                     np.arange(sum(len(t) for t in tables)), None,
                      np.concatenate([t.numeric for t in tables]),
                      np.concatenate([t.categorical for t in tables]),
                      np.concatenate([t.target for t in tables]))
-
-
-def _rename(table: SiteTable, name: str) -> SiteTable:
-    return SiteTable(name, table.source, table.first_data_line, table.rows, table.numeric,
-                     table.categorical, table.target)

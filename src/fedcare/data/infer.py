@@ -32,7 +32,7 @@ def infer_schema(
     tables = [read_table(p) for p in paths]
     columns = tables[0].columns
     for table in tables[1:]:
-        if table.columns != columns:
+        if set(table.columns) != set(columns):
             raise SchemaError(f"{table.source}: columns {table.columns} differ from "
                               f"{tables[0].source}: {columns}. Every site must export the same "
                               "columns.")
@@ -55,7 +55,11 @@ def infer_schema(
         levels = sorted(set(values), key=_sort_key)
         numbers = _as_numbers(levels)
         if column == target:
-            positive = _positive_values(levels, numbers, notes, column)
+            try:
+                positive = _positive_values(levels, numbers, notes, column)
+            except SchemaError as exc:
+                names = ", ".join(t.source for t in tables)
+                raise SchemaError(f"{names}: {exc}") from None
             continue
         if numbers is None:
             categorical[column] = tuple(levels)

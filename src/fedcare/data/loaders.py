@@ -40,10 +40,10 @@ class SiteTable:
         Site name (the file stem, or the value of the site column).
     source : str
         Where the rows came from (a file path, or a description), for messages.
-    first_data_line : int or None
-        Line of the source's first data row (text files), so messages name lines.
     rows : ndarray of int64, shape (n,)
         Row index of each record in `source` (0-based).
+    lines : ndarray of int64 or None
+        Physical line of each record in a text source, so messages name lines.
     numeric : ndarray of float64, shape (n, n_numeric)
         Numeric columns in schema order; NaN where missing.
     categorical : ndarray of int64, shape (n, n_categorical)
@@ -54,8 +54,8 @@ class SiteTable:
 
     name: str
     source: str
-    first_data_line: int | None
     rows: np.ndarray
+    lines: np.ndarray | None
     numeric: np.ndarray
     categorical: np.ndarray
     target: np.ndarray
@@ -64,13 +64,15 @@ class SiteTable:
         return len(self.rows)
 
     def subset(self, mask_or_index: np.ndarray) -> SiteTable:
-        return SiteTable(self.name, self.source, self.first_data_line, self.rows[mask_or_index],
+        return SiteTable(self.name, self.source, self.rows[mask_or_index],
+                         None if self.lines is None else self.lines[mask_or_index],
                          self.numeric[mask_or_index], self.categorical[mask_or_index],
                          self.target[mask_or_index])
 
     def where(self, i: int) -> str:
         """Location of record `i` of this site in its file."""
-        return locate(self.source, self.first_data_line, int(self.rows[i]))
+        return locate(self.source, int(self.rows[i]),
+                      None if self.lines is None else int(self.lines[i]))
 
 
 def parse_table(table: Table, schema: Schema, name: str,
@@ -108,12 +110,14 @@ def parse_table(table: Table, schema: Schema, name: str,
         categorical[:, j] = np.where(absent, -1, codes)
     values = table.cells[schema.target][index]
     absent = is_missing(values)
-    target = np.where(absent, np.nan, np.isin(values.astype(str), list(schema.positive)))
     if all(_is_number(p) for p in schema.positive):
         # A numeric target: a non-number there is a typo, not a negative label.
         _parse_numbers(values, absent, table, index, schema.target)
-    site = SiteTable(name, table.source, table.first_data_line, index, numeric, categorical,
-                     target.astype(np.float64))
+    # "1.0" matches positive = ["1"], as categories match across spellings.
+    is_positive = _encode_categories(values, schema.positive) >= 0
+    target = np.where(absent, np.nan, is_positive.astype(np.float64))
+    lines = None if table.lines is None else table.lines[index]
+    site = SiteTable(name, table.source, index, lines, numeric, categorical, target)
     _check_all_missing(site, schema)
     return site
 
@@ -134,10 +138,10 @@ def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: 
             number = float(text)
         except ValueError:
             raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
-                              f"number, found {text!r}.") from None
+                              f"number, found {str(text)!r}.") from None
         if not np.isfinite(number):
             raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
-                              f"finite number, found {text!r}.")
+                              f"finite number, found {str(text)!r}.")
     raise AssertionError("unreachable: a column failed to parse but no cell was at fault")
 
 
@@ -200,17 +204,19 @@ def apply_missing_policy(site: SiteTable, schema: Schema, policy: MissingPolicy)
                             "value, so the 'drop' missing-value policy leaves it empty; use "
                             "missing = \"impute\" or fix the data.")
         return kept
+    if policy is MissingPolicy.FAIL and (feature_missing | target_missing).any():
+        i = int(np.flatnonzero(feature_missing | target_missing)[0])
+        columns = [*map(repr, (*schema.numeric, *schema.categorical)),
+                   f"{schema.target!r} (target)"]
+        missing_at = np.concatenate([np.isnan(site.numeric[i]), site.categorical[i] < 0,
+                                     [target_missing[i]]])
+        column = columns[int(np.flatnonzero(missing_at)[0])]
+        raise SchemaError(f"{site.where(i)}, column {column}: value missing and the missing-"
+                          "value policy is 'fail'; use missing = \"drop\" or \"impute\".")
     if target_missing.any():
         i = int(np.flatnonzero(target_missing)[0])
         raise SchemaError(f"{site.where(i)}, column {schema.target!r} (target): value missing; "
                           f"a label cannot be imputed. Use missing = \"drop\" or fix the row.")
-    if policy is MissingPolicy.FAIL and feature_missing.any():
-        i = int(np.flatnonzero(feature_missing)[0])
-        columns = [*schema.numeric, *schema.categorical]
-        missing_at = np.concatenate([np.isnan(site.numeric[i]), site.categorical[i] < 0])
-        column = columns[int(np.flatnonzero(missing_at)[0])]
-        raise SchemaError(f"{site.where(i)}, column {column!r}: value missing and the missing-"
-                          "value policy is 'fail'; use missing = \"drop\" or \"impute\".")
     return site
 
 
@@ -241,7 +247,11 @@ def load_sites(paths: Sequence[str | Path], schema: Schema) -> list[SiteTable]:
         if schema.site_column not in table.columns:
             raise SchemaError(f"{table.source}: the schema's site column {schema.site_column!r} "
                               f"is not in the file; found columns {table.columns}.")
-        labels = table.cells[schema.site_column].astype(str)
+        labels = np.array(["" if v is None else str(v) for v in table.cells[schema.site_column]])
+        if (labels == "").any():
+            i = int(np.flatnonzero(labels == "")[0])
+            raise SchemaError(f"{table.where(i)}, column {schema.site_column!r} (site): empty; "
+                              "every row must name its site.")
         for name in dict.fromkeys(labels):  # first-appearance order, deterministic
             sites.append(parse_table(table, schema, str(name), np.flatnonzero(labels == name)))
     names = [s.name for s in sites]

@@ -12,7 +12,7 @@ row. That total goes through the same summation as model updates.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import numpy as np
@@ -76,29 +76,29 @@ def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema) -> lis
     for table in (train, *others):
         numeric = np.where(np.isnan(table.numeric), means, table.numeric)
         categorical = np.where(table.categorical < 0, modes, table.categorical)
-        filled.append(SiteTable(table.name, table.source, table.first_data_line, table.rows,
-                                numeric, categorical, table.target))
+        filled.append(replace(table, numeric=numeric, categorical=categorical))
     return filled
 
 
-def moments(table: SiteTable) -> np.ndarray:
-    """What a site contributes to federated standardisation: [n, sum x..., sum x^2...]."""
-    x = table.numeric
-    return np.concatenate([[len(x)], x.sum(axis=0), (x * x).sum(axis=0)])
+def federated_mean_std(trains: Sequence[SiteTable],
+                       sum_vectors: SumVectors) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled training mean and std of the numeric columns, from two summations.
 
-
-def mean_std_from_moments(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = total[0]
-    p = (len(total) - 1) // 2
-    mean = total[1:1 + p] / n
-    var = np.maximum(total[1 + p:] / n - mean * mean, 0.0)
-    return mean, _safe_std(np.sqrt(var))
+    Round one sums ``[n, sum x]`` over sites, giving the mean; round two sums
+    ``sum (x - mean)^2``. Two passes instead of ``E[x^2] - mean^2`` because
+    that difference cancels catastrophically (a constant column of 63.3 came
+    out with std 1.5e-6 and blew up standardised values a million-fold).
+    """
+    first = sum_vectors([np.concatenate([[len(t)], t.numeric.sum(axis=0)]) for t in trains])
+    mean = first[1:] / first[0]
+    second = sum_vectors([((t.numeric - mean) ** 2).sum(axis=0) for t in trains])
+    return mean, _safe_std(np.sqrt(second / first[0]))
 
 
 def _safe_std(std: np.ndarray) -> np.ndarray:
     # A constant column (e.g. a site where everyone is male) keeps its values
     # centred instead of dividing by zero.
-    return np.where(std > 1e-12, std, 1.0)
+    return np.where(std > 1e-9, std, 1.0)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def prepare_sites(
     filled = [impute(train, [test], schema) for train, test in splits]
     p = len(schema.numeric)
     if standardize is Standardize.FEDERATED:
-        mean, std = mean_std_from_moments(sum_vectors([moments(train) for train, _ in filled]))
+        mean, std = federated_mean_std([train for train, _ in filled], sum_vectors)
         stats = [(mean, std)] * len(filled)
     elif standardize is Standardize.SITE:
         stats = [(train.numeric.mean(axis=0), _safe_std(train.numeric.std(axis=0)))

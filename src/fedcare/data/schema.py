@@ -154,8 +154,9 @@ class Schema:
             raise SchemaError(f"{source}: 'target' must be a column name (string); "
                               f"found {target!r}.")
         numeric_table = raw.get("numeric", {})
-        if not isinstance(numeric_table, Mapping):
-            raise SchemaError(f"{source}: [numeric] must be a table with 'columns = [...]'.")
+        if not isinstance(numeric_table, Mapping) or set(numeric_table) - {"columns"}:
+            raise SchemaError(f"{source}: [numeric] must be a table with only "
+                              f"'columns = [...]'; found {numeric_table!r}.")
         numeric = _str_list(numeric_table.get("columns", []), f"{source}: numeric.columns")
         categorical_raw = raw.get("categorical", {})
         if not isinstance(categorical_raw, Mapping):
@@ -171,15 +172,17 @@ class Schema:
         if not isinstance(drop_first, bool):
             raise SchemaError(f"{source}: 'drop_first' must be true or false; "
                               f"found {drop_first!r}.")
-        missing = raw.get("missing_values", list(DEFAULT_MISSING_VALUES))
+        positive = _str_list(raw.get("positive", []), f"{source}: positive")
+        missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
+                            f"{source}: missing_values")
         try:
             return cls(
                 numeric=tuple(numeric),
                 categorical=categorical,
                 target=target,
-                positive=tuple(_str_list(raw.get("positive", []), f"{source}: positive")),
+                positive=tuple(positive),
                 site_column=site_column,
-                missing_values=tuple(_str_list(missing, f"{source}: missing_values")),
+                missing_values=tuple(missing),
                 drop_first=drop_first,
             )
         except SchemaError as exc:
@@ -211,7 +214,8 @@ class Schema:
 
 
 def _str_list(value: object, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+    if not isinstance(value, list) or not all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
         raise SchemaError(f"{where} must be a list of strings; found {value!r}.")
     return [v if isinstance(v, str) else _number_text(v) for v in value]
 

@@ -25,15 +25,15 @@ class Table:
     cells : dict of str to ndarray
         Each column's cells as an object array of ``str`` (``None`` for a null
         in a typed file such as Parquet).
-    first_data_line : int or None
-        Line number (1-based) of the first data row in a text file, ``None``
-        for binary formats, so messages can point at the line to fix.
+    lines : ndarray of int64 or None
+        Physical line (1-based) on which each data row starts, for text files;
+        ``None`` for binary formats. Messages point at the line to fix.
     """
 
     source: str
     columns: list[str]
     cells: dict[str, np.ndarray]
-    first_data_line: int | None
+    lines: np.ndarray | None
 
     @property
     def n_rows(self) -> int:
@@ -41,14 +41,15 @@ class Table:
 
     def where(self, row: int) -> str:
         """Human location of data row `row` (0-based): file, row and line."""
-        return locate(self.source, self.first_data_line, row)
+        line = None if self.lines is None else int(self.lines[row])
+        return locate(self.source, row, line)
 
 
-def locate(source: str, first_data_line: int | None, row: int) -> str:
+def locate(source: str, row: int, line: int | None) -> str:
     """Human location of data row `row` (0-based) of `source`: file, row and, for text, line."""
-    if first_data_line is None:
+    if line is None:
         return f"{source}, row {row + 1}"
-    return f"{source}, row {row + 1} (line {first_data_line + row})"
+    return f"{source}, row {row + 1} (line {line})"
 
 
 def read_table(path: str | Path, header: Sequence[str] | None = None) -> Table:
@@ -72,26 +73,27 @@ def read_table(path: str | Path, header: Sequence[str] | None = None) -> Table:
 
 
 def _read_csv(path: Path, header: Sequence[str] | None) -> Table:
+    records: list[tuple[int, list[str]]] = []  # (first physical line, fields)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
+            reader = csv.reader(handle)
+            line = 1
+            for record in reader:
+                # A quoted field may span lines: a record starts after the previous one ended.
+                if record and not (len(record) == 1 and not record[0].strip()):
+                    records.append((line, record))
+                line = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                         "export the file as UTF-8 CSV.") from None
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV: {exc}.") from None
-    # Blank lines (e.g. a trailing newline twice) carry no record; keep line numbers right.
-    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(cell.strip() for cell in r)]
     if header is None:
-        if not numbered:
+        if not records:
             raise DataError(f"{path}: the file is empty; expected a header line and data rows.")
-        header_line, names = numbered[0]
-        data = numbered[1:]
-        first_line = header_line + 1
+        names, data = records[0][1], records[1:]
     else:
-        names = list(header)
-        data = numbered
-        first_line = 1
+        names, data = list(header), records
     names = [n.strip() for n in names]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -103,15 +105,10 @@ def _read_csv(path: Path, header: Sequence[str] | None) -> Table:
         if len(record) != len(names):
             raise DataError(f"{path}, line {line}: {len(record)} fields; expected {len(names)} "
                             "as in the header.")
-    # Line numbers must stay exact for messages: blank lines inside the data are not allowed.
-    if data and data[-1][0] - data[0][0] + 1 != len(data):
-        gap = next(data[i][0] + 1 for i in range(len(data) - 1) if data[i + 1][0] != data[i][0] + 1)
-        raise DataError(f"{path}, line {gap}: blank line inside the data; remove it.")
-    first_line = data[0][0] if data else first_line
     grid = np.array([r for _, r in data], dtype=object).reshape(len(data), len(names))
     cells = {name: np.array([c.strip() for c in grid[:, j]], dtype=object)
              for j, name in enumerate(names)}
-    return Table(str(path), names, cells, first_line)
+    return Table(str(path), names, cells, np.array([line for line, _ in data], dtype=np.int64))
 
 
 def _read_parquet(path: Path) -> Table:

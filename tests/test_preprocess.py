@@ -1,0 +1,248 @@
+"""From site tables to tensors: stratified split, imputation, federated standardisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcare.data.loaders import SiteTable
+from fedcare.data.preprocess import (
+    Standardize,
+    federated_mean_std,
+    impute,
+    prepare_sites,
+    split_rows,
+)
+from fedcare.data.schema import Schema
+from fedcare.errors import DataError
+
+NAN = np.nan
+SCHEMA = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
+                positive=("1",))
+
+
+def site_table(name: str, numeric: list[list[float]], categorical: list[list[int]],
+               target: list[float] | None = None) -> SiteTable:
+    n = len(numeric)
+    return SiteTable(
+        name=name,
+        source=f"{name}.csv",
+        rows=np.arange(n),
+        lines=np.arange(n) + 2,
+        numeric=np.array(numeric, dtype=np.float64).reshape(n, -1),
+        categorical=np.array(categorical, dtype=np.int64).reshape(n, -1),
+        target=np.array([i % 2 for i in range(n)] if target is None else target,
+                        dtype=np.float64),
+    )
+
+
+def random_site(name: str, n: int, seed: int, shift: float) -> SiteTable:
+    rng = np.random.default_rng(seed)
+    numeric = rng.normal(loc=[50 + shift, 200 - 3 * shift], scale=[10, 40 + shift], size=(n, 2))
+    categorical = rng.integers(0, 3, size=(n, 1))
+    return site_table(name, numeric.tolist(), categorical.tolist())
+
+
+# ------------------------------------------------------------------ split
+@settings(max_examples=50, deadline=None)
+@given(
+    labels=st.lists(st.integers(min_value=0, max_value=2), min_size=1, max_size=200),
+    test_fraction=st.floats(min_value=0.0, max_value=0.9),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_split_rows_is_stratified_disjoint_and_complete(labels: list[int], test_fraction: float,
+                                                        seed: int) -> None:
+    y = np.array(labels, dtype=np.float64)
+
+    train, test = split_rows(y, test_fraction, np.random.default_rng(seed))
+
+    assert len(np.intersect1d(train, test)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
+    np.testing.assert_array_equal(train, np.sort(train))
+    np.testing.assert_array_equal(test, np.sort(test))
+    for k in np.unique(y):
+        n_class = int((y == k).sum())
+        expected = round(test_fraction * n_class) if n_class > 1 else 0
+        assert int((y[test] == k).sum()) == expected
+
+
+def test_split_rows_depends_on_the_seed_only() -> None:
+    y = np.arange(100) % 2
+
+    first = split_rows(y, 0.3, np.random.default_rng(7))
+    again = split_rows(y, 0.3, np.random.default_rng(7))
+    other = split_rows(y, 0.3, np.random.default_rng(8))
+
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_split_rows_keeps_a_single_row_class_in_training() -> None:
+    y = np.array([0, 0, 0, 0, 1])
+
+    train, test = split_rows(y, 0.5, np.random.default_rng(0))
+
+    assert 4 in train
+    assert len(test) == 2
+
+
+# ------------------------------------------------------------------ impute
+def test_impute_fills_from_training_rows_only() -> None:
+    train = site_table("a", [[50, 200], [NAN, 220], [70, NAN], [60, 240]],
+                       [[1], [-1], [1], [0]])
+    test = site_table("a", [[NAN, NAN], [10, 10]], [[-1], [2]])
+
+    filled_train, filled_test = impute(train, [test], SCHEMA)
+
+    np.testing.assert_allclose(filled_train.numeric,
+                               [[50, 200], [60, 220], [70, 220], [60, 240]])
+    np.testing.assert_array_equal(filled_train.categorical[:, 0], [1, 1, 1, 0])
+    np.testing.assert_allclose(filled_test.numeric, [[60, 220], [10, 10]])
+    np.testing.assert_array_equal(filled_test.categorical[:, 0], [1, 2])
+    np.testing.assert_array_equal(filled_test.target, test.target)
+
+
+def test_impute_breaks_mode_ties_with_the_lowest_code() -> None:
+    train = site_table("a", [[1, 1]] * 5, [[2], [1], [2], [1], [-1]])
+
+    (filled,) = impute(train, [], SCHEMA)
+
+    assert filled.categorical[4, 0] == 1
+
+
+def test_impute_refuses_column_missing_in_every_training_row() -> None:
+    train = site_table("north", [[50, NAN], [60, NAN]], [[0], [1]])
+
+    with pytest.raises(DataError) as excinfo:
+        impute(train, [], SCHEMA)
+
+    message = str(excinfo.value)
+    assert "north.csv" in message
+    assert "'chol'" in message
+    assert "site 'north'" in message
+
+
+# ------------------------------------------------------------------ standardise
+def three_sites() -> list[tuple[SiteTable, SiteTable]]:
+    splits = []
+    for i, n in enumerate((40, 75, 13)):
+        train = random_site(f"site-{i}", n, seed=i, shift=15.0 * i)
+        test = random_site(f"site-{i}", 5, seed=100 + i, shift=15.0 * i)
+        splits.append((train, test))
+    return splits
+
+
+def test_federated_standardisation_equals_pooled_statistics() -> None:
+    splits = three_sites()
+    pooled = np.concatenate([train.numeric for train, _ in splits])
+    pooled_mean, pooled_std = pooled.mean(axis=0), pooled.std(axis=0)
+
+    sites, stats = prepare_sites(splits, SCHEMA, Standardize.FEDERATED)
+
+    x_train = torch.cat([s.x_train for s in sites]).double().numpy()[:, :2]
+    np.testing.assert_allclose(x_train.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x_train.std(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(x_train, (pooled - pooled_mean) / pooled_std, atol=1e-5)
+    for (_, test), site in zip(splits, sites, strict=True):
+        np.testing.assert_allclose(site.x_test.numpy()[:, :2],
+                                   (test.numeric - pooled_mean) / pooled_std, atol=1e-5)
+    for name in ("site-0", "site-1", "site-2"):
+        np.testing.assert_allclose(stats[name]["mean"], pooled_mean)
+        np.testing.assert_allclose(stats[name]["std"], pooled_std)
+    # The sites differ, so no single site is standardised to mean 0 on its own.
+    assert abs(sites[2].x_train[:, 0].mean().item()) > 0.5
+
+
+def test_federated_standardisation_uses_only_summed_contributions() -> None:
+    splits = three_sites()
+    received: list[list[np.ndarray]] = []
+
+    def sum_vectors(vectors: Sequence[np.ndarray]) -> np.ndarray:
+        received.append(list(vectors))
+        return np.asarray(np.sum(received[-1], axis=0))
+
+    prepare_sites(splits, SCHEMA, Standardize.FEDERATED, sum_vectors=sum_vectors)
+
+    # Two summations: [n, sum x] per site, then sum (x - pooled mean)^2 per site.
+    counts_and_sums, squares = received
+    assert len(counts_and_sums) == len(squares) == 3
+    trains = [train for train, _ in splits]
+    pooled_mean = np.concatenate([t.numeric for t in trains]).mean(axis=0)
+    for train, first, second in zip(trains, counts_and_sums, squares, strict=True):
+        np.testing.assert_allclose(first, [len(train), *train.numeric.sum(axis=0)])
+        np.testing.assert_allclose(second, ((train.numeric - pooled_mean) ** 2).sum(axis=0))
+
+
+def test_site_standardisation_centres_each_site() -> None:
+    splits = three_sites()
+
+    sites, stats = prepare_sites(splits, SCHEMA, Standardize.SITE)
+
+    for (train, _), site in zip(splits, sites, strict=True):
+        x = site.x_train.double().numpy()[:, :2]
+        np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(x.std(axis=0), 1.0, atol=1e-5)
+        np.testing.assert_allclose(stats[site.name]["mean"], train.numeric.mean(axis=0))
+
+
+def test_no_standardisation_keeps_values() -> None:
+    splits = three_sites()
+
+    sites, _ = prepare_sites(splits, SCHEMA, Standardize.NONE)
+
+    np.testing.assert_allclose(sites[0].x_train.numpy()[:, :2], splits[0][0].numeric,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("standardize", [Standardize.SITE, Standardize.FEDERATED])
+def test_constant_column_does_not_divide_by_zero(standardize: Standardize) -> None:
+    splits = []
+    for i in range(2):
+        train = site_table(f"s{i}", [[63.3, 200.0 + 10 * j] for j in range(20)], [[0]] * 20)
+        test = site_table(f"s{i}", [[63.3, 210.0], [70.0, 190.0]], [[1], [2]])
+        splits.append((train, test))
+
+    sites, stats = prepare_sites(splits, SCHEMA, standardize)
+
+    for site in sites:
+        assert torch.isfinite(site.x_train).all()
+        assert torch.isfinite(site.x_test).all()
+        np.testing.assert_allclose(site.x_train[:, 0].numpy(), 0.0, atol=1e-6)
+        np.testing.assert_allclose(site.x_test[:, 0].numpy(), [0.0, 70.0 - 63.3], atol=1e-4)
+        assert stats[site.name]["std"][0] == 1.0
+
+
+def test_federated_mean_std_matches_numpy_on_pooled_rows() -> None:
+    x = np.random.default_rng(3).normal(5.0, 2.0, size=(500, 3))
+    tables = [site_table("a", x[:200].tolist(), [[0]] * 200),
+              site_table("b", x[200:].tolist(), [[0]] * 300)]
+
+    mean, std = federated_mean_std(tables, lambda vs: np.sum(vs, axis=0))
+
+    np.testing.assert_allclose(mean, x.mean(axis=0))
+    np.testing.assert_allclose(std, x.std(axis=0))
+
+
+@pytest.mark.parametrize("drop_first", [False, True])
+def test_encoding_lays_out_inputs_as_the_schema_names_them(drop_first: bool) -> None:
+    schema = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
+                    positive=("1",), drop_first=drop_first)
+    train = site_table("a", [[50, 200], [60, 220], [70, 240]], [[0], [2], [1]], [1, 0, 1])
+    test = site_table("a", [[55, 210]], [[-1]], [0])
+
+    (site,), _ = prepare_sites([(train, test)], schema, Standardize.NONE)
+
+    assert site.x_train.shape == (3, schema.n_features)
+    assert site.x_train.dtype == torch.float32
+    onehot = [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    expected = [row[1:] if drop_first else row for row in onehot]
+    np.testing.assert_array_equal(site.x_train[:, 2:].numpy(), expected)
+    # The test row's missing category is imputed with the training mode (all tie: code 0).
+    assert site.x_test[0, 2:].tolist() == ([0, 0] if drop_first else [1, 0, 0])
+    np.testing.assert_array_equal(site.y_train.numpy(), [1, 0, 1])
+    assert (site.n_train, site.n_test) == (3, 1)
