@@ -8,7 +8,6 @@ sections below, e.g. ``federation.rounds`` or ``data.partition``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcare.errors import ConfigError
+from fedcare.toml_writer import toml_value
 
 
 @dataclass
@@ -140,11 +140,15 @@ class RunConfig:
             value = tomllib.loads(f"v = {text.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = text.strip()
-        *sections, leaf = key.strip().split(".")
+        self.set_value(key.strip(), value, source="--set")
+
+    def set_value(self, key: str, value: Any, source: str = "config") -> None:
+        """Set the dotted `key` to an already typed `value` (validated like a file's)."""
+        *sections, leaf = key.split(".")
         nested: dict[str, Any] = {leaf: value}
         for section in reversed(sections):
             nested = {section: nested}
-        _merge(self, nested, prefix="", source="--set")
+        _merge(self, nested, prefix="", source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,23 +161,11 @@ class RunConfig:
             if isinstance(value, dict):
                 sections.append((key, value))
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         for name, values in sections:
             lines += ["", f"[{name}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def _merge(target: Any, raw: Mapping[str, Any], prefix: str, source: str) -> None:

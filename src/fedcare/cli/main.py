@@ -79,14 +79,10 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     for key, _, _ in SHORTHANDS.values():
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
-            config.set(f"{key}={_literal(value)}")
+            config.set_value(key, value, source="command line")
     if args.no_baselines:
         config.baselines.enabled = False
     return config
-
-
-def _literal(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

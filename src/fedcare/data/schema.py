@@ -22,7 +22,6 @@ A schema lives in a small TOML file next to the data::
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcare.errors import SchemaError
+from fedcare.toml_writer import toml_str, toml_value
 
 DEFAULT_MISSING_VALUES: tuple[str, ...] = ("", "?", "NA", "N/A", "NaN", "nan", "null", "None")
 
@@ -122,10 +122,10 @@ class Schema:
     def to_toml(self, comments: Sequence[str] = ()) -> str:
         """Render the schema as TOML; `comments` become leading ``#`` lines."""
         out = [f"# {line}" for line in comments]
-        out.append(f"target = {_toml_str(self.target)}")
+        out.append(f"target = {toml_str(self.target)}")
         out.append(f"positive = {_toml_list(self.positive)}")
         if self.site_column is not None:
-            out.append(f"site_column = {_toml_str(self.site_column)}")
+            out.append(f"site_column = {toml_str(self.site_column)}")
         out.append(f"missing_values = {_toml_list(self.missing_values)}")
         out.append(f"drop_first = {'true' if self.drop_first else 'false'}")
         out.append("")
@@ -225,15 +225,10 @@ def _number_text(value: int | float) -> str:
     return str(value)
 
 
-def _toml_str(value: str) -> str:
-    # JSON string escapes are a subset of TOML basic-string escapes.
-    return json.dumps(value, ensure_ascii=False)
-
-
 def _toml_key(key: str) -> str:
     bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else _toml_str(key)
+    return key if bare else toml_str(key)
 
 
 def _toml_list(values: Sequence[str]) -> str:
-    return "[" + ", ".join(_toml_str(v) for v in values) + "]"
+    return toml_value(list(values))

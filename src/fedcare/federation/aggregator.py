@@ -80,7 +80,8 @@ class Aggregator:
         if n_sites < self.min_sites:
             raise QuorumError(f"The federation has {n_sites} site(s) but federation.min_sites is "
                               f"{self.min_sites}.")
-        k = min(n_sites, max(self.min_sites, math.ceil(self.fraction * n_sites)))
+        # Rounded first: 0.07 * 100 is 7.000000000000001 in floating point, not 7.
+        k = min(n_sites, max(self.min_sites, math.ceil(round(self.fraction * n_sites, 9))))
         if k == n_sites:
             return list(range(n_sites))
         rng = np.random.default_rng(derive_seed(self.seed, SAMPLING, round_number))

@@ -41,15 +41,15 @@ class TrainingPlan:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ConfigError(f"local epochs must be >= 1; got {self.epochs}.")
+            raise ConfigError(f"federation.local_epochs must be >= 1; got {self.epochs}.")
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1; got {self.batch_size}.")
+            raise ConfigError(f"federation.batch_size must be >= 1; got {self.batch_size}.")
         if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0; got {self.lr}.")
+            raise ConfigError(f"federation.lr must be > 0; got {self.lr}.")
         if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1); got {self.momentum}.")
+            raise ConfigError(f"federation.momentum must be in [0, 1); got {self.momentum}.")
         if not self.proximal_mu >= 0:
-            raise ConfigError(f"FedProx mu must be >= 0; got {self.proximal_mu}.")
+            raise ConfigError(f"federation.mu must be >= 0; got {self.proximal_mu}.")
 
 
 class LocalTrainer:

@@ -14,6 +14,7 @@ import torch
 
 from fedcare.config import RunConfig
 from fedcare.data.site_data import FederatedData
+from fedcare.errors import ConfigError
 from fedcare.federation.aggregator import Aggregator, RoundReport
 from fedcare.federation.site import Site
 from fedcare.federation.strategy import build_strategy
@@ -47,6 +48,11 @@ class LocalRuntime:
         self.sites = [Site(d, self.trainer, index=i, seed=config.seed, protection=protection)
                       for i, d in enumerate(data.sites)]
         f = config.federation
+        if f.rounds < 1:
+            raise ConfigError(f"federation.rounds must be >= 1; got {f.rounds}.")
+        if f.min_sites > len(self.sites):
+            raise ConfigError(f"federation.min_sites is {f.min_sites} but the federation has "
+                              f"{len(self.sites)} site(s).")
         self.aggregator = Aggregator(build_strategy(f), self.model.spec, training_plan(config),
                                      fraction=f.fraction, min_sites=f.min_sites,
                                      seed=config.seed, protection=protection)
