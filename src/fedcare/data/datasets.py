@@ -232,8 +232,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
             splits.append((replace(pooled.subset(train[tr]), name=name),
                            replace(pooled.subset(test[te]), name=name)))
 
-    kwargs = {} if sum_vectors is None else {"sum_vectors": sum_vectors}
-    sites, standardization = prepare_sites(splits, source.schema, standardize, **kwargs)
+    sites, standardization = prepare_sites(splits, source.schema, standardize, sum_vectors)
     description = source.description
     if partition is not Partition.NATURAL:
         description += f", {len(sites)} sites ({partition.value} partition)"

@@ -95,6 +95,10 @@ def federated_mean_std(trains: Sequence[SiteTable],
     return mean, _safe_std(np.sqrt(second / first[0]))
 
 
+def _plain_sum(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    return np.asarray(np.sum(vectors, axis=0))
+
+
 def _safe_std(std: np.ndarray) -> np.ndarray:
     # A constant column (e.g. a site where everyone is male) keeps its values
     # centred instead of dividing by zero.
@@ -120,7 +124,7 @@ def prepare_sites(
     splits: Sequence[tuple[SiteTable, SiteTable]],
     schema: Schema,
     standardize: Standardize,
-    sum_vectors: SumVectors = lambda vs: np.sum(vs, axis=0),
+    sum_vectors: SumVectors | None = None,
 ) -> tuple[list[SiteData], dict[str, dict[str, list[float]]]]:
     """Impute, encode and standardise each site's (train, test) tables.
 
@@ -131,9 +135,10 @@ def prepare_sites(
         from the site's own training rows.
     schema : Schema
     standardize : Standardize
-    sum_vectors : callable
+    sum_vectors : callable, optional
         How sites' contributions are totalled for federated statistics; plain
-        summation in simulation, the protection scheme's aggregation otherwise.
+        summation (the default) in simulation, the protection scheme's
+        aggregation otherwise.
 
     Returns
     -------
@@ -145,7 +150,8 @@ def prepare_sites(
     filled = [impute(train, [test], schema) for train, test in splits]
     p = len(schema.numeric)
     if standardize is Standardize.FEDERATED:
-        mean, std = federated_mean_std([train for train, _ in filled], sum_vectors)
+        mean, std = federated_mean_std([train for train, _ in filled],
+                                       sum_vectors or _plain_sum)
         stats = [(mean, std)] * len(filled)
     elif standardize is Standardize.SITE:
         stats = [(train.numeric.mean(axis=0), _safe_std(train.numeric.std(axis=0)))

@@ -22,7 +22,7 @@ def results_table(result: RunResult) -> str:
         (f"federated ({result.summary['strategy']})", result.federated)]
     if result.pooled_baseline is not None:
         rows.append(("pooled (centralised)", result.pooled_baseline))
-    rows += [(f"{name} alone", ev) for name, ev in result.local_baselines.items()]
+    rows += _local_rows(result.local_baselines)
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"]
     if len(sites) <= MAX_SITE_COLUMNS:
         header += [f"acc@{s}" for s in sites]
@@ -45,6 +45,16 @@ def results_table(result: RunResult) -> str:
     title = (f"{result.data.description}: metrics on the pooled test set ({n_test} patients)"
              " and accuracy on each site's test set")
     return title + "\n" + _grid(header, body)
+
+
+def _local_rows(local: dict[str, Evaluation]) -> list[tuple[str, Evaluation]]:
+    """One row per site alone; with many sites, the best, median and worst by pooled accuracy."""
+    if len(local) <= MAX_SITE_COLUMNS:
+        return [(f"{name} alone", ev) for name, ev in local.items()]
+    ranked = sorted(local.items(), key=lambda kv: -kv[1].pooled["accuracy"])
+    picks = {"best": ranked[0], "median": ranked[len(ranked) // 2], "worst": ranked[-1]}
+    return [(f"{name} alone ({which} of {len(local)})", ev)
+            for which, (name, ev) in picks.items()]
 
 
 def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
