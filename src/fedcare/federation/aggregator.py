@@ -14,7 +14,7 @@ from fedcare.errors import ConfigError, FedcareError, ProtocolError, QuorumError
 from fedcare.federation.site import FitInstructions, FitResult
 from fedcare.federation.strategy import Strategy
 from fedcare.federation.training import TrainingPlan
-from fedcare.models.params import ParamSpec
+from fedcare.models.params import ParamSpec, all_finite
 from fedcare.protection import PlainSum
 from fedcare.seeding import SAMPLING, derive_seed
 
@@ -131,7 +131,7 @@ class Aggregator:
         if payload.ndim != 1 or payload.numel() != self.spec.size + 1:
             raise ProtocolError(f"site {result.site!r}: payload of shape {tuple(payload.shape)}; "
                                 f"expected {self.spec.size + 1} values (update and weight).")
-        if not bool(torch.isfinite(payload).all()):
+        if not all_finite(payload):
             bad = int(torch.nonzero(~torch.isfinite(payload))[0, 0])
             where = "weight" if bad == self.spec.size else self.spec.locate(bad)
             raise ProtocolError(f"site {result.site!r}: payload value {bad} ({where}) is "

@@ -9,6 +9,7 @@ import torch
 from fedcare.data.site_data import SiteData
 from fedcare.errors import ProtocolError
 from fedcare.federation.training import LocalTrainer, TrainingPlan
+from fedcare.models.params import all_finite
 from fedcare.protection import PlainSum
 from fedcare.seeding import LOCAL_TRAINING, torch_generator
 
@@ -68,6 +69,7 @@ class Site:
         self.index = index
         self.seed = seed
         self.protection = protection
+        self._weight = torch.tensor([float(data.n_train)])  # appended to every payload
 
     @property
     def name(self) -> str:
@@ -78,10 +80,10 @@ class Site:
         local, loss = self.trainer.train(self.data.x_train, self.data.y_train, global_params,
                                          instructions.plan, generator)
         delta = local.sub_(global_params)
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             raise ProtocolError(f"site {self.name!r}, round {instructions.round}: local training "
                                 "diverged (non-finite parameters); nothing was sent. Lower "
                                 "federation.lr or check this site's data.")
         n = self.data.n_train
-        payload = torch.cat([delta.mul_(n), torch.tensor([float(n)])])
+        payload = torch.cat([delta.mul_(n), self._weight])
         return FitResult(self.name, self.protection.protect(payload), n, loss)

@@ -69,7 +69,7 @@ class LocalTrainer:
         params, grads, module = model.params, model.grads, model.module
         velocity = torch.zeros_like(params) if plan.momentum else None
         n = int(y.shape[0])
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = 0.0
         steps = 0
         for _ in range(plan.epochs):
             order = torch.randperm(n, generator=generator)
@@ -85,6 +85,6 @@ class LocalTrainer:
                 if velocity is not None:
                     step = velocity.mul_(plan.momentum).add_(grads)
                 params.add_(step, alpha=-plan.lr)
-                loss_sum += loss.detach()
+                loss_sum += loss.item()
                 steps += 1
-        return params.clone(), float(loss_sum) / max(steps, 1)
+        return params.clone(), loss_sum / max(steps, 1)

