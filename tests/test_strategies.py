@@ -151,7 +151,7 @@ def test_only_fedprox_asks_sites_for_a_proximal_term() -> None:
 
 
 @pytest.mark.parametrize(("name", "default"), [
-    ("fedavg", 1.0), ("fedprox", 1.0), ("fedadagrad", 0.1), ("fedadam", 0.1), ("fedyogi", 0.1),
+    ("fedavg", 1.0), ("fedprox", 1.0), ("fedadagrad", 0.1), ("fedadam", 0.03), ("fedyogi", 0.03),
 ])
 def test_server_lr_zero_means_the_strategy_default(name: str, default: float) -> None:
     strategy = build_strategy(FederationConfig(strategy=name, server_lr=0.0))

@@ -77,14 +77,15 @@ class FederationConfig:
     """Quorum: a round with fewer participating sites is not aggregated."""
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     """Local SGD learning rate."""
     momentum: float = 0.0
     """Local SGD momentum (reset every round)."""
     mu: float = 0.01
     """FedProx proximal weight."""
     server_lr: float = 0.0
-    """Server learning rate (0: the strategy's default: 1.0 for fedavg/fedprox, 0.1 adaptive)."""
+    """Server learning rate; 0 takes the strategy's default (1.0 fedavg/fedprox,
+    0.03 fedadam/fedyogi, 0.1 fedadagrad)."""
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
