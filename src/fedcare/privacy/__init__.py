@@ -1,0 +1,1 @@
+"""Differential privacy: noise, clipping, DP-SGD, client-level DP, accounting, the ledger."""
