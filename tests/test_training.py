@@ -48,9 +48,9 @@ def torch_sgd_loop(config: ModelConfig, start: torch.Tensor, x: torch.Tensor, y:
                     ((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchors, strict=True))
             objective.backward()
             optimiser.step()
-            losses.append(loss.item())
+            losses.append(loss.item() * len(index))
     final = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-    return final, sum(losses) / len(losses)
+    return final, sum(losses) / (len(y) * plan.epochs)  # mean loss per record seen
 
 
 def start_and_model(config: ModelConfig) -> tuple[FlatModel, torch.Tensor]:

@@ -99,6 +99,37 @@ class BaselineConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    level: str = "none"
+    """none | record (DP-SGD: each patient at each site) | site (client-level DP: each
+    hospital's whole contribution)."""
+    epsilon: float = 1.0
+    """Target epsilon for the whole run (> 0); the noise multiplier is calibrated to it."""
+    delta: float = 1e-5
+    """Target delta, in (0, 1); keep it well below 1 / (records per site) or 1 / sites."""
+    clip_norm: float = 1.0
+    """C: bound on each record's gradient (record) or each site's update (site), L2."""
+    noise_multiplier: float = 0.0
+    """sigma; 0 calibrates it from epsilon, delta and the training plan."""
+    noise: str = "central"
+    """site level: central (the aggregator adds the noise) | distributed (each site adds
+    its share, so the aggregator only ever sees noised sums)."""
+    dropout_tolerance: int = 0
+    """Distributed noise: sites per round that may drop out while the sum keeps the full
+    noise (each site over-noises by selected / (selected - tolerance))."""
+    accountant: str = "pld"
+    """pld (tight, default) | rdp."""
+    secure: bool = True
+    """Noise and sampling from a CSPRNG (ChaCha20). false: seeded, reproducible and NOT
+    private (tests only; warns)."""
+    clipping: str = "auto"
+    """Record level: per-record gradients by auto | linear (fast, Linear-layer models) | vmap."""
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    """Record level: a site's own cap on its epsilon, e.g. {cleveland = 0.5}; the site's
+    noise is calibrated to the smaller of this and epsilon."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     threads: int = 1
@@ -112,6 +143,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -190,6 +222,12 @@ def _merge(target: Any, raw: Mapping[str, Any], prefix: str, source: str) -> Non
 
 def _coerce(value: Any, expected: Any, path: str, source: str) -> Any:
     origin = typing.get_origin(expected)
+    if origin is dict:
+        _, item = typing.get_args(expected)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {path!r} must be a table of name = value; found "
+                              f"{value!r}.")
+        return {str(k): _coerce(v, item, f"{path}.{k}", source) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(expected)
         if not isinstance(value, list):

@@ -23,7 +23,8 @@ from fedcare.evaluation import binary_metrics
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
-from fedcare.report.rundir import RunWriter, make_run_dir
+from fedcare.privacy.ledger import LEDGER_FILE
+from fedcare.report.rundir import RunWriter, load_checkpoint, make_run_dir
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
@@ -79,7 +80,8 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
 
 
 def run_experiment(config: RunConfig, out: str | Path | None = None,
-                   on_round: Callable[[RoundReport, Evaluation], None] | None = None) -> RunResult:
+                   on_round: Callable[[RoundReport, Evaluation], None] | None = None,
+                   resume: str | Path | None = None) -> RunResult:
     """Run the configured federation and its baselines; write the run directory.
 
     Parameters
@@ -90,10 +92,15 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     on_round : callable, optional
         Called after each round with its report and the global model's evaluation
         (the CLI draws its progress bar with it).
+    resume : path, optional
+        An interrupted run's directory: continue after its last checkpointed
+        round, with its ledger (`config` should be that run's ``config.toml``).
 
-    If a round fails (for example the quorum is not met), everything computed
-    so far stays on disk: the metrics of earlier rounds, the last global model
-    and a summary with ``status = "failed"`` and the error; then the error is raised.
+    If a round fails (for example the quorum is not met, or the privacy budget
+    would be overspent), everything computed so far stays on disk: the metrics
+    of earlier rounds, the last global model, the checkpoint, the privacy
+    ledger and a summary with ``status = "failed"`` and the error; then the
+    error is raised.
     """
     started = time.perf_counter()
     if config.threads < 1:
@@ -101,9 +108,23 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     torch.set_num_threads(config.threads)
     data = build_federation(config.data)
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
-    run_dir = make_run_dir(config, out)
-    writer = RunWriter(run_dir, config)
     model = runtime.model
+    params = runtime.initial_params()
+    first_round = 1
+    if resume is None:
+        run_dir = make_run_dir(config, out)
+        writer = RunWriter(run_dir, config)
+        if runtime.ledger is not None:
+            runtime.ledger.persist_to(run_dir / LEDGER_FILE)
+    else:
+        run_dir = Path(resume)
+        checkpoint = load_checkpoint(run_dir)
+        first_round = int(checkpoint["round"]) + 1
+        params = checkpoint["params"]
+        runtime.aggregator.strategy.load_state_dict(checkpoint["strategy"])
+        writer = RunWriter(run_dir, config, resume_round=first_round - 1)
+        if runtime.ledger is not None:
+            runtime.ledger.resume_from(run_dir / LEDGER_FILE, first_round - 1)
     per_site = len(data.sites) <= PER_SITE_EVAL_MAX_SITES
     summary: dict[str, Any] = {
         "fedcare_version": __version__,
@@ -116,12 +137,11 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "seed": config.seed,
         "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
                   for s in data.sites],
-        "rounds_completed": 0,
+        "rounds_completed": first_round - 1,
     }
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
             "schema": data.schema.to_dict(), "feature_names": data.feature_names,
             "standardization": data.standardization}
-    params = runtime.initial_params()
 
     def after_round(new_params: torch.Tensor, report: RoundReport) -> None:
         nonlocal params
@@ -130,13 +150,20 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         writer.log_round({"round": report.round, "participants": report.participants,
                           "failures": report.failures, "train_loss": report.train_loss,
                           "n_examples": report.n_examples, **evaluation.to_dict()})
+        writer.save_checkpoint(report.round, new_params,
+                               runtime.aggregator.strategy.state_dict())
         summary["rounds_completed"] = report.round
         if on_round is not None:
             on_round(report, evaluation)
 
+    def privacy_summary() -> None:
+        if runtime.privacy is not None and runtime.ledger is not None:
+            summary["privacy"] = runtime.privacy.guarantee(runtime.ledger)
+
     try:
-        params = runtime.run(after_round, params)
+        params = runtime.run(after_round, params, first_round)
     except FedcareError as exc:
+        privacy_summary()
         summary.update(status="failed", error=str(exc),
                        elapsed_seconds=time.perf_counter() - started)
         writer.save_model(params, meta)
@@ -144,6 +171,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         writer.close()
         raise
     writer.save_model(params, meta)
+    privacy_summary()
     federated = evaluate(model, params, data)
 
     pooled_baseline = None

@@ -36,5 +36,6 @@ def torch_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
-# Stream names, so that two uses of one seed never share a stream.
-INIT, SAMPLING, LOCAL_TRAINING, BASELINE = 1, 2, 3, 4
+# Stream names, so that two uses of one seed never share a stream. NOISE keys the
+# seeded DP noise of `privacy.secure = false`, which is for tests and NOT private.
+INIT, SAMPLING, LOCAL_TRAINING, BASELINE, NOISE = 1, 2, 3, 4, 5

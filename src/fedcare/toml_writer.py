@@ -12,7 +12,7 @@ def toml_str(value: str) -> str:
 
 
 def toml_value(value: Any) -> str:
-    """A TOML literal for a bool, number, string or list of those."""
+    """A TOML literal for a bool, number, string, or a list or inline table of those."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -21,4 +21,7 @@ def toml_value(value: Any) -> str:
         return toml_str(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_str(str(k))} = {toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")

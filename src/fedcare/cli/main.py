@@ -35,6 +35,11 @@ SHORTHANDS: dict[str, tuple[str, type, str]] = {
     "--fraction": ("federation.fraction", float, "share of sites sampled per round"),
     "--min-sites": ("federation.min_sites", int, "quorum: fewest sites a round may aggregate"),
     "--seed": ("seed", int, "training seed (initialisation, shuffling, site sampling)"),
+    "--privacy": ("privacy.level", str, "none | record (DP-SGD per patient) | site (per hospital)"),
+    "--epsilon": ("privacy.epsilon", float, "target epsilon of the whole run"),
+    "--delta": ("privacy.delta", float, "target delta"),
+    "--clip-norm": ("privacy.clip_norm", float, "L2 bound per record (record) or update (site)"),
+    "--noise": ("privacy.noise", str, "site level: central | distributed"),
 }
 
 
@@ -53,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override any config key, e.g. federation.mu=0.1")
     run.add_argument("--out", help="run directory to create (default: under runs/)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run after its last completed round, with "
+                          "its config and privacy ledger (other options are not allowed)")
     for flag, (key, kind, text) in SHORTHANDS.items():
         run.add_argument(flag, dest=key.replace(".", "__"), type=kind, help=f"{text} [{key}]")
     run.add_argument("--no-baselines", action="store_true",
@@ -73,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    if args.resume:
+        given = [flag for flag, (key, _, _) in SHORTHANDS.items()
+                 if getattr(args, key.replace(".", "__")) is not None]
+        if args.config or args.overrides or args.out or args.no_baselines or given:
+            raise FedcareError("--resume continues a run exactly as it was configured; it takes "
+                               "no config file, --set, --out or other options.")
+        return RunConfig.load(Path(args.resume) / "config.toml")
     config = RunConfig.load(args.config) if args.config else RunConfig()
     for assignment in args.overrides:
         config.set(assignment)
@@ -104,11 +119,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         bars[0].update(1)
 
     try:
-        result = run_experiment(config, out=args.out, on_round=progress)
+        result = run_experiment(config, out=args.out, on_round=progress, resume=args.resume)
     finally:
         for bar in bars:
             bar.close()
     print(results_table(result))
+    privacy = result.summary.get("privacy")
+    if privacy:
+        print("\nPrivacy: " + privacy["sentence"])
+        if config.baselines.enabled:
+            print("The pooled and single-site baselines are trained without DP, for reference.")
     print(f"\nRun directory: {result.run_dir}  (summary.json, metrics.jsonl, model.pt, "
           "config.toml)")
     return 0

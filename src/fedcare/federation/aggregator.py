@@ -11,10 +11,13 @@ import numpy as np
 import torch
 
 from fedcare.errors import ConfigError, FedcareError, ProtocolError, QuorumError
-from fedcare.federation.site import FitInstructions, FitResult
+from fedcare.federation.site import FitInstructions, FitResult, NoiseFor
 from fedcare.federation.strategy import Strategy
 from fedcare.federation.training import TrainingPlan
 from fedcare.models.params import ParamSpec, all_finite
+from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedcare.privacy.plan import site_entry
+from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import PlainSum
 from fedcare.seeding import SAMPLING, derive_seed
 
@@ -26,6 +29,12 @@ class SiteClient(Protocol):
     def name(self) -> str: ...
 
     def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult: ...
+
+    def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]: ...
+
+
+AGGREGATOR_PARTY = 1 << 32
+"""Party index of the aggregator's own noise draws (sites are 0..K-1)."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,23 @@ class Aggregator:
     seed : int
         Seed of site selection (reproducible).
     protection : PlainSum
+    site_privacy : SitePrivacy, optional
+        Client-level DP: Poisson site sampling, central noise or a check of the
+        distributed noise, and the fixed ``q K`` denominator.
+    ledger : PrivacyLedger, optional
+        Checked before each round (`BudgetExceeded` stops the run before any
+        training) and charged as each round's results are released.
+    noise_for : callable, optional
+        Secure randomness for site sampling and central noise (client-level DP).
     """
 
     def __init__(self, strategy: Strategy, spec: ParamSpec, plan: TrainingPlan, *,
                  fraction: float = 1.0, min_sites: int = 1, seed: int = 0,
-                 protection: PlainSum | None = None) -> None:
+                 protection: PlainSum | None = None, site_privacy: SitePrivacy | None = None,
+                 ledger: PrivacyLedger | None = None,
+                 noise_for: NoiseFor | None = None) -> None:
+        if site_privacy is not None and noise_for is None:
+            raise ValueError("client-level DP needs a noise source")
         if not 0 < fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1]; got {fraction}.")
         if min_sites < 1:
@@ -74,12 +95,21 @@ class Aggregator:
         self.min_sites = min_sites
         self.seed = seed
         self.protection = protection or PlainSum()
+        self.site_privacy = site_privacy
+        self.ledger = ledger
+        self.noise_for = noise_for
 
     def select(self, n_sites: int, round_number: int) -> list[int]:
-        """Indices of the sites taking part in `round_number` (sorted, reproducible)."""
+        """Indices of the sites taking part in `round_number` (sorted).
+
+        Reproducible under the seed; under client-level DP each site is drawn
+        independently with probability ``fraction`` from the secure source.
+        """
         if n_sites < self.min_sites:
             raise QuorumError(f"The federation has {n_sites} site(s) but federation.min_sites is "
                               f"{self.min_sites}.")
+        if self.site_privacy is not None and self.noise_for is not None:
+            return self.site_privacy.select(self.noise_for(round_number, AGGREGATOR_PARTY))
         # Rounded first: 0.07 * 100 is 7.000000000000001 in floating point, not 7.
         k = min(n_sites, max(self.min_sites, math.ceil(round(self.fraction * n_sites, 9))))
         if k == n_sites:
@@ -96,7 +126,15 @@ class Aggregator:
         named in the report; the round goes on if the quorum still holds.
         """
         selected = [clients[i] for i in self.select(len(clients), round_number)]
-        instructions = FitInstructions(round_number, self.plan)
+        instructions = FitInstructions(round_number, self.plan, cohort=len(selected))
+        record_spend: list[LedgerEntry] = []
+        site_spend: list[LedgerEntry] = []
+        if self.ledger is not None:
+            record_spend = [e for c in selected
+                            for e in c.planned_spend(round_number, self.plan)]
+            if self.site_privacy is not None:
+                site_spend = [site_entry(round_number, self.site_privacy)]
+            self.ledger.check(record_spend + site_spend)
         total: torch.Tensor | None = None
         participants: list[str] = []
         failures: dict[str, str] = {}
@@ -112,6 +150,10 @@ class Aggregator:
             participants.append(client.name)
             loss_sum += result.train_loss * result.n_examples
             n_sum += result.n_examples
+        if self.ledger is not None:
+            # Every selected site ran DP-SGD and may have sent its update (even one
+            # that was then rejected): charge them all, never fewer.
+            self.ledger.record(record_spend)
         if len(participants) < self.min_sites or total is None:
             detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "none failed"
             raise QuorumError(f"Round {round_number}: {len(participants)} of {len(selected)} "
@@ -119,8 +161,15 @@ class Aggregator:
                               f"federation.min_sites = {self.min_sites} ({detail}). The global "
                               f"model of round {round_number - 1} is kept.")
         aggregate = self.protection.reveal(total)
-        weight = float(aggregate[-1])
-        update = aggregate[:-1] / weight
+        if self.site_privacy is not None and self.noise_for is not None:
+            update = self.site_privacy.finish(
+                aggregate[:-1], cohort=len(selected), arrived=len(participants),
+                round_number=round_number,
+                noise=self.noise_for(round_number, AGGREGATOR_PARTY))
+            if self.ledger is not None:
+                self.ledger.record(site_spend)
+        else:
+            update = aggregate[:-1] / float(aggregate[-1])
         new_params = self.strategy.apply(params, update)
         report = RoundReport(round_number, [c.name for c in selected], participants, failures,
                              loss_sum / max(n_sum, 1), n_sum)
@@ -142,11 +191,12 @@ class Aggregator:
                                 f"{float(payload[-1])}; expected a positive row count.")
 
     def fit(self, clients: Sequence[SiteClient], params: torch.Tensor, rounds: int,
-            on_round: Callable[[torch.Tensor, RoundReport], None] | None = None) -> torch.Tensor:
-        """Run rounds 1..`rounds`; `on_round` sees each new model and its report."""
+            on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,
+            first_round: int = 1) -> torch.Tensor:
+        """Run rounds `first_round`..`rounds`; `on_round` sees each new model and its report."""
         if rounds < 1:
             raise ConfigError(f"federation.rounds must be >= 1; got {rounds}.")
-        for round_number in range(1, rounds + 1):
+        for round_number in range(first_round, rounds + 1):
             params, report = self.run_round(round_number, clients, params)
             if on_round is not None:
                 on_round(params, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,16 @@ from fedcare.data.site_data import SiteData
 from fedcare.errors import ProtocolError
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models.params import all_finite
+from fedcare.privacy.dpsgd import RecordPrivacy
+from fedcare.privacy.ledger import LedgerEntry
+from fedcare.privacy.noise import NoiseSource
+from fedcare.privacy.plan import record_entry
+from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import PlainSum
 from fedcare.seeding import LOCAL_TRAINING, torch_generator
+
+NoiseFor = Callable[[int, int], NoiseSource]
+"""(round, party index) -> the noise source for that party's draws in that round."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,8 @@ class FitInstructions:
 
     round: int
     plan: TrainingPlan
+    cohort: int = 0
+    """Sites selected this round (distributed DP noise is split among them)."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,9 @@ class FitResult:
     payload : Tensor
         The protected vector ``[n * delta, n]``: the site's update weighted by
         its number of training rows, with that weight appended so the
-        aggregate carries its own denominator.
+        aggregate carries its own denominator. Under client-level DP it is
+        ``[clip(delta) (+ noise share), 1]``: every site weighs the same, as
+        the sensitivity bound needs.
     n_examples : int
         Training rows (metadata; also inside the payload).
     train_loss : float
@@ -60,30 +73,59 @@ class Site:
         Run seed for shuffling (reproducible, not privacy-relevant).
     protection : PlainSum
         How the update is protected before it leaves.
+    record_privacy : RecordPrivacy, optional
+        DP-SGD for every local step (record-level DP).
+    site_privacy : SitePrivacy, optional
+        Clip the update (and add a noise share) before it leaves (client-level DP).
+    noise_for : callable, optional
+        Source of DP noise and of DP-SGD's Poisson sampling; required with either privacy.
     """
 
     def __init__(self, data: SiteData, trainer: LocalTrainer, *, index: int, seed: int,
-                 protection: PlainSum) -> None:
+                 protection: PlainSum, record_privacy: RecordPrivacy | None = None,
+                 site_privacy: SitePrivacy | None = None,
+                 noise_for: NoiseFor | None = None) -> None:
+        if (record_privacy or site_privacy) and noise_for is None:
+            raise ValueError("a private site needs a noise source")
         self.data = data
         self.trainer = trainer
         self.index = index
         self.seed = seed
         self.protection = protection
-        self._weight = torch.tensor([float(data.n_train)])  # appended to every payload
+        self.record_privacy = record_privacy
+        self.site_privacy = site_privacy
+        self.noise_for = noise_for
+        # appended to every payload: the aggregation weight
+        self._weight = torch.tensor([1.0 if site_privacy else float(data.n_train)])
 
     @property
     def name(self) -> str:
         return self.data.name
 
+    def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]:
+        """The record-level budget this site would spend in a round (none without DP-SGD)."""
+        if self.record_privacy is None:
+            return []
+        return [record_entry(round_number, self.name, self.record_privacy, plan.epochs)]
+
     def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult:
         generator = torch_generator(self.seed, LOCAL_TRAINING, instructions.round, self.index)
+        noise = None if self.noise_for is None else self.noise_for(instructions.round,
+                                                                   self.index)
         local, loss = self.trainer.train(self.data.x_train, self.data.y_train, global_params,
-                                         instructions.plan, generator)
+                                         instructions.plan, generator,
+                                         privacy=self.record_privacy, noise=noise)
         delta = local.sub_(global_params)
         if not all_finite(delta):
             raise ProtocolError(f"site {self.name!r}, round {instructions.round}: local training "
                                 "diverged (non-finite parameters); nothing was sent. Lower "
                                 "federation.lr or check this site's data.")
         n = self.data.n_train
-        payload = torch.cat([delta.mul_(n), self._weight])
+        if self.site_privacy is not None:
+            assert noise is not None
+            delta, _ = self.site_privacy.privatize(delta, cohort=instructions.cohort,
+                                                   noise=noise)
+        else:
+            delta.mul_(n)
+        payload = torch.cat([delta, self._weight])
         return FitResult(self.name, self.protection.protect(payload), n, loss)

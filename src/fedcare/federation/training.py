@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from fedcare.errors import ConfigError
 from fedcare.models.params import FlatModel
+from fedcare.privacy.dpsgd import PerRecordClipper, RecordPrivacy, noisy_gradient
+from fedcare.privacy.noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -55,22 +57,49 @@ class TrainingPlan:
 class LocalTrainer:
     """Runs a `TrainingPlan` on one shared `FlatModel` (one model instance per process)."""
 
-    def __init__(self, model: FlatModel) -> None:
+    def __init__(self, model: FlatModel, clipping: str = "auto") -> None:
         self.model = model
+        self.clipping = clipping
+        self._clipper: PerRecordClipper | None = None
 
     def train(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, plan: TrainingPlan,
-              generator: torch.Generator) -> tuple[torch.Tensor, float]:
+              generator: torch.Generator, *, privacy: RecordPrivacy | None = None,
+              noise: NoiseSource | None = None) -> tuple[torch.Tensor, float]:
         """Train from `start` on (`x`, `y`); return the new flat parameters and the mean loss.
 
-        The returned vector is a fresh tensor; `start` is not modified.
+        With `privacy`, every step is a DP-SGD step (`fedcare.privacy.dpsgd`)
+        whose Poisson sample and noise come from `noise`; `generator` is then
+        unused, since the sampling is part of the privacy mechanism. The
+        returned vector is a fresh tensor; `start` is not modified.
         """
         model = self.model
         model.load(start)
         params, grads, module = model.params, model.grads, model.module
         velocity = torch.zeros_like(params) if plan.momentum else None
         n = int(y.shape[0])
-        loss_sum = 0.0
-        steps = 0
+        loss_sum, seen = 0.0, 0
+
+        def descend() -> None:
+            if plan.proximal_mu:
+                # gradient of mu/2 ||w - w_start||^2
+                grads.add_(params, alpha=plan.proximal_mu).add_(start, alpha=-plan.proximal_mu)
+            step = grads
+            if velocity is not None:
+                step = velocity.mul_(plan.momentum).add_(grads)
+            params.add_(step, alpha=-plan.lr)
+
+        if privacy is not None:
+            if noise is None:
+                raise ConfigError("DP-SGD needs a noise source.")
+            clipper = self._clipper_for(privacy.clip_norm)
+            for _ in range(plan.epochs * privacy.steps_per_epoch):
+                index = noise.bernoulli(n, privacy.sample_rate).nonzero().squeeze(1)
+                loss_sum += noisy_gradient(clipper, x[index], y[index], privacy=privacy,
+                                           n_records=n, noise=noise)
+                seen += int(index.numel())
+                descend()
+            return params.clone(), loss_sum / max(seen, 1)
+
         for _ in range(plan.epochs):
             order = torch.randperm(n, generator=generator)
             for begin in range(0, n, plan.batch_size):
@@ -78,13 +107,12 @@ class LocalTrainer:
                 grads.zero_()
                 loss = F.binary_cross_entropy_with_logits(module(x[index]).squeeze(-1), y[index])
                 loss.backward()  # type: ignore[no-untyped-call]
-                if plan.proximal_mu:
-                    # gradient of mu/2 ||w - w_start||^2
-                    grads.add_(params, alpha=plan.proximal_mu).add_(start, alpha=-plan.proximal_mu)
-                step = grads
-                if velocity is not None:
-                    step = velocity.mul_(plan.momentum).add_(grads)
-                params.add_(step, alpha=-plan.lr)
-                loss_sum += loss.item()
-                steps += 1
-        return params.clone(), loss_sum / max(steps, 1)
+                descend()
+                loss_sum += loss.item() * int(index.numel())
+                seen += int(index.numel())
+        return params.clone(), loss_sum / max(seen, 1)
+
+    def _clipper_for(self, clip_norm: float) -> PerRecordClipper:
+        if self._clipper is None or self._clipper.clip_norm != clip_norm:
+            self._clipper = PerRecordClipper(self.model, clip_norm, self.clipping)
+        return self._clipper

@@ -7,6 +7,8 @@ Layout (documented in the README)::
       metrics.jsonl    one JSON object per round, appended when the round ends
       model.pt         final global model: flat parameters, layout, schema, preprocessing
       summary.json     final metrics of the federated model and the baselines
+      checkpoint.pt    the last completed round: model, strategy state (for --resume)
+      privacy_ledger.jsonl  every DP spend, appended as it happens (private runs)
 """
 
 from __future__ import annotations
@@ -62,13 +64,46 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-class RunWriter:
-    """Appends round metrics and writes the final artefacts of one run."""
+CHECKPOINT_FILE = "checkpoint.pt"
 
-    def __init__(self, path: Path, config: RunConfig) -> None:
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The last checkpoint of a run: ``round``, ``params``, ``strategy``."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no {CHECKPOINT_FILE}: no round of it completed, so "
+                          "there is nothing to resume; start a new run.")
+    checkpoint: dict[str, Any] = torch.load(path, weights_only=True)
+    return checkpoint
+
+
+class RunWriter:
+    """Appends round metrics and writes the final artefacts of one run.
+
+    With `resume_round`, the run directory already exists: its config is kept
+    and metrics of rounds after `resume_round` (never checkpointed) are dropped.
+    """
+
+    def __init__(self, path: Path, config: RunConfig, resume_round: int | None = None) -> None:
         self.path = path
-        (path / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-        self._metrics = (path / "metrics.jsonl").open("a", encoding="utf-8")
+        metrics = path / "metrics.jsonl"
+        if resume_round is None:
+            (path / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+        elif metrics.exists():
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("round", 0) <= resume_round]
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, metrics)
+        self._metrics = metrics.open("a", encoding="utf-8")
+
+    def save_checkpoint(self, round_number: int, params: torch.Tensor,
+                        strategy_state: dict[str, torch.Tensor]) -> None:
+        """Atomically record a completed round (what `--resume` restarts from)."""
+        tmp = self.path / (CHECKPOINT_FILE + ".tmp")
+        torch.save({"round": round_number, "params": params.detach().clone(),
+                    "strategy": strategy_state}, tmp)
+        os.replace(tmp, self.path / CHECKPOINT_FILE)
 
     def log_round(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(jsonable(record), allow_nan=False) + "\n")

@@ -20,6 +20,8 @@ from fedcare.federation.site import Site
 from fedcare.federation.strategy import build_strategy
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, build_model
+from fedcare.privacy.ledger import PrivacyLedger
+from fedcare.privacy.plan import build_privacy_plan, noise_factory
 from fedcare.protection import PlainSum
 from fedcare.seeding import INIT, torch_generator
 
@@ -43,9 +45,21 @@ class LocalRuntime:
         self.data = data
         self.config = config
         self.model = FlatModel(build_model(config.model, data.n_features))
-        self.trainer = LocalTrainer(self.model)
+        self.trainer = LocalTrainer(self.model, config.privacy.clipping)
+        self.privacy = build_privacy_plan(config, data)
+        self.ledger: PrivacyLedger | None = None
+        noise_for = None
+        record, site_privacy = {}, None
+        if self.privacy is not None:
+            self.ledger = PrivacyLedger(None, delta=self.privacy.delta,
+                                        accountant=self.privacy.accountant,
+                                        caps=self.privacy.caps)
+            noise_for = noise_factory(config)
+            record, site_privacy = self.privacy.record, self.privacy.site
         protection = PlainSum()
-        self.sites = [Site(d, self.trainer, index=i, seed=config.seed, protection=protection)
+        self.sites = [Site(d, self.trainer, index=i, seed=config.seed, protection=protection,
+                           record_privacy=record.get(d.name), site_privacy=site_privacy,
+                           noise_for=noise_for)
                       for i, d in enumerate(data.sites)]
         f = config.federation
         if f.rounds < 1:
@@ -55,13 +69,19 @@ class LocalRuntime:
                               f"{len(self.sites)} site(s).")
         self.aggregator = Aggregator(build_strategy(f), self.model.spec, training_plan(config),
                                      fraction=f.fraction, min_sites=f.min_sites,
-                                     seed=config.seed, protection=protection)
+                                     seed=config.seed, protection=protection,
+                                     site_privacy=site_privacy, ledger=self.ledger,
+                                     noise_for=noise_for)
 
     def initial_params(self) -> torch.Tensor:
         return self.model.init_params(torch_generator(self.config.seed, INIT))
 
     def run(self, on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,
-            params: torch.Tensor | None = None) -> torch.Tensor:
-        """Train for ``federation.rounds`` rounds; return the final global parameters."""
+            params: torch.Tensor | None = None, first_round: int = 1) -> torch.Tensor:
+        """Train rounds `first_round`..``federation.rounds``; return the final parameters.
+
+        `params` is the model to start from (default: a fresh initialisation).
+        """
         start = self.initial_params() if params is None else params
-        return self.aggregator.fit(self.sites, start, self.config.federation.rounds, on_round)
+        return self.aggregator.fit(self.sites, start, self.config.federation.rounds, on_round,
+                                   first_round)

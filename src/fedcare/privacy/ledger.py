@@ -1,0 +1,214 @@
+"""The privacy ledger: every DP release, persisted as it happens; no budget overspent.
+
+Each entry is one party's spend in one round: the mechanism (the subsampled
+Gaussian), its noise multiplier, sample rate and number of steps, and whom it
+protects. Entries are frozen data (`LedgerEntry`), appended as JSON lines to
+``privacy_ledger.jsonl`` in the run directory and flushed to disk *before*
+the round's result is used, so a crash never loses a spend.
+
+Before a round, `PrivacyLedger.check` composes what each party has spent with
+what the round would spend and refuses with `BudgetExceeded` (spent,
+requested, cap) if any party's epsilon would pass its cap: the budget is
+checked before noise is drawn, never after.
+
+Resume. A round's entries are written when its noised result exists; the
+checkpoint of the round is written after. If the process dies in between,
+that result was never released (nothing outside the process saw it), so on
+resume `PrivacyLedger.resume_from` appends a ``discard`` line for the rounds after
+the checkpoint and the round is run again: no step is counted twice, and
+every released step is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcare.errors import BudgetExceeded, DataError
+from fedcare.privacy.accounting import GaussianEvent, epsilon
+
+LEDGER_FILE = "privacy_ledger.jsonl"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One party's DP spend in one round.
+
+    Attributes
+    ----------
+    round : int
+    party : str
+        Whose budget this is: a site's name (record level) or ``federation`` (site level).
+    protects : str
+        Whom the guarantee covers, in words ("each patient at cleveland").
+    mechanism : str
+        ``subsampled-gaussian``.
+    noise_multiplier, sample_rate : float
+    steps : int
+    """
+
+    round: int
+    party: str
+    protects: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    mechanism: str = "subsampled-gaussian"
+
+    @property
+    def event(self) -> GaussianEvent:
+        return GaussianEvent(noise_multiplier=self.noise_multiplier,
+                             sample_rate=self.sample_rate, steps=self.steps)
+
+
+class PrivacyLedger:
+    """Spent budget per party, its caps, and the file it is persisted in.
+
+    Parameters
+    ----------
+    path : Path or None
+        The JSON-lines file (None: in memory only).
+    delta : float
+        The delta every epsilon is stated at.
+    accountant : str
+        ``pld`` or ``rdp``.
+    caps : dict
+        Party name -> epsilon cap. A party without one is not capped.
+    """
+
+    def __init__(self, path: Path | None, *, delta: float, accountant: str,
+                 caps: dict[str, float]) -> None:
+        self.path = path
+        self.delta = delta
+        self.accountant = accountant
+        self.caps = dict(caps)
+        self._entries: dict[str, list[LedgerEntry]] = defaultdict(list)
+        # (party, sigma, q) -> most steps of that one mechanism already shown to fit the
+        # cap: epsilon grows with steps, so fewer steps fit too, with no accountant call.
+        self._fits: dict[tuple[str, float, float], int] = {}
+
+    # ------------------------------------------------------------ queries
+    def entries(self, party: str) -> list[LedgerEntry]:
+        return list(self._entries.get(party, []))
+
+    def parties(self) -> list[str]:
+        return sorted(set(self._entries) | set(self.caps))
+
+    def spent(self, party: str, extra: Sequence[LedgerEntry] = ()) -> float:
+        """The party's epsilon at `delta` over its entries (and `extra`, if given)."""
+        events = [e.event for e in self._entries.get(party, [])]
+        events += [e.event for e in extra]
+        return epsilon(events, delta=self.delta, accountant=self.accountant)
+
+    def fits(self, party: str, extra: Sequence[LedgerEntry]) -> bool:
+        """Whether the party's spend plus `extra` stays within its cap (True if uncapped)."""
+        cap = self.caps.get(party)
+        if cap is None:
+            return True
+        history = self._entries.get(party, []) + list(extra)
+        mechanisms = {(e.noise_multiplier, e.sample_rate) for e in history}
+        key = None
+        if len(mechanisms) == 1:
+            sigma, q = mechanisms.pop()
+            key, steps = (party, sigma, q), sum(e.steps for e in history)
+            if steps <= self._fits.get(key, -1):
+                return True
+        if self.spent(party, extra) > cap * (1 + 1e-9):
+            return False
+        if key is not None:
+            self._fits[key] = steps
+        return True
+
+    def check(self, planned: Iterable[LedgerEntry]) -> None:
+        """Refuse with `BudgetExceeded` if any party's planned spend passes its cap."""
+        by_party: dict[str, list[LedgerEntry]] = defaultdict(list)
+        for entry in planned:
+            by_party[entry.party].append(entry)
+        for party, extra in sorted(by_party.items()):
+            if not self.fits(party, extra):
+                cap = self.caps[party]
+                before = self.spent(party)
+                after = self.spent(party, extra)
+                rounds = sorted({e.round for e in extra})
+                raise BudgetExceeded(
+                    f"Privacy budget of {party!r} would be overspent in round "
+                    f"{', '.join(map(str, rounds))}: spent epsilon {before:.4g}, this round "
+                    f"would bring it to {after:.4g} (requested {after - before:.4g}), cap "
+                    f"{cap:.4g} at delta {self.delta:g}. The round was not run; the model of "
+                    f"the previous round is kept.")
+
+    # ------------------------------------------------------------ recording
+    def persist_to(self, path: Path) -> None:
+        """From now on, append every entry to `path` (a ledger built before its run directory)."""
+        if any(self._entries.values()):
+            raise ValueError("persist_to must be called before anything is recorded")
+        self.path = path
+
+    def record(self, entries: Sequence[LedgerEntry]) -> None:
+        """Add entries and append them to the file, flushed to disk before returning."""
+        for entry in entries:
+            self._entries[entry.party].append(entry)
+        self._append([{"type": "spend", **asdict(e)} for e in entries])
+
+    def discard_after(self, round_number: int, reason: str) -> None:
+        """Forget entries of rounds after `round_number` (their results were never released)."""
+        dropped = self._drop_after(round_number)
+        if dropped:
+            self._append([{"type": "discard", "after_round": round_number, "entries": dropped,
+                           "reason": reason}])
+
+    def _drop_after(self, round_number: int) -> int:
+        dropped = 0
+        for party, entries in self._entries.items():
+            kept = [e for e in entries if e.round <= round_number]
+            dropped += len(entries) - len(kept)
+            self._entries[party] = kept
+        self._fits.clear()
+        return dropped
+
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        if self.path is None or not lines:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ------------------------------------------------------------ resuming
+    def resume_from(self, path: Path, checkpoint_round: int) -> None:
+        """Reload the spends in `path` for a run resumed after `checkpoint_round`.
+
+        Spends of later rounds (written, but their result never checkpointed)
+        are discarded with a line saying so; the file is only ever appended to.
+        """
+        if any(self._entries.values()):
+            raise ValueError("resume_from must be called on an empty ledger")
+        self.path = path
+        if not path.exists():
+            return
+        with path.open(encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    line = json.loads(text)
+                    kind = line.pop("type")
+                    if kind == "spend":
+                        entry = LedgerEntry(**line)
+                        self._entries[entry.party].append(entry)
+                    elif kind == "discard":
+                        self._drop_after(int(line["after_round"]))
+                    else:
+                        raise ValueError(f"unknown entry type {kind!r}")
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise DataError(f"{path}, line {number}: not a ledger entry ({exc}). "
+                                    "The ledger cannot be trusted; refusing to resume.") from None
+        self.discard_after(checkpoint_round, f"resumed from the checkpoint of round "
+                                             f"{checkpoint_round}; these results were never "
+                                             "released")

@@ -1,0 +1,203 @@
+"""From ``[privacy]`` in the config to calibrated mechanisms, caps and a guarantee in words.
+
+Calibration assumes the worst case for each party: a site takes part in every
+round. With ``federation.fraction < 1`` at record level a site usually takes
+part in fewer, and its ledger then shows less spent than its cap.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcare.config import RunConfig
+from fedcare.data.site_data import FederatedData
+from fedcare.errors import ConfigError
+from fedcare.privacy.accounting import ACCOUNTANTS, GaussianEvent, epsilon, noise_multiplier
+from fedcare.privacy.dpsgd import CLIPPING_METHODS, RecordPrivacy
+from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedcare.privacy.noise import NoiseSource, noise_source
+from fedcare.privacy.site_level import SitePrivacy
+from fedcare.seeding import NOISE, derive_seed
+
+LEVELS = ("none", "record", "site")
+FEDERATION = "federation"
+"""Ledger party of client-level DP: the guarantee covers every site alike."""
+
+
+@dataclass
+class PrivacyPlan:
+    """Everything the runtime needs to run a private federation.
+
+    Attributes
+    ----------
+    level : str
+        ``record`` or ``site``.
+    delta, accountant :
+        As configured.
+    record : dict
+        Site name -> its DP-SGD settings (record level).
+    site : SitePrivacy or None
+        Client-level settings (site level).
+    caps : dict
+        Ledger party -> epsilon cap.
+    rounds : int
+        Rounds the calibration planned for.
+    """
+
+    level: str
+    delta: float
+    accountant: str
+    rounds: int
+    record: dict[str, RecordPrivacy] = field(default_factory=dict)
+    site: SitePrivacy | None = None
+    caps: dict[str, float] = field(default_factory=dict)
+
+    def guarantee(self, ledger: PrivacyLedger) -> dict[str, Any]:
+        """The guarantee as numbers and as one sentence a clinician can read."""
+        spent = {party: ledger.spent(party) for party in ledger.parties()}
+        if self.level == "record":
+            worst = max(spent.values(), default=0.0)
+            sentence = (
+                f"Each patient's record at each hospital is protected by differential privacy "
+                f"with epsilon = {worst:.2f} and delta = {self.delta:g} (the largest over the "
+                f"{len(spent)} hospitals): the released model and every update a hospital sent "
+                f"reveal almost nothing more about any one patient than they would without "
+                f"that patient, to anyone: the coordinator, the other hospitals and every user "
+                f"of the model.")
+            return {"level": "record", "protects": "each patient at each site",
+                    "against": "anyone who sees the updates or the model",
+                    "epsilon": worst, "delta": self.delta, "accountant": self.accountant,
+                    "epsilon_per_site": spent, "caps": self.caps,
+                    "mechanism": {name: _record_dict(p) for name, p in self.record.items()},
+                    "sentence": sentence}
+        assert self.site is not None
+        eps = spent.get(FEDERATION, 0.0)
+        against_aggregator = self._against_aggregator(ledger)
+        if against_aggregator is None:
+            aggregator_words = ("The coordinator itself sees each hospital's clipped update "
+                                "without noise and must be trusted to add the noise.")
+        elif math.isinf(against_aggregator):
+            aggregator_words = "The coordinator sees each hospital's update unprotected."
+        else:
+            aggregator_words = (f"The coordinator, which sees each hospital's own noised "
+                                f"update, is held to epsilon = {against_aggregator:.2f} per "
+                                f"hospital.")
+        sentence = (
+            f"Each hospital's whole contribution (all of its patients together) is protected by "
+            f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
+            f"anyone who sees the released model: it reveals almost nothing more about any one "
+            f"hospital's data than a model trained without that hospital. {aggregator_words}")
+        return {"level": "site", "protects": "each site's whole dataset",
+                "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
+                "accountant": self.accountant,
+                "epsilon_against_aggregator": against_aggregator,
+                "noise": self.site.noise, "clip_norm": self.site.clip_norm,
+                "noise_multiplier": self.site.noise_multiplier,
+                "sample_rate": self.site.sample_rate, "sentence": sentence}
+
+    def _against_aggregator(self, ledger: PrivacyLedger) -> float | None:
+        """Epsilon per site against an aggregator that reads each site's payload (plain).
+
+        Central noise: None (no guarantee; the aggregator adds the noise).
+        Distributed: each payload carries ``sigma / sqrt(n - t)`` of the noise,
+        with no sampling amplification (the aggregator knows who was selected).
+        """
+        assert self.site is not None
+        if self.site.noise == "central":
+            return None
+        rounds = len(ledger.entries(FEDERATION))
+        if not rounds:
+            return 0.0
+        cohort = max(1, round(self.site.sample_rate * self.site.n_sites))
+        sigma = self.site.noise_multiplier / math.sqrt(self.site.needed(cohort))
+        return epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=rounds)],
+                       delta=self.delta, accountant=self.accountant)
+
+
+def _record_dict(p: RecordPrivacy) -> dict[str, float]:
+    return {"clip_norm": p.clip_norm, "noise_multiplier": p.noise_multiplier,
+            "sample_rate": p.sample_rate, "steps_per_epoch": p.steps_per_epoch}
+
+
+@functools.lru_cache(maxsize=4096)
+def _calibrate(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return noise_multiplier(epsilon=target, delta=delta, sample_rate=q, steps=steps,
+                            accountant=accountant)
+
+
+def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | None:
+    """Validate ``[privacy]`` and calibrate every mechanism; None when level = "none"."""
+    p, f = config.privacy, config.federation
+    if p.level not in LEVELS:
+        raise ConfigError(f"privacy.level must be one of {list(LEVELS)}; got {p.level!r}.")
+    if p.level == "none":
+        return None
+    if not (p.epsilon > 0 and math.isfinite(p.epsilon)):
+        raise ConfigError(f"privacy.epsilon must be > 0; got {p.epsilon}.")
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1); got {p.delta}.")
+    if p.accountant not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant must be one of {list(ACCOUNTANTS)}; got "
+                          f"{p.accountant!r}.")
+    if p.noise_multiplier < 0:
+        raise ConfigError(f"privacy.noise_multiplier must be >= 0 (0: calibrate from epsilon); "
+                          f"got {p.noise_multiplier}.")
+    names = [s.name for s in data.sites]
+    unknown = sorted(set(p.site_epsilon) - set(names))
+    if unknown:
+        raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
+                          f"{names}.")
+    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds)
+
+    if p.level == "record":
+        if p.clipping not in CLIPPING_METHODS:
+            raise ConfigError(f"privacy.clipping must be one of {list(CLIPPING_METHODS)}; got "
+                              f"{p.clipping!r}.")
+        for site in data.sites:
+            cap = min(p.epsilon, p.site_epsilon.get(site.name, math.inf))
+            if not cap > 0:
+                raise ConfigError(f"privacy.site_epsilon.{site.name} must be > 0; got {cap}.")
+            q, per_epoch = RecordPrivacy.sampling(site.n_train, f.batch_size)
+            steps = f.rounds * f.local_epochs * per_epoch
+            sigma = p.noise_multiplier or _calibrate(cap, p.delta, q, steps, p.accountant)
+            plan.record[site.name] = RecordPrivacy(p.clip_norm, sigma, q, per_epoch)
+            plan.caps[site.name] = cap
+        return plan
+
+    if p.site_epsilon:
+        raise ConfigError("privacy.site_epsilon caps a site's record-level budget; with "
+                          "privacy.level = 'site' there is one budget for the federation.")
+    sigma = p.noise_multiplier or _calibrate(p.epsilon, p.delta, f.fraction, f.rounds,
+                                             p.accountant)
+    plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(data.sites), p.noise,
+                            p.dropout_tolerance)
+    plan.caps[FEDERATION] = p.epsilon
+    return plan
+
+
+def noise_factory(config: RunConfig) -> Callable[[int, int], NoiseSource]:
+    """Noise for (round, party): one CSPRNG stream, or seeded streams when ``secure = false``.
+
+    Seeded streams are keyed by round and party so a resumed run draws what
+    an uninterrupted one would have; they are predictable, hence not private.
+    """
+    if config.privacy.secure:
+        shared = noise_source(secure=True)
+        return lambda round_number, party: shared
+    return lambda round_number, party: noise_source(
+        secure=False, seed=derive_seed(config.seed, NOISE, round_number, party))
+
+
+def record_entry(round_number: int, site: str, privacy: RecordPrivacy,
+                 local_epochs: int) -> LedgerEntry:
+    return LedgerEntry(round_number, site, f"each patient at {site}", privacy.noise_multiplier,
+                       privacy.sample_rate, local_epochs * privacy.steps_per_epoch)
+
+
+def site_entry(round_number: int, privacy: SitePrivacy) -> LedgerEntry:
+    return LedgerEntry(round_number, FEDERATION, "each site's whole dataset",
+                       privacy.noise_multiplier, privacy.sample_rate, 1)

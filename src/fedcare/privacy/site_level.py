@@ -1,0 +1,138 @@
+"""Client-level DP: each hospital's whole contribution is protected (DP-FedAvg).
+
+Geyer et al. 2017 and McMahan et al. 2018 ("Learning differentially private
+recurrent language models", Algorithm 1): each selected site clips its model
+update to L2 norm C; the sum of clipped updates gets Gaussian noise of
+standard deviation ``sigma C``; the noised sum is divided by the *expected*
+number of participants ``q K`` (their fixed-denominator estimator), so adding
+or removing one site moves the result by at most ``C / (q K)``. Sites are
+sampled independently with probability q each round (Poisson), from the
+secure noise source, which is what the accountant's subsampled Gaussian
+assumes.
+
+Where the noise is added:
+
+``central``
+    the aggregator adds ``N(0, sigma^2 C^2)`` to the revealed sum. It sees
+    every site's clipped update unless a protection scheme hides them, and it
+    must be trusted to add the noise.
+``distributed``
+    each of the n selected sites adds ``N(0, sigma^2 C^2 / (n - t))`` to its
+    own clipped update before protecting it, so the sum of the m >= n - t
+    survivors carries at least the full noise ``sigma^2 C^2`` (t =
+    ``dropout_tolerance``: sites may drop, the rest over-noise by
+    ``n / (n - t)``). With secure aggregation the aggregator only ever sees
+    noised sums. If fewer than n - t updates arrive, the sum does not carry
+    enough noise and the round is refused before anything is released.
+
+The ledger is charged the planned ``sigma``; over-noise from the dropout
+tolerance is not credited (it only makes the guarantee stronger).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedcare.errors import ConfigError, ProtocolError
+from fedcare.privacy.clipping import clip_l2
+from fedcare.privacy.noise import NoiseSource
+
+NOISE_PLACEMENTS = ("central", "distributed")
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """Client-level DP settings, shared by the aggregator and every site.
+
+    Attributes
+    ----------
+    clip_norm : float
+        C, the bound on each site's update norm (> 0).
+    noise_multiplier : float
+        sigma (> 0): the sum carries noise of standard deviation ``sigma C``.
+    sample_rate : float
+        q, each site's probability of taking part in a round, in (0, 1].
+    n_sites : int
+        K, the number of sites in the federation.
+    noise : str
+        ``central`` or ``distributed``.
+    dropout_tolerance : int
+        Distributed noise only: selected sites that may fail while the noise suffices.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    sample_rate: float
+    n_sites: int
+    noise: str = "central"
+    dropout_tolerance: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ConfigError(f"privacy.clip_norm must be > 0; got {self.clip_norm}.")
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"The noise multiplier must be > 0; got {self.noise_multiplier}.")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"federation.fraction must be in (0, 1]; got {self.sample_rate}.")
+        if self.noise not in NOISE_PLACEMENTS:
+            raise ConfigError(f"privacy.noise must be one of {list(NOISE_PLACEMENTS)}; got "
+                              f"{self.noise!r}.")
+        if self.dropout_tolerance < 0:
+            raise ConfigError(f"privacy.dropout_tolerance must be >= 0; got "
+                              f"{self.dropout_tolerance}.")
+
+    @property
+    def denominator(self) -> float:
+        """The expected number of participants, ``q K``."""
+        return self.sample_rate * self.n_sites
+
+    def select(self, noise: NoiseSource) -> list[int]:
+        """This round's sites: each independently with probability q (all when q = 1)."""
+        if self.sample_rate >= 1:
+            return list(range(self.n_sites))
+        mask = noise.bernoulli(self.n_sites, self.sample_rate)
+        return [int(i) for i in mask.nonzero().squeeze(1)]
+
+    def needed(self, cohort: int) -> int:
+        """Updates that must arrive for the distributed noise to suffice."""
+        return max(1, cohort - self.dropout_tolerance)
+
+    def privatize(self, delta: torch.Tensor, *, cohort: int,
+                  noise: NoiseSource) -> tuple[torch.Tensor, bool]:
+        """A site's clipped (and, distributed, noised) update; and whether it was clipped.
+
+        Parameters
+        ----------
+        delta : Tensor
+            The site's model update (local minus global parameters).
+        cohort : int
+            Sites selected this round (n), as announced by the aggregator.
+        """
+        clipped, norm = clip_l2(delta, self.clip_norm)
+        if self.noise == "distributed":
+            std = self.noise_multiplier * self.clip_norm / math.sqrt(self.needed(cohort))
+            clipped.add_(noise.gaussian(clipped.numel(), std))
+        return clipped, norm > self.clip_norm
+
+    def finish(self, total: torch.Tensor, *, cohort: int, arrived: int, round_number: int,
+               noise: NoiseSource) -> torch.Tensor:
+        """The aggregator's side: the private mean update from the revealed sum.
+
+        Central noise is added here; distributed noise is checked to be
+        complete. Raises `ProtocolError` (nothing released) if too few
+        distributed shares arrived.
+        """
+        if self.noise == "distributed":
+            if arrived < self.needed(cohort):
+                raise ProtocolError(
+                    f"Round {round_number}: {arrived} of {cohort} selected sites sent an "
+                    f"update, but distributed noise needs at least {self.needed(cohort)} "
+                    f"(privacy.dropout_tolerance = {self.dropout_tolerance}); the sum would "
+                    "carry too little noise, so it was not released.")
+        else:
+            total = total + noise.gaussian(total.numel(),
+                                           self.noise_multiplier * self.clip_norm)
+        return total / self.denominator

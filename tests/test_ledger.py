@@ -1,0 +1,109 @@
+"""The privacy ledger: persisted spends, refusal before an overspend, resume counted once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedcare.errors import BudgetExceeded, DataError
+from fedcare.privacy.accounting import GaussianEvent, epsilon
+from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
+
+SIGMA, Q, STEPS = 1.1, 0.1, 10
+
+
+def entry(round_number: int, party: str = "cleveland", sigma: float = SIGMA) -> LedgerEntry:
+    return LedgerEntry(round_number, party, f"each patient at {party}", sigma, Q, STEPS)
+
+
+def ledger(path: Path | None = None, cap: float = 10.0) -> PrivacyLedger:
+    return PrivacyLedger(path, delta=1e-5, accountant="pld", caps={"cleveland": cap})
+
+
+def test_spent_is_the_accountant_epsilon_of_all_entries() -> None:
+    book = ledger()
+    book.record([entry(1), entry(2), entry(3, sigma=2.0)])
+    expected = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=2 * STEPS),
+                        GaussianEvent(noise_multiplier=2.0, sample_rate=Q, steps=STEPS)],
+                       delta=1e-5)
+    assert book.spent("cleveland") == pytest.approx(expected, rel=1e-9)
+    assert book.spent("hungarian") == 0.0
+
+
+def test_check_refuses_an_overspend_and_names_spent_requested_and_cap() -> None:
+    one_round = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=STEPS)],
+                        delta=1e-5)
+    two_rounds = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q,
+                                        steps=2 * STEPS)], delta=1e-5)
+    cap = (one_round + two_rounds) / 2  # room for one round, not two
+    book = ledger(cap=cap)
+    book.check([entry(1)])
+    book.record([entry(1)])
+    with pytest.raises(BudgetExceeded) as info:
+        book.check([entry(2)])
+    message = str(info.value)
+    assert "'cleveland'" in message and "round 2" in message
+    assert f"spent epsilon {one_round:.4g}" in message
+    assert f"would bring it to {two_rounds:.4g}" in message
+    assert f"cap {cap:.4g}" in message
+    assert book.spent("cleveland") == pytest.approx(one_round)  # the refused round cost nothing
+
+
+def test_uncapped_parties_are_not_checked() -> None:
+    book = ledger(cap=1e-9)
+    book.check([entry(1, party="hungarian")])
+
+
+def test_the_fast_path_agrees_with_the_accountant() -> None:
+    # fits() skips the accountant when fewer steps of the same mechanism already fit
+    full = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=5 * STEPS)],
+                   delta=1e-5)
+    book = ledger(cap=full)
+    assert book.fits("cleveland", [entry(r) for r in range(1, 6)])
+    for r in range(1, 6):
+        book.check([entry(r)])
+        book.record([entry(r)])
+    assert not book.fits("cleveland", [entry(6)])
+    with pytest.raises(BudgetExceeded):
+        book.check([entry(6)])
+
+
+def test_entries_reach_the_file_as_they_are_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path)
+    book.record([entry(1)])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines == [{"type": "spend", "round": 1, "party": "cleveland",
+                      "protects": "each patient at cleveland", "noise_multiplier": SIGMA,
+                      "sample_rate": Q, "steps": STEPS, "mechanism": "subsampled-gaussian"}]
+
+
+def test_resume_discards_unreleased_rounds_and_keeps_released_ones(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path)
+    for r in (1, 2, 3):
+        book.record([entry(r), entry(r, party="va")])
+    # the process died after recording round 3 but before checkpointing it
+    resumed = ledger()
+    resumed.resume_from(path, checkpoint_round=2)
+    assert [e.round for e in resumed.entries("cleveland")] == [1, 2]
+    assert [e.round for e in resumed.entries("va")] == [1, 2]
+    resumed.record([entry(3), entry(3, party="va")])  # round 3 run again
+    # a second resume replays the discard line: round 3 is counted exactly once
+    again = ledger()
+    again.resume_from(path, checkpoint_round=3)
+    assert [e.round for e in again.entries("cleveland")] == [1, 2, 3]
+    assert again.spent("cleveland") == pytest.approx(book.spent("cleveland"))
+    kinds = [json.loads(x)["type"] for x in path.read_text().splitlines()]
+    assert kinds == ["spend"] * 6 + ["discard"] + ["spend"] * 2
+
+
+def test_a_corrupt_ledger_refuses_to_resume(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger(path).record([entry(1)])
+    with path.open("a") as f:
+        f.write('{"type": "spend", "round": 2}\n')
+    with pytest.raises(DataError, match="line 2"):
+        ledger().resume_from(path, checkpoint_round=2)
