@@ -176,3 +176,17 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="nothing to resume"):
         run(config(), None, resume=tmp_path / "empty")
+
+
+def test_adaptive_clipping_moves_the_bound_and_checkpoints_it(tmp_path: Path) -> None:
+    c = config(data__dataset="breast-cancer", data__sites=50, data__partition="iid",
+               federation__rounds=6, privacy__level="site", privacy__epsilon=8.0,
+               privacy__clip_norm=5.0, privacy__target_quantile=0.5, privacy__count_noise=5.0)
+    result = run(c, tmp_path / "run")
+    clips = [json.loads(x)["clip_norm"]
+             for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert clips[0] == 5.0
+    assert clips[-1] < clips[0]  # 5 is far above the median update norm: C shrinks
+    checkpoint = torch.load(result.run_dir / "checkpoint.pt")
+    assert checkpoint["clip_norm"] < clips[-1]  # the bound the next round would use
+    assert result.summary["privacy"]["adaptive_clipping_quantile"] == 0.5

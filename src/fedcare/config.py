@@ -124,6 +124,14 @@ class PrivacyConfig:
     private (tests only; warns)."""
     clipping: str = "auto"
     """Record level: per-record gradients by auto | linear (fast, Linear-layer models) | vmap."""
+    target_quantile: float = 0.0
+    """Site level: adaptive clipping (Andrew et al. 2021) moves clip_norm each round toward
+    this quantile of the sites' update norms, e.g. 0.5; 0 keeps clip_norm fixed."""
+    clip_lr: float = 0.2
+    """Site level, adaptive clipping: step size of the geometric update of clip_norm."""
+    count_noise: float = 0.0
+    """Site level, adaptive clipping: noise std on the count of clipped sites (0: the
+    expected number of sites per round / 20, as Andrew et al. suggest)."""
     site_epsilon: dict[str, float] = field(default_factory=dict)
     """Record level: a site's own cap on its epsilon, e.g. {cleveland = 0.5}; the site's
     noise is calibrated to the smaller of this and epsilon."""

@@ -122,6 +122,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         first_round = int(checkpoint["round"]) + 1
         params = checkpoint["params"]
         runtime.aggregator.strategy.load_state_dict(checkpoint["strategy"])
+        runtime.aggregator.clip_norm = float(checkpoint["clip_norm"])
         writer = RunWriter(run_dir, config, resume_round=first_round - 1)
         if runtime.ledger is not None:
             runtime.ledger.resume_from(run_dir / LEDGER_FILE, first_round - 1)
@@ -149,9 +150,11 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         evaluation = evaluate(model, new_params, data, per_site)
         writer.log_round({"round": report.round, "participants": report.participants,
                           "failures": report.failures, "train_loss": report.train_loss,
-                          "n_examples": report.n_examples, **evaluation.to_dict()})
+                          "n_examples": report.n_examples, "clip_norm": report.clip_norm,
+                          **evaluation.to_dict()})
         writer.save_checkpoint(report.round, new_params,
-                               runtime.aggregator.strategy.state_dict())
+                               runtime.aggregator.strategy.state_dict(),
+                               runtime.aggregator.clip_norm)
         summary["rounds_completed"] = report.round
         if on_round is not None:
             on_round(report, evaluation)

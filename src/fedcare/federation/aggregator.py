@@ -47,6 +47,8 @@ class RoundReport:
     failures: dict[str, str] = field(default_factory=dict)
     train_loss: float = math.nan
     n_examples: int = 0
+    clip_norm: float | None = None
+    """Client-level DP: the bound the sites clipped to this round."""
 
 
 class Aggregator:
@@ -98,6 +100,8 @@ class Aggregator:
         self.site_privacy = site_privacy
         self.ledger = ledger
         self.noise_for = noise_for
+        self.clip_norm = 0.0 if site_privacy is None else site_privacy.clip_norm
+        """Client-level DP: the current bound on update norms (checkpointed; adaptive)."""
 
     def select(self, n_sites: int, round_number: int) -> list[int]:
         """Indices of the sites taking part in `round_number` (sorted).
@@ -126,7 +130,8 @@ class Aggregator:
         named in the report; the round goes on if the quorum still holds.
         """
         selected = [clients[i] for i in self.select(len(clients), round_number)]
-        instructions = FitInstructions(round_number, self.plan, cohort=len(selected))
+        instructions = FitInstructions(round_number, self.plan, cohort=len(selected),
+                                       clip_norm=self.clip_norm)
         record_spend: list[LedgerEntry] = []
         site_spend: list[LedgerEntry] = []
         if self.ledger is not None:
@@ -162,9 +167,9 @@ class Aggregator:
                               f"model of round {round_number - 1} is kept.")
         aggregate = self.protection.reveal(total)
         if self.site_privacy is not None and self.noise_for is not None:
-            update = self.site_privacy.finish(
-                aggregate[:-1], cohort=len(selected), arrived=len(participants),
-                round_number=round_number,
+            update, self.clip_norm = self.site_privacy.finish(
+                aggregate, clip_norm=self.clip_norm, cohort=len(selected),
+                arrived=len(participants), round_number=round_number,
                 noise=self.noise_for(round_number, AGGREGATOR_PARTY))
             if self.ledger is not None:
                 self.ledger.record(site_spend)
@@ -172,7 +177,7 @@ class Aggregator:
             update = aggregate[:-1] / float(aggregate[-1])
         new_params = self.strategy.apply(params, update)
         report = RoundReport(round_number, [c.name for c in selected], participants, failures,
-                             loss_sum / max(n_sum, 1), n_sum)
+                             loss_sum / max(n_sum, 1), n_sum, instructions.clip_norm or None)
         return new_params, report
 
     def check_payload(self, result: FitResult) -> None:
@@ -182,11 +187,12 @@ class Aggregator:
                                 f"expected {self.spec.size + 1} values (update and weight).")
         if not all_finite(payload):
             bad = int(torch.nonzero(~torch.isfinite(payload))[0, 0])
-            where = "weight" if bad == self.spec.size else self.spec.locate(bad)
+            last = "weight" if self.site_privacy is None else "count slot"
+            where = last if bad == self.spec.size else self.spec.locate(bad)
             raise ProtocolError(f"site {result.site!r}: payload value {bad} ({where}) is "
                                 f"{payload[bad].item()}; expected a finite number. The update "
                                 "was discarded.")
-        if not float(payload[-1]) > 0:
+        if self.site_privacy is None and not float(payload[-1]) > 0:
             raise ProtocolError(f"site {result.site!r}: aggregation weight "
                                 f"{float(payload[-1])}; expected a positive row count.")
 

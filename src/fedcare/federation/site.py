@@ -31,6 +31,9 @@ class FitInstructions:
     plan: TrainingPlan
     cohort: int = 0
     """Sites selected this round (distributed DP noise is split among them)."""
+    clip_norm: float = 0.0
+    """Client-level DP: this round's bound on the update norm (it moves under adaptive
+    clipping)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,9 @@ class FitResult:
         The protected vector ``[n * delta, n]``: the site's update weighted by
         its number of training rows, with that weight appended so the
         aggregate carries its own denominator. Under client-level DP it is
-        ``[clip(delta) (+ noise share), 1]``: every site weighs the same, as
-        the sensitivity bound needs.
+        ``[clip(delta) (+ noise share), count]``: every site weighs the same, as
+        the sensitivity bound needs, and the last slot carries adaptive
+        clipping's within-the-bound indicator (`SitePrivacy.privatize`).
     n_examples : int
         Training rows (metadata; also inside the payload).
     train_loss : float
@@ -95,8 +99,7 @@ class Site:
         self.record_privacy = record_privacy
         self.site_privacy = site_privacy
         self.noise_for = noise_for
-        # appended to every payload: the aggregation weight
-        self._weight = torch.tensor([1.0 if site_privacy else float(data.n_train)])
+        self._weight = torch.tensor([float(data.n_train)])  # appended to plain payloads
 
     @property
     def name(self) -> str:
@@ -123,9 +126,9 @@ class Site:
         n = self.data.n_train
         if self.site_privacy is not None:
             assert noise is not None
-            delta, _ = self.site_privacy.privatize(delta, cohort=instructions.cohort,
-                                                   noise=noise)
+            payload = self.site_privacy.privatize(
+                delta, clip_norm=instructions.clip_norm or self.site_privacy.clip_norm,
+                cohort=instructions.cohort, noise=noise)
         else:
-            delta.mul_(n)
-        payload = torch.cat([delta, self._weight])
+            payload = torch.cat([delta.mul_(n), self._weight])
         return FitResult(self.name, self.protection.protect(payload), n, loss)

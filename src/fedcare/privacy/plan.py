@@ -96,6 +96,7 @@ class PrivacyPlan:
                 "accountant": self.accountant,
                 "epsilon_against_aggregator": against_aggregator,
                 "noise": self.site.noise, "clip_norm": self.site.clip_norm,
+                "adaptive_clipping_quantile": self.site.target_quantile or None,
                 "noise_multiplier": self.site.noise_multiplier,
                 "sample_rate": self.site.sample_rate, "sentence": sentence}
 
@@ -113,7 +114,7 @@ class PrivacyPlan:
         if not rounds:
             return 0.0
         cohort = max(1, round(self.site.sample_rate * self.site.n_sites))
-        sigma = self.site.noise_multiplier / math.sqrt(self.site.needed(cohort))
+        sigma = self.site.update_noise_multiplier / math.sqrt(self.site.needed(cohort))
         return epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=rounds)],
                        delta=self.delta, accountant=self.accountant)
 
@@ -152,6 +153,9 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
         raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
                           f"{names}.")
     plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds)
+    if p.target_quantile and p.level != "site":
+        raise ConfigError("privacy.target_quantile (adaptive clipping) applies to "
+                          "privacy.level = 'site' only.")
 
     if p.level == "record":
         if p.clipping not in CLIPPING_METHODS:
@@ -174,7 +178,7 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
     sigma = p.noise_multiplier or _calibrate(p.epsilon, p.delta, f.fraction, f.rounds,
                                              p.accountant)
     plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(data.sites), p.noise,
-                            p.dropout_tolerance)
+                            p.dropout_tolerance, p.target_quantile, p.clip_lr, p.count_noise)
     plan.caps[FEDERATION] = p.epsilon
     return plan
 

@@ -27,6 +27,18 @@ Where the noise is added:
 
 The ledger is charged the planned ``sigma``; over-noise from the dropout
 tolerance is not credited (it only makes the guarantee stronger).
+
+Adaptive clipping (Andrew et al. 2021, "Differentially private learning with
+adaptive clipping"), when ``target_quantile`` > 0: each site also reports
+``b = 1[||delta|| <= C] - 1/2`` in the payload's last slot (where plain
+FedAvg carries its weight, which client-level DP does not use); the noised
+sum gives the share of sites within C, and the aggregator moves
+``C <- C exp(-eta (share - target_quantile))`` (their geometric update), so
+C tracks the chosen quantile of the update norms. The count query has
+sensitivity 1/2 and noise ``count_noise``; the two Gaussian queries together
+are one Gaussian mechanism of multiplier sigma when the update's own
+multiplier is ``(sigma^-2 - (2 count_noise)^-2)^-1/2`` (their Theorem 1), so
+the ledger still charges sigma.
 """
 
 from __future__ import annotations
@@ -69,6 +81,12 @@ class SitePrivacy:
     n_sites: int
     noise: str = "central"
     dropout_tolerance: int = 0
+    target_quantile: float = 0.0
+    """Adaptive clipping: the share of sites whose update should fall within C (0: fixed C)."""
+    clip_lr: float = 0.2
+    """Adaptive clipping: eta of the geometric update of C."""
+    count_noise: float = 0.0
+    """Adaptive clipping: noise std of the clipped-count sum (0: expected cohort / 20)."""
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -83,6 +101,33 @@ class SitePrivacy:
         if self.dropout_tolerance < 0:
             raise ConfigError(f"privacy.dropout_tolerance must be >= 0; got "
                               f"{self.dropout_tolerance}.")
+        if not 0 <= self.target_quantile < 1:
+            raise ConfigError(f"privacy.target_quantile must be in [0, 1) (0: fixed clipping); "
+                              f"got {self.target_quantile}.")
+        if self.adaptive:
+            if not self.clip_lr > 0:
+                raise ConfigError(f"privacy.clip_lr must be > 0; got {self.clip_lr}.")
+            if not 2 * self.count_std > self.noise_multiplier:
+                raise ConfigError(
+                    f"Adaptive clipping: the count noise ({self.count_std:g}) must exceed half "
+                    f"the noise multiplier ({self.noise_multiplier:g}) or no noise budget is "
+                    "left for the update; raise privacy.count_noise or epsilon.")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_quantile > 0
+
+    @property
+    def count_std(self) -> float:
+        """Noise std of the clipped-count sum (adaptive clipping)."""
+        return self.count_noise or self.denominator / 20
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The multiplier the update's own noise uses (sigma unless clipping adapts)."""
+        if not self.adaptive:
+            return self.noise_multiplier
+        return float((self.noise_multiplier ** -2 - (2 * self.count_std) ** -2) ** -0.5)
 
     @property
     def denominator(self) -> float:
@@ -100,39 +145,51 @@ class SitePrivacy:
         """Updates that must arrive for the distributed noise to suffice."""
         return max(1, cohort - self.dropout_tolerance)
 
-    def privatize(self, delta: torch.Tensor, *, cohort: int,
-                  noise: NoiseSource) -> tuple[torch.Tensor, bool]:
-        """A site's clipped (and, distributed, noised) update; and whether it was clipped.
+    def privatize(self, delta: torch.Tensor, *, clip_norm: float, cohort: int,
+                  noise: NoiseSource) -> torch.Tensor:
+        """A site's payload: its clipped (and, distributed, noised) update, then the count slot.
 
         Parameters
         ----------
         delta : Tensor
             The site's model update (local minus global parameters).
+        clip_norm : float
+            This round's C, as announced by the aggregator.
         cohort : int
             Sites selected this round (n), as announced by the aggregator.
         """
-        clipped, norm = clip_l2(delta, self.clip_norm)
+        clipped, norm = clip_l2(delta, clip_norm)
+        count = torch.tensor([(0.5 if norm <= clip_norm else -0.5) if self.adaptive else 1.0])
         if self.noise == "distributed":
-            std = self.noise_multiplier * self.clip_norm / math.sqrt(self.needed(cohort))
-            clipped.add_(noise.gaussian(clipped.numel(), std))
-        return clipped, norm > self.clip_norm
+            share = math.sqrt(self.needed(cohort))
+            clipped.add_(noise.gaussian(clipped.numel(),
+                                        self.update_noise_multiplier * clip_norm / share))
+            if self.adaptive:
+                count.add_(noise.gaussian(1, self.count_std / share))
+        return torch.cat([clipped, count])
 
-    def finish(self, total: torch.Tensor, *, cohort: int, arrived: int, round_number: int,
-               noise: NoiseSource) -> torch.Tensor:
-        """The aggregator's side: the private mean update from the revealed sum.
+    def finish(self, total: torch.Tensor, *, clip_norm: float, cohort: int, arrived: int,
+               round_number: int, noise: NoiseSource) -> tuple[torch.Tensor, float]:
+        """The aggregator's side: the private mean update and the next round's C.
 
+        `total` is the revealed sum of payloads (updates and count slot).
         Central noise is added here; distributed noise is checked to be
         complete. Raises `ProtocolError` (nothing released) if too few
         distributed shares arrived.
         """
-        if self.noise == "distributed":
-            if arrived < self.needed(cohort):
-                raise ProtocolError(
-                    f"Round {round_number}: {arrived} of {cohort} selected sites sent an "
-                    f"update, but distributed noise needs at least {self.needed(cohort)} "
-                    f"(privacy.dropout_tolerance = {self.dropout_tolerance}); the sum would "
-                    "carry too little noise, so it was not released.")
-        else:
-            total = total + noise.gaussian(total.numel(),
-                                           self.noise_multiplier * self.clip_norm)
-        return total / self.denominator
+        if self.noise == "distributed" and arrived < self.needed(cohort):
+            raise ProtocolError(
+                f"Round {round_number}: {arrived} of {cohort} selected sites sent an "
+                f"update, but distributed noise needs at least {self.needed(cohort)} "
+                f"(privacy.dropout_tolerance = {self.dropout_tolerance}); the sum would "
+                "carry too little noise, so it was not released.")
+        update, count = total[:-1], float(total[-1])
+        if self.noise == "central":
+            update = update + noise.gaussian(update.numel(),
+                                             self.update_noise_multiplier * clip_norm)
+            if self.adaptive:
+                count += float(noise.gaussian(1, self.count_std)[0])
+        if self.adaptive:
+            within = count / self.denominator + 0.5
+            clip_norm *= math.exp(-self.clip_lr * (within - self.target_quantile))
+        return update / self.denominator, clip_norm

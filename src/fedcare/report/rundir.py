@@ -68,7 +68,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The last checkpoint of a run: ``round``, ``params``, ``strategy``."""
+    """The last checkpoint of a run: ``round``, ``params``, ``strategy``, ``clip_norm``."""
     path = run_dir / CHECKPOINT_FILE
     if not path.exists():
         raise ConfigError(f"{run_dir} has no {CHECKPOINT_FILE}: no round of it completed, so "
@@ -98,11 +98,14 @@ class RunWriter:
         self._metrics = metrics.open("a", encoding="utf-8")
 
     def save_checkpoint(self, round_number: int, params: torch.Tensor,
-                        strategy_state: dict[str, torch.Tensor]) -> None:
-        """Atomically record a completed round (what `--resume` restarts from)."""
+                        strategy_state: dict[str, torch.Tensor], clip_norm: float) -> None:
+        """Atomically record a completed round (what `--resume` restarts from).
+
+        `clip_norm` is client-level DP's current bound (it moves under adaptive clipping).
+        """
         tmp = self.path / (CHECKPOINT_FILE + ".tmp")
         torch.save({"round": round_number, "params": params.detach().clone(),
-                    "strategy": strategy_state}, tmp)
+                    "strategy": strategy_state, "clip_norm": clip_norm}, tmp)
         os.replace(tmp, self.path / CHECKPOINT_FILE)
 
     def log_round(self, record: dict[str, Any]) -> None:
