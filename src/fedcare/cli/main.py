@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcare import __version__
+from fedcare.cli.privacy import add_privacy_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--target", required=True, help="the binary outcome column")
     infer.add_argument("--site-column", help="column naming each row's site (one-file data)")
     infer.add_argument("--out", required=True, help="schema file to write")
+    add_privacy_parser(commands)
     return parser
 
 
@@ -159,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
+        if args.command == "privacy":
+            return int(args.handler(args))
     except FedcareError as exc:
         print(f"fedcare: error: {exc}", file=sys.stderr)
         return 2
