@@ -298,3 +298,29 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert (out / "summary.json").exists()
     assert summary_of(out)["status"] == "completed"
     assert "federated (fedavg)" in completed.stdout
+
+
+# ----------------------------------------------------------------- privacy and resume
+def test_a_private_run_prints_its_guarantee_and_can_be_resumed(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--dataset", "breast-cancer", "--sites", "10", "--partition", "iid",
+            "--rounds", "2", "--privacy", "site", "--epsilon", "8", "--noise", "distributed",
+            "--set", "privacy.secure=false", "--no-baselines", "--quiet", "--out", str(out)]
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Privacy: Each hospital's whole contribution" in printed
+    assert "privacy_ledger.jsonl" in printed and "checkpoint.pt" in printed
+
+    # a completed run resumes to the same place: nothing left to train, nothing re-spent
+    ledger_before = (out / "privacy_ledger.jsonl").read_text()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # draws no noise: no warning
+    assert (out / "privacy_ledger.jsonl").read_text() == ledger_before
+    assert summary_of(out)["rounds_completed"] == 2
+
+
+def test_resume_takes_no_other_options(capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    assert main(["run", "--resume", str(tmp_path), "--rounds", "5"]) == 2
+    assert "--resume continues a run exactly as it was configured" in capsys.readouterr().err

@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\nPrivacy: " + privacy["sentence"])
         if config.baselines.enabled:
             print("The pooled and single-site baselines are trained without DP, for reference.")
-    print(f"\nRun directory: {result.run_dir}  (summary.json, metrics.jsonl, model.pt, "
-          "config.toml)")
+    files = sorted(p.name for p in result.run_dir.iterdir() if not p.name.endswith(".tmp"))
+    print(f"\nRun directory: {result.run_dir}  ({', '.join(files)})")
     return 0
 
 
