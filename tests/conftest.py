@@ -1,11 +1,20 @@
-"""Shared fixtures for the data-layer tests."""
+"""Shared fixtures, and hypothesis settings."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI must not fail on a random draw nobody can reproduce: the default profile is
+# derandomized (the same examples every run). `HYPOTHESIS_PROFILE=explore` draws new
+# examples each run, to hunt for bugs locally; a failure prints its reproducer.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -120,14 +120,26 @@ def clip_l2(vector: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float
     # exact one (Higham 2002, sec. 4.2), so near clip_norm it cannot say on
     # which side the exact norm lies; that rare case is settled in exact
     # rational arithmetic, so a vector is returned untouched iff it is within.
-    slack = (len(vector) + 4) * 2.0**-52
-    if norm * (1 + slack) <= clip_norm or (
-            norm * (1 - slack) <= clip_norm and _exactly_within(vector, clip_norm)):
+    if _within(vector, norm, clip_norm):
         return vector.clone(), norm
     # As in clip_factors, but also right for a rounded norm at or just below
     # clip_norm whose exact value is above it (clip_factors would return 1).
     factor = torch.tensor([clip_norm * _SHRINK / norm], dtype=torch.float64)
-    return vector * _round_toward_zero(factor, vector.dtype), norm
+    clipped = vector * _round_toward_zero(factor, vector.dtype)
+    # The product rounds to nearest. For normal floats the margin in _SHRINK
+    # absorbs that; among subnormals (|x| < 2**-126) one unit is a large
+    # relative step, so step toward zero until the result is provably within.
+    while not _within(clipped, float(torch.linalg.vector_norm(clipped, dtype=torch.float64)),
+                      clip_norm):
+        clipped = torch.nextafter(clipped, torch.zeros_like(clipped))
+    return clipped, norm
+
+
+def _within(vector: torch.Tensor, norm: float, clip_norm: float) -> bool:
+    """Whether the exact L2 norm of `vector` (rounded: `norm`) is at most `clip_norm`."""
+    slack = (len(vector) + 4) * 2.0**-52
+    return norm * (1 + slack) <= clip_norm or (
+        norm * (1 - slack) <= clip_norm and _exactly_within(vector, clip_norm))
 
 
 def _exactly_within(vector: torch.Tensor, clip_norm: float) -> bool:
