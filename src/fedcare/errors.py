@@ -6,6 +6,8 @@ column, site, config key), so a user can fix the input without reading code.
 
 from __future__ import annotations
 
+import math
+
 
 class FedcareError(Exception):
     """Base class of every error fedcare raises on purpose."""
@@ -33,3 +35,9 @@ class QuorumError(FedcareError):
 
 class BudgetExceeded(FedcareError):
     """A privacy budget would be overspent; nothing was run."""
+
+
+def check_positive(key: str, value: float) -> None:
+    """Raise `ConfigError` naming `key` unless `value` is a finite number > 0."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be > 0; got {value}.")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from fedcare.config import FederationConfig
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, check_positive
 
 
 class Strategy(ABC):
@@ -56,7 +56,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def __init__(self, *, server_lr: float = 1.0) -> None:
-        _positive("federation.server_lr", server_lr)
+        check_positive("federation.server_lr", server_lr)
         self.server_lr = server_lr
 
     def apply(self, params: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,8 @@ class _AdaptiveServer(Strategy):
 
     def __init__(self, *, server_lr: float = 0.03, beta1: float = 0.9, beta2: float = 0.99,
                  tau: float = 1e-3) -> None:
-        _positive("federation.server_lr", server_lr)
-        _positive("federation.tau", tau)
+        check_positive("federation.server_lr", server_lr)
+        check_positive("federation.tau", tau)
         for key, beta in (("federation.beta1", beta1), ("federation.beta2", beta2)):
             if not 0 <= beta < 1:
                 raise ConfigError(f"{key} must be in [0, 1); got {beta}.")
@@ -128,10 +128,6 @@ class FedYogi(_AdaptiveServer):
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v - (1 - self.beta2) * d2 * torch.sign(v - d2)
 
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0; got {value}.")
 
 
 def _adaptive(kind: type[_AdaptiveServer]) -> Callable[[FederationConfig], Strategy]:

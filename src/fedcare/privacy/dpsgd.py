@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, check_positive
 from fedcare.models.params import FlatModel
 from fedcare.privacy.clipping import clip_factors
 from fedcare.privacy.noise import NoiseSource
@@ -65,10 +65,8 @@ class RecordPrivacy:
     steps_per_epoch: int
 
     def __post_init__(self) -> None:
-        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            raise ConfigError(f"privacy.clip_norm must be > 0; got {self.clip_norm}.")
-        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError(f"The noise multiplier must be > 0; got {self.noise_multiplier}.")
+        check_positive("privacy.clip_norm", self.clip_norm)
+        check_positive("privacy.noise_multiplier", self.noise_multiplier)
         if not 0 < self.sample_rate <= 1:
             raise ConfigError(f"The sample rate must be in (0, 1]; got {self.sample_rate}.")
         if self.steps_per_epoch < 1:
@@ -117,8 +115,7 @@ class PerRecordClipper:
     """
 
     def __init__(self, model: FlatModel, clip_norm: float, method: str = "auto") -> None:
-        if not (clip_norm > 0 and math.isfinite(clip_norm)):
-            raise ConfigError(f"privacy.clip_norm must be > 0; got {clip_norm}.")
+        check_positive("privacy.clip_norm", clip_norm)
         if method not in CLIPPING_METHODS:
             raise ConfigError(f"privacy.clipping must be one of {list(CLIPPING_METHODS)}; "
                               f"got {method!r}.")

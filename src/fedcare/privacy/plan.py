@@ -15,7 +15,7 @@ from typing import Any
 
 from fedcare.config import RunConfig
 from fedcare.data.site_data import FederatedData
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, check_positive
 from fedcare.privacy.accounting import ACCOUNTANTS, GaussianEvent, epsilon, noise_multiplier
 from fedcare.privacy.dpsgd import CLIPPING_METHODS, RecordPrivacy
 from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
@@ -137,8 +137,7 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
         raise ConfigError(f"privacy.level must be one of {list(LEVELS)}; got {p.level!r}.")
     if p.level == "none":
         return None
-    if not (p.epsilon > 0 and math.isfinite(p.epsilon)):
-        raise ConfigError(f"privacy.epsilon must be > 0; got {p.epsilon}.")
+    check_positive("privacy.epsilon", p.epsilon)
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta must be in (0, 1); got {p.delta}.")
     if p.accountant not in ACCOUNTANTS:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcare.errors import ConfigError, ProtocolError
+from fedcare.errors import ConfigError, ProtocolError, check_positive
 from fedcare.privacy.clipping import clip_l2
 from fedcare.privacy.noise import NoiseSource
 
@@ -89,10 +89,8 @@ class SitePrivacy:
     """Adaptive clipping: noise std of the clipped-count sum (0: expected cohort / 20)."""
 
     def __post_init__(self) -> None:
-        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            raise ConfigError(f"privacy.clip_norm must be > 0; got {self.clip_norm}.")
-        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError(f"The noise multiplier must be > 0; got {self.noise_multiplier}.")
+        check_positive("privacy.clip_norm", self.clip_norm)
+        check_positive("privacy.noise_multiplier", self.noise_multiplier)
         if not 0 < self.sample_rate <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1]; got {self.sample_rate}.")
         if self.noise not in NOISE_PLACEMENTS:
