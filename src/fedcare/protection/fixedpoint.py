@@ -102,8 +102,8 @@ class FixedPoint:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ProtocolError(
-                f"site {site!r}: value {i} is {x[i]!r}; secure aggregation encodes finite values "
-                f"with |x| <= {self.bound!r} (frac_bits={self.frac_bits}, up to "
+                f"site {site!r}: value {i} is {float(x[i])!r}; secure aggregation encodes "
+                f"finite values with |x| <= {self.bound!r} (frac_bits={self.frac_bits}, up to "
                 f"{self.max_sites} sites, so that their sum cannot wrap modulo 2^64). Nothing "
                 "was sent.")
         return np.rint(scaled).astype(np.int64).view(np.uint64)
