@@ -113,7 +113,7 @@ QUICK_GRID: dict[str, Sequence[Any]] = {
     "privacy.clip_norm": (0.5, 1.0), "federation.lr": (0.1, 1.0)}
 
 # The choice of `--tune` per epsilon (recorded in results/dp_utility.json and
-# DP_UTILITY.md); used by a plain run. `--tune` recomputes it and uses its own.
+# BENCHMARKS.md, Differential privacy); used by a plain run. `--tune` recomputes it.
 TUNED: dict[float, Settings] = {
     0.5: {"federation.rounds": 5, "federation.batch_size": 64,
           "privacy.clip_norm": 0.5, "federation.lr": 1.0},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,4 +132,8 @@ class Site:
                 cohort=instructions.cohort, noise=noise)
         else:
             payload = torch.cat([delta.mul_(n), self._weight])
+        if self.record_privacy is not None or self.site_privacy is not None:
+            # The exact training loss is not covered by the DP guarantee (with one
+            # batch it reveals a patient's label): a private site does not send it.
+            loss = math.nan
         return FitResult(self.name, self.protection.protect(payload), n, loss)

@@ -24,6 +24,8 @@ from fedcare.privacy.site_level import SitePrivacy
 from fedcare.seeding import NOISE, derive_seed
 
 LEVELS = ("none", "record", "site")
+NOT_COVERED = ("Not covered: each site's number of records, and the feature means and standard "
+               "deviations used for standardisation, which are shared without noise.")
 FEDERATION = "federation"
 """Ledger party of client-level DP: the guarantee covers every site alike."""
 
@@ -67,7 +69,7 @@ class PrivacyPlan:
                 f"{len(spent)} hospitals): the released model and every update a hospital sent "
                 f"reveal almost nothing more about any one patient than they would without "
                 f"that patient, to anyone: the coordinator, the other hospitals and every user "
-                f"of the model.")
+                f"of the model. {NOT_COVERED}")
             return {"level": "record", "protects": "each patient at each site",
                     "against": "anyone who sees the updates or the model",
                     "epsilon": worst, "delta": self.delta, "accountant": self.accountant,
@@ -90,7 +92,8 @@ class PrivacyPlan:
             f"Each hospital's whole contribution (all of its patients together) is protected by "
             f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
             f"anyone who sees the released model: it reveals almost nothing more about any one "
-            f"hospital's data than a model trained without that hospital. {aggregator_words}")
+            f"hospital's data than a model trained without that hospital. {aggregator_words} "
+            f"{NOT_COVERED}")
         return {"level": "site", "protects": "each site's whole dataset",
                 "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
                 "accountant": self.accountant,

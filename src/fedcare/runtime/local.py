@@ -21,7 +21,7 @@ from fedcare.federation.strategy import build_strategy
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, build_model
 from fedcare.privacy.ledger import PrivacyLedger
-from fedcare.privacy.plan import build_privacy_plan, noise_factory
+from fedcare.privacy.plan import FEDERATION, build_privacy_plan, noise_factory, site_entry
 from fedcare.protection import PlainSum
 from fedcare.seeding import INIT, torch_generator
 
@@ -67,6 +67,16 @@ class LocalRuntime:
         if f.min_sites > len(self.sites):
             raise ConfigError(f"federation.min_sites is {f.min_sites} but the federation has "
                               f"{len(self.sites)} site(s).")
+        if self.ledger is not None and self.privacy is not None:
+            # Calibration made the whole plan fit; showing it once per party here lets
+            # every per-round check hit the ledger's cache instead of the accountant.
+            plan = training_plan(config)
+            for site in self.sites:
+                self.ledger.fits(site.name, [e for r in range(1, f.rounds + 1)
+                                             for e in site.planned_spend(r, plan)])
+            if site_privacy is not None:
+                self.ledger.fits(FEDERATION, [site_entry(r, site_privacy)
+                                              for r in range(1, f.rounds + 1)])
         self.aggregator = Aggregator(build_strategy(f), self.model.spec, training_plan(config),
                                      fraction=f.fraction, min_sites=f.min_sites,
                                      seed=config.seed, protection=protection,
