@@ -52,6 +52,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _env import git_state  # benchmarks/ is sys.path[0] when a script runs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILON = 8.0
 DELTA = 1e-5
@@ -188,19 +190,6 @@ def tune(sites: int, args: argparse.Namespace) -> tuple[dict[str, float], list[d
     return {"lr": best["lr"], "clip_norm": best["clip_norm"]}, rows
 
 
-def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            done = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
-                                  check=False, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "src_dirty": bool(git("status", "--porcelain", "--", "src"))}
 
 
 def machine() -> dict[str, Any]:

@@ -30,18 +30,15 @@ non-private sweep, the rounds axis cannot be read from one long run: the noise
 is calibrated to the planned number of rounds, so each round count is its own
 run.
 
-Speed: fedcare's privacy ledger recomputes each site's PLD epsilon before every
-round (about 0.7 s per round for 4 sites, 95% of a run). The worker processes
-memoise `fedcare.privacy.accounting.epsilon` (a pure function of its arguments)
-so that runs with the same sample rates, noise and steps (every lr and clip
-norm of one (batch, rounds) cell, every split) compute each composition once.
-The ledger's decisions and the numbers are unchanged.
+Speed: the results in results/dp_utility.json were measured while fedcare's
+ledger still recomputed each site's PLD epsilon before every round; the worker
+processes then memoised the accountant. The ledger now proves the whole plan
+once at start-up, so no memo is needed; the numbers are unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -56,7 +53,6 @@ from typing import Any
 import torch
 
 import fedcare
-import fedcare.privacy.ledger
 from fedcare.config import DataConfig
 from fedcare.data.datasets import build_federation
 from fedcare.errors import FedcareError
@@ -127,21 +123,8 @@ TUNED: dict[float, Settings] = {
 
 
 # --------------------------------------------------------------------------- workers
-@functools.cache
-def _epsilon_cached(events: tuple[Any, ...], delta: float, accountant: str) -> float:
-    return _EPSILON(list(events), delta=delta, accountant=accountant)
-
-
-_EPSILON = fedcare.privacy.ledger.epsilon
-
-
-def _memo_epsilon(events: Sequence[Any], *, delta: float, accountant: str = "pld") -> float:
-    return _epsilon_cached(tuple(events), delta, accountant)
-
-
 def _init_worker() -> None:
     torch.set_num_threads(1)
-    fedcare.privacy.ledger.epsilon = _memo_epsilon  # type: ignore[assignment]
 
 
 def run_jobs(fn: Any, jobs: Sequence[tuple[Any, ...]], workers: int, what: str) -> list[Any]:

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _env import git_state  # benchmarks/ is sys.path[0] when a script runs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("logreg", "mlp")
 
@@ -135,20 +137,6 @@ def run_one(sites: int, model: str, rounds: int, patients: int, threads: int,
     }
 
 
-def git_state() -> dict[str, Any]:
-    """Commit measured, and whether src/ had uncommitted changes (read-only git calls)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  check=False, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "src_dirty": bool(git("status", "--porcelain",
-                                                                      "--", "src"))}
 
 
 def machine() -> dict[str, Any]:

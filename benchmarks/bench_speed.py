@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _env import git_state  # benchmarks/ is sys.path[0] when a script runs
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
@@ -248,20 +248,6 @@ def bench(data: FederatedData, threads: int, args: argparse.Namespace) -> dict[s
     return row
 
 
-def git_state() -> dict[str, Any]:
-    """Commit measured, and whether src/ had uncommitted changes (read-only git calls)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  check=False, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "src_dirty": bool(git("status", "--porcelain",
-                                                                      "--", "src"))}
 
 
 def machine() -> dict[str, Any]:

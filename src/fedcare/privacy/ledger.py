@@ -88,9 +88,10 @@ class PrivacyLedger:
         self.accountant = accountant
         self.caps = dict(caps)
         self._entries: dict[str, list[LedgerEntry]] = defaultdict(list)
-        # (party, sigma, q) -> most steps of that one mechanism already shown to fit the
+        # (cap, sigma, q) -> most steps of that one mechanism already shown to fit the
         # cap: epsilon grows with steps, so fewer steps fit too, with no accountant call.
-        self._fits: dict[tuple[str, float, float], int] = {}
+        # Keyed by the mechanism, not the party: sites of equal size share one proof.
+        self._fits: dict[tuple[float, float, float], int] = {}
 
     # ------------------------------------------------------------ queries
     def entries(self, party: str) -> list[LedgerEntry]:
@@ -115,7 +116,7 @@ class PrivacyLedger:
         key = None
         if len(mechanisms) == 1:
             sigma, q = mechanisms.pop()
-            key, steps = (party, sigma, q), sum(e.steps for e in history)
+            key, steps = (cap, sigma, q), sum(e.steps for e in history)
             if steps <= self._fits.get(key, -1):
                 return True
         if self.spent(party, extra) > cap * (1 + 1e-9):
@@ -168,7 +169,6 @@ class PrivacyLedger:
             kept = [e for e in entries if e.round <= round_number]
             dropped += len(entries) - len(kept)
             self._entries[party] = kept
-        self._fits.clear()
         return dropped
 
     def _append(self, lines: list[dict[str, Any]]) -> None:
