@@ -16,10 +16,11 @@ from fedcare.data.preprocess import (
     federated_mean_std,
     impute,
     prepare_sites,
+    resolve_standardize,
     split_rows,
 )
 from fedcare.data.schema import Schema
-from fedcare.errors import DataError
+from fedcare.errors import ConfigError, DataError, SchemaError
 
 NAN = np.nan
 SCHEMA = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
@@ -246,3 +247,66 @@ def test_encoding_lays_out_inputs_as_the_schema_names_them(drop_first: bool) -> 
     assert site.x_test[0, 2:].tolist() == ([0, 0] if drop_first else [1, 0, 0])
     np.testing.assert_array_equal(site.y_train.numpy(), [1, 0, 1])
     assert (site.n_train, site.n_test) == (3, 1)
+
+
+# ------------------------------------------------------------------ private runs
+BOUNDED = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
+                 positive=("1",), bounds={"age": (20, 100), "chol": (100, 300)})
+
+
+def test_bounds_scale_to_unit_range_and_clip_outliers() -> None:
+    train = site_table("a", [[20, 100], [60, 200], [100, 300], [140, 50]], [[0], [1], [2], [0]])
+    test = site_table("a", [[0, 1000]], [[1]])
+
+    [site], stats = prepare_sites([(train, test)], BOUNDED, Standardize.BOUNDS)
+
+    np.testing.assert_allclose(site.x_train.numpy()[:, :2],
+                               [[-1, -1], [0, 0], [1, 1], [1, -1]])
+    np.testing.assert_allclose(site.x_test.numpy()[:, :2], [[-1, 1]])
+    assert stats["a"] == {"mean": [60.0, 200.0], "std": [40.0, 100.0]}
+
+
+def test_private_preprocessing_ties_each_encoded_row_to_its_own_record_only() -> None:
+    # DP-SGD's sensitivity counts one record changing one training row. Data-
+    # dependent statistics (or imputation) would move every row with it.
+    def encoded(standardize: Standardize, private: bool, age: float) -> torch.Tensor:
+        train = site_table("a", [[age, 200], [50, NAN], [70, 240], [NAN, 150]],
+                           [[0], [-1], [1], [2]])
+        sites, _ = prepare_sites([(train, site_table("a", [[60, 180]], [[1]]))], BOUNDED,
+                                 standardize, private=private)
+        return sites[0].x_train
+
+    private_rows = (encoded(Standardize.BOUNDS, True, 30) != encoded(Standardize.BOUNDS, True, 90))
+    assert private_rows.any(dim=1).tolist() == [True, False, False, False]
+    shared_rows = (encoded(Standardize.FEDERATED, False, 30)
+                   != encoded(Standardize.FEDERATED, False, 90))
+    assert shared_rows.any(dim=1).sum() >= 3  # the check above can fail
+
+
+def test_private_imputation_uses_public_constants() -> None:
+    train = site_table("a", [[NAN, 120], [90, NAN]], [[-1], [2]])
+    test = site_table("a", [[NAN, NAN]], [[-1]])
+
+    filled_train, filled_test = impute(train, [test], BOUNDED, public=True)
+
+    np.testing.assert_allclose(filled_train.numeric, [[60, 120], [90, 200]])
+    np.testing.assert_array_equal(filled_train.categorical[:, 0], [0, 2])
+    np.testing.assert_allclose(filled_test.numeric, [[60, 200]])
+
+
+def test_bounds_without_ranges_name_the_columns() -> None:
+    splits = three_sites()
+    with pytest.raises(SchemaError, match=r"\['age', 'chol'\] have none"):
+        prepare_sites(splits, SCHEMA, Standardize.BOUNDS)
+
+
+@pytest.mark.parametrize("method", [Standardize.FEDERATED, Standardize.SITE])
+def test_private_run_refuses_data_dependent_statistics(method: Standardize) -> None:
+    with pytest.raises(ConfigError, match="outside the differential privacy guarantee"):
+        resolve_standardize(method, private=True)
+
+
+def test_auto_standardisation_depends_on_privacy() -> None:
+    assert resolve_standardize(Standardize.AUTO, private=True) is Standardize.BOUNDS
+    assert resolve_standardize(Standardize.AUTO, private=False) is Standardize.FEDERATED
+    assert resolve_standardize(Standardize.NONE, private=True) is Standardize.NONE

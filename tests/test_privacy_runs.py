@@ -190,3 +190,29 @@ def test_adaptive_clipping_moves_the_bound_and_checkpoints_it(tmp_path: Path) ->
     checkpoint = torch.load(result.run_dir / "checkpoint.pt")
     assert checkpoint["clip_norm"] < clips[-1]  # the bound the next round would use
     assert result.summary["privacy"]["adaptive_clipping_quantile"] == 0.5
+
+
+def test_a_private_run_standardises_with_public_bounds_only(tmp_path: Path) -> None:
+    result = run(config(privacy__level="record", privacy__epsilon=2.0), tmp_path / "run")
+    bounds = result.data.schema.bounds
+    for stats in result.data.standardization.values():  # what model.pt stores
+        assert stats["mean"] == [(lo + hi) / 2 for lo, hi in bounds.values()]
+        assert stats["std"] == [(hi - lo) / 2 for lo, hi in bounds.values()]
+    for site in result.data.sites:
+        assert site.x_train[:, :len(bounds)].abs().max() <= 1.0
+
+
+def test_a_private_run_refuses_shared_statistics_before_writing(tmp_path: Path) -> None:
+    c = config(privacy__level="record", data__standardize="federated")
+    with pytest.raises(ConfigError, match="outside the differential privacy guarantee"):
+        run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_client_level_sites_do_not_report_their_size(tmp_path: Path) -> None:
+    c = config(data__dataset="breast-cancer", data__sites=10, data__partition="iid",
+               federation__rounds=2, privacy__level="site", privacy__epsilon=8.0)
+    result = run(c, tmp_path / "run")
+    rounds = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"n_examples"' in x]
+    assert rounds and all(r["n_examples"] == 0 for r in rounds)

@@ -256,3 +256,31 @@ def test_required_columns_include_target_and_site_column() -> None:
                     positive=("1",), site_column="hospital")
 
     assert schema.required_columns == ("age", "cp", "y", "hospital")
+
+
+def test_bounds_round_trip_through_toml(tmp_path: Path) -> None:
+    schema = Schema(numeric=("age", "chol"), categorical={}, target="y", positive=("1",),
+                    bounds={"age": (18, 100)})
+    schema.save(tmp_path / "schema.toml")
+    loaded = Schema.load(tmp_path / "schema.toml")
+    assert loaded == schema
+    assert loaded.bounds == {"age": (18.0, 100.0)}
+    assert loaded.to_dict()["bounds"] == {"age": [18.0, 100.0]}
+
+
+@pytest.mark.parametrize(("bounds", "message"), [
+    ({"sex": (0, 1)}, "not a numeric column"),
+    ({"age": (100, 18)}, r"low < high"),
+    ({"age": (0, float("inf"))}, "finite"),
+])
+def test_bad_bounds_are_refused(bounds: dict[str, tuple[float, float]], message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        Schema(numeric=("age",), categorical={"sex": ("m", "f")}, target="y", positive=("1",),
+               bounds=bounds)
+
+
+def test_bounds_table_must_hold_pairs_of_numbers() -> None:
+    raw = {"target": "y", "positive": ["1"], "numeric": {"columns": ["age"]},
+           "bounds": {"age": [18]}}
+    with pytest.raises(SchemaError, match=r"schema.toml: \[bounds\] must be a table"):
+        Schema.from_dict(raw, source="schema.toml")

@@ -45,8 +45,9 @@ class DataConfig:
     """Seed of the train/test split and the partition, kept apart from the training seed."""
     missing: str = "drop"
     """drop | impute | fail: what to do with missing feature values."""
-    standardize: str = "federated"
-    """federated | site | none."""
+    standardize: str = "auto"
+    """auto | federated | site | bounds | none. auto: bounds (the schema's public ranges)
+    in a private run, federated otherwise."""
     n_patients: int = 100_000
     """Cohort size of the generated ``synthetic`` dataset."""
 

@@ -106,7 +106,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     if config.threads < 1:
         raise ConfigError(f"threads must be >= 1; got {config.threads}.")
     torch.set_num_threads(config.threads)
-    data = build_federation(config.data)
+    data = build_federation(config.data, private=config.privacy.level != "none")
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     model = runtime.model
     params = runtime.initial_params()

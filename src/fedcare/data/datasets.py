@@ -25,7 +25,13 @@ from fedcare.data.loaders import (
     parse_table,
 )
 from fedcare.data.partition import Partition, assign_rows, check_nonempty, site_proportions
-from fedcare.data.preprocess import Standardize, SumVectors, prepare_sites, split_rows
+from fedcare.data.preprocess import (
+    Standardize,
+    SumVectors,
+    prepare_sites,
+    resolve_standardize,
+    split_rows,
+)
 from fedcare.data.schema import Schema
 from fedcare.data.site_data import FederatedData
 from fedcare.data.tables import read_table
@@ -62,6 +68,11 @@ HEART_SCHEMA = Schema(
     target="num",
     positive=("1", "2", "3", "4"),
     drop_first=True,
+    # Clinical plausibility ranges, written without looking at the data, for
+    # private runs (data.standardize = "bounds"). chol starts at 0 because the
+    # Swiss file codes an unmeasured cholesterol as 0 (UCI documentation).
+    bounds={"age": (18, 100), "sex": (0, 1), "trestbps": (80, 200), "chol": (0, 600),
+            "fbs": (0, 1), "thalach": (60, 220), "exang": (0, 1), "oldpeak": (-3, 7)},
 )
 HEART_PROTOCOLS = {
     "flamby": MissingPolicy.DROP,  # FLamby drops rows with a missing value: 740 of 920 rows
@@ -93,6 +104,19 @@ def heart_disease(config: DataConfig) -> Source:
 
 
 # ---------------------------------------------------------------- breast cancer
+# Each feature's (min, max) from the dataset's published summary statistics
+# (scikit-learn's DESCR, from the UCI documentation): public, but read off the
+# data, which suits a benchmark; a deployment writes clinical ranges instead.
+BREAST_CANCER_RANGES = [
+    (6.981, 28.11), (9.71, 39.28), (43.79, 188.5), (143.5, 2501.0), (0.053, 0.163),
+    (0.019, 0.345), (0.0, 0.427), (0.0, 0.201), (0.106, 0.304), (0.05, 0.097),
+    (0.112, 2.873), (0.36, 4.885), (0.757, 21.98), (6.802, 542.2), (0.002, 0.031),
+    (0.002, 0.135), (0.0, 0.396), (0.0, 0.053), (0.008, 0.079), (0.001, 0.03),
+    (7.93, 36.04), (12.02, 49.54), (50.41, 251.2), (185.2, 4254.0), (0.071, 0.223),
+    (0.027, 1.058), (0.0, 1.252), (0.0, 0.291), (0.156, 0.664), (0.055, 0.208),
+]
+
+
 def breast_cancer(config: DataConfig) -> Source:
     from sklearn.datasets import load_breast_cancer  # ships the CSV: no download
 
@@ -100,7 +124,8 @@ def breast_cancer(config: DataConfig) -> Source:
     names = tuple(str(n) for n in bunch.feature_names)
     # scikit-learn codes 0 = malignant; the clinically positive class is malignant.
     target = (bunch.target == 0).astype(np.float64)
-    schema = Schema(numeric=names, categorical={}, target="malignant", positive=("1",))
+    schema = Schema(numeric=names, categorical={}, target="malignant", positive=("1",),
+                    bounds=dict(zip(names, BREAST_CANCER_RANGES, strict=True)))
     table = _array_table("breast-cancer", "scikit-learn load_breast_cancer",
                          bunch.data.astype(np.float64), target)
     return Source(schema, [table], natural_sites=False,
@@ -132,7 +157,10 @@ def synthetic_cohort(n_patients: int, seed: int) -> tuple[np.ndarray, np.ndarray
 def synthetic(config: DataConfig) -> Source:
     x, y = synthetic_cohort(config.n_patients, config.split_seed)
     names = tuple(f"x{i:02d}" for i in range(x.shape[1]))
-    schema = Schema(numeric=names, categorical={}, target="outcome", positive=("1",))
+    # The generator's features have standard deviation about 1.1 (see above):
+    # +-4 holds all but a few in 10^4 values, known from the code, not the data.
+    schema = Schema(numeric=names, categorical={}, target="outcome", positive=("1",),
+                    bounds=dict.fromkeys(names, (-4.0, 4.0)))
     table = _array_table("synthetic", f"generated cohort (seed {config.split_seed})", x, y)
     return Source(schema, [table], natural_sites=False,
                   description=f"generated cohort of {config.n_patients} patients",
@@ -185,8 +213,13 @@ def _enum(kind: type[E], value: str, key: str) -> E:
             from None
 
 
-def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) -> FederatedData:
-    """Load, validate, split, partition and encode the data the config names."""
+def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, *,
+                     private: bool = False) -> FederatedData:
+    """Load, validate, split, partition and encode the data the config names.
+
+    `private` (a differentially private run) makes preprocessing independent
+    of the data: see `fedcare.data.preprocess`.
+    """
     dataset = config.dataset_name
     if dataset not in DATASETS:
         raise ConfigError(f"data.dataset must be one of {sorted(DATASETS)}; got {dataset!r}.")
@@ -195,7 +228,8 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
                           f"names the bundled dataset {dataset!r}.")
     source = DATASETS[dataset](config)
     partition = _enum(Partition, config.partition, "data.partition")
-    standardize = _enum(Standardize, config.standardize, "data.standardize")
+    standardize = resolve_standardize(
+        _enum(Standardize, config.standardize, "data.standardize"), private=private)
     test_fraction = (source.default_test_fraction if config.test_fraction < 0
                      else config.test_fraction)
     if not 0 <= test_fraction < 1:
@@ -232,7 +266,8 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None) 
             splits.append((replace(pooled.subset(train[tr]), name=name),
                            replace(pooled.subset(test[te]), name=name)))
 
-    sites, standardization = prepare_sites(splits, source.schema, standardize, sum_vectors)
+    sites, standardization = prepare_sites(splits, source.schema, standardize, sum_vectors,
+                                           private=private)
     description = source.description
     if partition is not Partition.NATURAL:
         description += f", {len(sites)} sites ({partition.value} partition)"

@@ -7,6 +7,16 @@ numeric columns. Standardisation statistics are either the site's own
 (n, sum x, sum x^2) of its training rows, only their total is used, so the
 statistics equal those of the pooled training data while no site reveals a
 row. That total goes through the same summation as model updates.
+
+Those statistics are exact functions of every patient's values, shared and
+stored in the model file; they also tie each training row to all the others,
+which breaks DP-SGD's one-record sensitivity. A private run therefore uses
+``bounds``: each value clipped to the schema's public range and scaled to
+[-1, 1], missing values filled with public constants (the range's midpoint,
+the vocabulary's first category). Nothing about the data is computed or
+shared, at no cost in privacy budget. (A DP estimate of the statistics was
+the alternative; at the bundled hospitals' 100-300 training rows, the noise
+that ε ≈ 0.4 buys is a quarter of the count, for a result bounds give free.)
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import torch
 from fedcare.data.loaders import SiteTable
 from fedcare.data.schema import Schema
 from fedcare.data.site_data import SiteData
-from fedcare.errors import DataError
+from fedcare.errors import ConfigError, DataError
 
 SumVectors = Callable[[Sequence[np.ndarray]], np.ndarray]
 
@@ -29,7 +39,22 @@ SumVectors = Callable[[Sequence[np.ndarray]], np.ndarray]
 class Standardize(StrEnum):
     SITE = "site"  #: each site uses the mean and std of its own training rows
     FEDERATED = "federated"  #: the pooled training mean and std, from summed moments
+    BOUNDS = "bounds"  #: the schema's public ranges, scaled to [-1, 1] (private runs)
     NONE = "none"
+    AUTO = "auto"  #: bounds with differential privacy, federated without
+
+
+def resolve_standardize(standardize: Standardize, *, private: bool) -> Standardize:
+    """The method a run uses; refuses data-dependent statistics in a private run."""
+    if standardize is Standardize.AUTO:
+        return Standardize.BOUNDS if private else Standardize.FEDERATED
+    if private and standardize in (Standardize.FEDERATED, Standardize.SITE):
+        raise ConfigError(
+            f"data.standardize = {standardize.value!r} computes means and standard deviations "
+            "from the patients' values and stores them in the model, outside the differential "
+            "privacy guarantee (one patient's value can be read back from them). With privacy "
+            "use \"bounds\" (the schema's public ranges; the default) or \"none\".")
+    return standardize
 
 
 def split_rows(labels: np.ndarray, test_fraction: float,
@@ -52,12 +77,19 @@ def split_rows(labels: np.ndarray, test_fraction: float,
     return np.flatnonzero(train_mask), test_rows
 
 
-def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema) -> list[SiteTable]:
+def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema, *,
+           public: bool = False) -> list[SiteTable]:
     """Fill missing values of `train` and `others` from `train` alone.
 
     Numeric: the training mean; categorical: the most frequent training
-    category (lowest code on ties, so it is deterministic).
+    category (lowest code on ties, so it is deterministic). With `public`,
+    constants that depend on no data: the midpoint of the schema's bounds and
+    the vocabulary's first category.
     """
+    if public:
+        low, high = schema.numeric_bounds("Imputing without reading the data (a private run)")
+        return _fill(train, others, (low + high) / 2,
+                     np.zeros(len(schema.categorical), dtype=np.int64))
     for j, column in enumerate(schema.numeric):
         if np.isnan(train.numeric[:, j]).all():
             raise DataError(f"{train.source}: column {column!r} is missing in every training row "
@@ -72,6 +104,11 @@ def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema) -> lis
     modes = np.array([
         np.bincount(col[col >= 0]).argmax() for col in train.categorical.T
     ], dtype=np.int64)
+    return _fill(train, others, means, modes)
+
+
+def _fill(train: SiteTable, others: Sequence[SiteTable], means: np.ndarray,
+          modes: np.ndarray) -> list[SiteTable]:
     filled = []
     for table in (train, *others):
         numeric = np.where(np.isnan(table.numeric), means, table.numeric)
@@ -111,8 +148,12 @@ class Encoder:
 
     schema: Schema
 
-    def encode(self, table: SiteTable, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    def encode(self, table: SiteTable, mean: np.ndarray, std: np.ndarray,
+               clip: bool = False) -> torch.Tensor:
+        """Standardised numeric columns (clipped to ``mean ± std`` when `clip`), then one-hot."""
         numeric = (table.numeric - mean) / std
+        if clip:
+            numeric = np.clip(numeric, -1.0, 1.0)
         blocks = [numeric]
         for j, vocabulary in enumerate(self.schema.categorical.values()):
             onehot = np.eye(len(vocabulary))[table.categorical[:, j]]
@@ -125,6 +166,8 @@ def prepare_sites(
     schema: Schema,
     standardize: Standardize,
     sum_vectors: SumVectors | None = None,
+    *,
+    private: bool = False,
 ) -> tuple[list[SiteData], dict[str, dict[str, list[float]]]]:
     """Impute, encode and standardise each site's (train, test) tables.
 
@@ -139,6 +182,9 @@ def prepare_sites(
         How sites' contributions are totalled for federated statistics; plain
         summation (the default) in simulation, the protection scheme's
         aggregation otherwise.
+    private : bool
+        A differentially private run: missing values are filled with public
+        constants (`impute`), never from the data.
 
     Returns
     -------
@@ -147,9 +193,15 @@ def prepare_sites(
         Per site, the ``mean`` and ``std`` applied to its numeric columns, so
         the model can be used on new records of that site.
     """
-    filled = [impute(train, [test], schema) for train, test in splits]
+    if standardize is Standardize.AUTO:
+        raise ValueError("resolve data.standardize = 'auto' first (resolve_standardize)")
+    filled = [impute(train, [test], schema, public=private) for train, test in splits]
     p = len(schema.numeric)
-    if standardize is Standardize.FEDERATED:
+    bounded = standardize is Standardize.BOUNDS
+    if bounded:
+        low, high = schema.numeric_bounds('data.standardize = "bounds"')
+        stats = [((low + high) / 2, (high - low) / 2)] * len(filled)
+    elif standardize is Standardize.FEDERATED:
         mean, std = federated_mean_std([train for train, _ in filled],
                                        sum_vectors or _plain_sum)
         stats = [(mean, std)] * len(filled)
@@ -165,9 +217,9 @@ def prepare_sites(
         standardization[train.name] = {"mean": mean.tolist(), "std": std.tolist()}
         sites.append(SiteData(
             name=train.name,
-            x_train=encoder.encode(train, mean, std),
+            x_train=encoder.encode(train, mean, std, clip=bounded),
             y_train=torch.from_numpy(train.target.astype(np.float32)),
-            x_test=encoder.encode(test, mean, std),
+            x_test=encoder.encode(test, mean, std, clip=bounded),
             y_test=torch.from_numpy(test.target.astype(np.float32)),
         ))
     return sites, standardization

@@ -18,15 +18,29 @@ A schema lives in a small TOML file next to the data::
 
     [categorical]
     cp = ["1", "2", "3", "4"]
+
+    [bounds]                        # optional: public ranges of numeric columns
+    age = [18, 100]
+    chol = [100, 600]
+
+Everything in a schema is shared by every site and, with differential
+privacy, treated as public: write vocabularies and bounds from clinical
+definitions, not from the data (a category seen only in one patient's record,
+or a range read off the data, would reveal that patient). Bounds are what a
+private run standardises with (``data.standardize = "bounds"``): values are
+clipped to them and scaled to [-1, 1], so no statistic of the data is shared.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedcare.errors import SchemaError
 from fedcare.toml_writer import toml_str, toml_value
@@ -56,6 +70,9 @@ class Schema:
         Cell contents read as "missing".
     drop_first : bool
         Whether one-hot encoding drops each categorical column's first category.
+    bounds : mapping of str to (float, float)
+        Public plausible range (low, high) of numeric columns, for
+        standardisation that depends on no data (private runs).
     """
 
     numeric: tuple[str, ...]
@@ -65,6 +82,7 @@ class Schema:
     site_column: str | None = None
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +110,17 @@ class Schema:
             if len(set(vocabulary)) != len(vocabulary):
                 raise SchemaError(f"Categorical column {name!r} lists a category twice: "
                                   f"{list(vocabulary)}.")
+        bounds = {}
+        for name, pair in self.bounds.items():
+            if name not in self.numeric:
+                raise SchemaError(f"Bounds are given for {name!r}, which is not a numeric column "
+                                  f"(numeric: {list(self.numeric)}).")
+            low, high = (float(v) for v in pair)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise SchemaError(f"Bounds of column {name!r} are [{low}, {high}]; expected two "
+                                  "finite numbers, low < high.")
+            bounds[name] = (low, high)
+        object.__setattr__(self, "bounds", bounds)
         object.__setattr__(self, "_order", features)
 
     @property
@@ -112,6 +141,17 @@ class Schema:
             kept = vocabulary[1:] if self.drop_first else vocabulary
             names.extend(f"{column}={value}" for value in kept)
         return names
+
+    def numeric_bounds(self, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) arrays over the numeric columns; every column must have bounds."""
+        missing = [c for c in self.numeric if c not in self.bounds]
+        if missing:
+            raise SchemaError(
+                f"{purpose} needs public bounds for every numeric column; {missing} have none. "
+                f"Add them to the schema, e.g. [bounds] {missing[0]} = [low, high], from "
+                "clinical plausibility ranges, not from the data's minimum and maximum.")
+        pairs = np.array([self.bounds[c] for c in self.numeric], dtype=np.float64)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
 
     @property
     def n_features(self) -> int:
@@ -134,6 +174,10 @@ class Schema:
         out.append("")
         out.append("[categorical]")
         out.extend(f"{_toml_key(k)} = {_toml_list(v)}" for k, v in self.categorical.items())
+        if self.bounds:
+            out.append("")
+            out.append("[bounds]")
+            out.extend(f"{_toml_key(k)} = {toml_value(list(v))}" for k, v in self.bounds.items())
         return "\n".join(out) + "\n"
 
     def save(self, path: str | Path, comments: Sequence[str] = ()) -> None:
@@ -144,7 +188,7 @@ class Schema:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
         """Build a schema from parsed TOML, naming `source` in every error."""
         allowed = {"target", "positive", "site_column", "missing_values", "drop_first",
-                   "numeric", "categorical"}
+                   "numeric", "categorical", "bounds"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
@@ -172,6 +216,13 @@ class Schema:
         if not isinstance(drop_first, bool):
             raise SchemaError(f"{source}: 'drop_first' must be true or false; "
                               f"found {drop_first!r}.")
+        bounds_raw = raw.get("bounds", {})
+        if not isinstance(bounds_raw, Mapping) or not all(
+                isinstance(v, list) and len(v) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+                for v in bounds_raw.values()):
+            raise SchemaError(f"{source}: [bounds] must be a table of column = [low, high] "
+                              f"(numbers); found {bounds_raw!r}.")
         positive = _str_list(raw.get("positive", []), f"{source}: positive")
         missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
                             f"{source}: missing_values")
@@ -184,6 +235,7 @@ class Schema:
                 site_column=site_column,
                 missing_values=tuple(missing),
                 drop_first=drop_first,
+                bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds_raw.items()},
             )
         except SchemaError as exc:
             raise SchemaError(f"{source}: {exc}") from None
@@ -210,6 +262,7 @@ class Schema:
             "drop_first": self.drop_first,
             "numeric": {"columns": list(self.numeric)},
             "categorical": {k: list(v) for k, v in self.categorical.items()},
+            "bounds": {k: list(v) for k, v in self.bounds.items()},
         }
 
 

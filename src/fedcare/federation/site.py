@@ -52,7 +52,8 @@ class FitResult:
         the sensitivity bound needs, and the last slot carries adaptive
         clipping's within-the-bound indicator (`SitePrivacy.privatize`).
     n_examples : int
-        Training rows (metadata; also inside the payload).
+        Training rows (metadata; also inside the payload). 0 under client-level
+        DP, where a site's size is part of what the guarantee protects.
     train_loss : float
         Mean local training loss (metadata, for monitoring).
     """
@@ -130,6 +131,7 @@ class Site:
             payload = self.site_privacy.privatize(
                 delta, clip_norm=instructions.clip_norm or self.site_privacy.clip_norm,
                 cohort=instructions.cohort, noise=noise)
+            n = 0
         else:
             payload = torch.cat([delta.mul_(n), self._weight])
         if self.record_privacy is not None or self.site_privacy is not None:

@@ -24,8 +24,14 @@ from fedcare.privacy.site_level import SitePrivacy
 from fedcare.seeding import NOISE, derive_seed
 
 LEVELS = ("none", "record", "site")
-NOT_COVERED = ("Not covered: each site's number of records, and the feature means and standard "
-               "deviations used for standardisation, which are shared without noise.")
+RECORD_CAVEATS = ("Each hospital's number of training records is treated as public, as in "
+                  "standard DP-SGD (it sets the sampling rate and the averaging weight); "
+                  "accuracy measured on a hospital's held-out test records is reported exactly "
+                  "and not covered.")
+SITE_CAVEATS = ("Accuracy measured on a hospital's held-out test records is reported exactly "
+                "and not covered.")
+"""What a private run still reveals. Preprocessing is not on the list: a private run
+standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
 FEDERATION = "federation"
 """Ledger party of client-level DP: the guarantee covers every site alike."""
 
@@ -69,7 +75,7 @@ class PrivacyPlan:
                 f"{len(spent)} hospitals): the released model and every update a hospital sent "
                 f"reveal almost nothing more about any one patient than they would without "
                 f"that patient, to anyone: the coordinator, the other hospitals and every user "
-                f"of the model. {NOT_COVERED}")
+                f"of the model. {RECORD_CAVEATS}")
             return {"level": "record", "protects": "each patient at each site",
                     "against": "anyone who sees the updates or the model",
                     "epsilon": worst, "delta": self.delta, "accountant": self.accountant,
@@ -93,7 +99,7 @@ class PrivacyPlan:
             f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
             f"anyone who sees the released model: it reveals almost nothing more about any one "
             f"hospital's data than a model trained without that hospital. {aggregator_words} "
-            f"{NOT_COVERED}")
+            f"{SITE_CAVEATS}")
         return {"level": "site", "protects": "each site's whole dataset",
                 "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
                 "accountant": self.accountant,
