@@ -154,13 +154,15 @@ def test_aggregation_does_not_alter_what_sites_sent() -> None:
 def test_plain_protection_sums_without_aliasing() -> None:
     plain = PlainSum()
     first, second = torch.ones(3), torch.full((3,), 2.0)
+    session = plain.aggregator_session(1, [0, 1], 3)
+    assert session.setup(lambda messages: {}) == [0, 1]
 
-    total = plain.combine(None, first)
-    total = plain.combine(total, second)
+    session.add(0, plain.site_session(1, 0).protect(first))
+    session.add(1, plain.site_session(1, 1).protect(second))
 
-    assert torch.equal(plain.reveal(total), torch.full((3,), 3.0))
+    assert torch.equal(session.reveal(lambda messages: {}), torch.full((3,), 3.0))
     assert torch.equal(first, torch.ones(3))
-    assert plain.protect(first) is first
+    assert plain.site_session(1, 0).protect(first) is first
 
 
 @settings(max_examples=40, deadline=None)

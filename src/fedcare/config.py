@@ -139,6 +139,20 @@ class PrivacyConfig:
 
 
 @dataclass
+class ProtectionConfig:
+    scheme: str = "plain"
+    """plain (the aggregator reads each update) | secagg (pairwise masks, Bonawitz et al.
+    2017: the aggregator learns only the sum) | ckks (homomorphic encryption: the
+    aggregator sums ciphertexts)."""
+    threshold: float = 0.5
+    """secagg: share of each round's selected sites that must stay to the end; always
+    more than half (more tolerates fewer dropouts, resists more colluding sites)."""
+    keys: str = ""
+    """ckks: directory of `fedcare keys init` (sites read site.ckks, the aggregator
+    aggregator.ckks); empty generates a fresh key set for a one-process simulation."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     threads: int = 1
@@ -153,6 +167,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
 
     # ------------------------------------------------------------ building
     @classmethod

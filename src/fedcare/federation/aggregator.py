@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +18,8 @@ from fedcare.models.params import ParamSpec, all_finite
 from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedcare.privacy.plan import site_entry
 from fedcare.privacy.site_level import SitePrivacy
-from fedcare.protection import PlainSum
+from fedcare.protection.base import Scheme
+from fedcare.protection.plain import PlainSum
 from fedcare.seeding import SAMPLING, derive_seed
 
 
@@ -29,6 +30,8 @@ class SiteClient(Protocol):
     def name(self) -> str: ...
 
     def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult: ...
+
+    def exchange(self, round_number: int, message: object) -> object: ...
 
     def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]: ...
 
@@ -67,7 +70,9 @@ class Aggregator:
         Quorum: a round whose usable updates are fewer is refused with `QuorumError`.
     seed : int
         Seed of site selection (reproducible).
-    protection : PlainSum
+    protection : Scheme
+        How payloads are combined (aggregator side: public material only).
+        Default: `PlainSum`.
     site_privacy : SitePrivacy, optional
         Client-level DP: Poisson site sampling, central noise or a check of the
         distributed noise, and the fixed ``q K`` denominator.
@@ -80,7 +85,7 @@ class Aggregator:
 
     def __init__(self, strategy: Strategy, spec: ParamSpec, plan: TrainingPlan, *,
                  fraction: float = 1.0, min_sites: int = 1, seed: int = 0,
-                 protection: PlainSum | None = None, site_privacy: SitePrivacy | None = None,
+                 protection: Scheme | None = None, site_privacy: SitePrivacy | None = None,
                  ledger: PrivacyLedger | None = None,
                  noise_for: NoiseFor | None = None) -> None:
         if site_privacy is not None and noise_for is None:
@@ -96,7 +101,7 @@ class Aggregator:
         self.fraction = fraction
         self.min_sites = min_sites
         self.seed = seed
-        self.protection = protection or PlainSum()
+        self.protection: Scheme = protection or PlainSum()
         self.site_privacy = site_privacy
         self.ledger = ledger
         self.noise_for = noise_for
@@ -129,7 +134,8 @@ class Aggregator:
         wrong length or a non-finite value, is left out of this round and
         named in the report; the round goes on if the quorum still holds.
         """
-        selected = [clients[i] for i in self.select(len(clients), round_number)]
+        chosen = self.select(len(clients), round_number)
+        selected = [clients[i] for i in chosen]
         instructions = FitInstructions(round_number, self.plan, cohort=len(selected),
                                        clip_norm=self.clip_norm)
         record_spend: list[LedgerEntry] = []
@@ -140,18 +146,34 @@ class Aggregator:
             if self.site_privacy is not None:
                 site_spend = [site_entry(round_number, self.site_privacy)]
             self.ledger.check(record_spend + site_spend)
-        total: torch.Tensor | None = None
-        participants: list[str] = []
         failures: dict[str, str] = {}
+
+        def exchange(messages: Mapping[int, object]) -> dict[int, object]:
+            replies = {}
+            for i, message in messages.items():
+                try:
+                    replies[i] = clients[i].exchange(round_number, message)
+                except FedcareError as exc:
+                    failures.setdefault(clients[i].name, str(exc))
+            return replies
+
+        session = self.protection.aggregator_session(round_number, chosen, self.spec.size + 1)
+        ready = set(session.setup(exchange))
+        participants: list[str] = []
         loss_sum, n_sum = 0.0, 0
-        for client in selected:
+        for i, client in zip(chosen, selected, strict=True):
+            if i not in ready:
+                failures.setdefault(client.name, f"did not complete the {self.protection.name} "
+                                                 "setup")
+                continue
             try:
                 result = client.fit(params, instructions)
-                self.check_payload(result)
+                if isinstance(result.payload, torch.Tensor):  # readable: check it here
+                    self.check_payload(result.site, result.payload)
+                session.add(i, result.payload)
             except FedcareError as exc:
                 failures[client.name] = str(exc)
                 continue
-            total = self.protection.combine(total, result.payload)
             participants.append(client.name)
             loss_sum += result.train_loss * result.n_examples
             n_sum += result.n_examples
@@ -159,13 +181,14 @@ class Aggregator:
             # Every selected site ran DP-SGD and may have sent its update (even one
             # that was then rejected): charge them all, never fewer.
             self.ledger.record(record_spend)
-        if len(participants) < self.min_sites or total is None:
+        if len(participants) < self.min_sites:
             detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "none failed"
             raise QuorumError(f"Round {round_number}: {len(participants)} of {len(selected)} "
                               f"selected sites returned a usable update, fewer than "
                               f"federation.min_sites = {self.min_sites} ({detail}). The global "
                               f"model of round {round_number - 1} is kept.")
-        aggregate = self.protection.reveal(total)
+        aggregate = session.reveal(exchange).to(params.dtype)
+        self.check_aggregate(aggregate, round_number)
         if self.site_privacy is not None and self.noise_for is not None:
             update, self.clip_norm = self.site_privacy.finish(
                 aggregate, clip_norm=self.clip_norm, cohort=len(selected),
@@ -180,21 +203,31 @@ class Aggregator:
                              loss_sum / max(n_sum, 1), n_sum, instructions.clip_norm or None)
         return new_params, report
 
-    def check_payload(self, result: FitResult) -> None:
-        payload = result.payload
+    def check_payload(self, site: str, payload: torch.Tensor) -> None:
+        """Refuse a readable (plain) payload of the wrong shape, non-finite, or unweighted."""
         if payload.ndim != 1 or payload.numel() != self.spec.size + 1:
-            raise ProtocolError(f"site {result.site!r}: payload of shape {tuple(payload.shape)}; "
+            raise ProtocolError(f"site {site!r}: payload of shape {tuple(payload.shape)}; "
                                 f"expected {self.spec.size + 1} values (update and weight).")
         if not all_finite(payload):
             bad = int(torch.nonzero(~torch.isfinite(payload))[0, 0])
             last = "weight" if self.site_privacy is None else "count slot"
             where = last if bad == self.spec.size else self.spec.locate(bad)
-            raise ProtocolError(f"site {result.site!r}: payload value {bad} ({where}) is "
+            raise ProtocolError(f"site {site!r}: payload value {bad} ({where}) is "
                                 f"{payload[bad].item()}; expected a finite number. The update "
                                 "was discarded.")
         if self.site_privacy is None and not float(payload[-1]) > 0:
-            raise ProtocolError(f"site {result.site!r}: aggregation weight "
+            raise ProtocolError(f"site {site!r}: aggregation weight "
                                 f"{float(payload[-1])}; expected a positive row count.")
+
+    def check_aggregate(self, aggregate: torch.Tensor, round_number: int) -> None:
+        """Refuse a revealed sum that cannot be a sum of valid payloads."""
+        if not all_finite(aggregate) or (self.site_privacy is None
+                                         and not float(aggregate[-1]) > 0):
+            raise ProtocolError(f"Round {round_number}: the revealed aggregate holds non-finite "
+                                f"values or a non-positive total weight; under "
+                                f"{self.protection.name} a site's payload cannot be checked "
+                                "alone, so the round is refused and the global model of round "
+                                f"{round_number - 1} is kept.")
 
     def fit(self, clients: Sequence[SiteClient], params: torch.Tensor, rounds: int,
             on_round: Callable[[torch.Tensor, RoundReport], None] | None = None,

@@ -17,7 +17,7 @@ from fedcare.privacy.ledger import LedgerEntry
 from fedcare.privacy.noise import NoiseSource
 from fedcare.privacy.plan import record_entry
 from fedcare.privacy.site_level import SitePrivacy
-from fedcare.protection import PlainSum
+from fedcare.protection.base import Scheme, SiteSession
 from fedcare.seeding import LOCAL_TRAINING, torch_generator
 
 NoiseFor = Callable[[int, int], NoiseSource]
@@ -44,8 +44,9 @@ class FitResult:
     Attributes
     ----------
     site : str
-    payload : Tensor
-        The protected vector ``[n * delta, n]``: the site's update weighted by
+    payload : object
+        The protection scheme's form (a tensor under ``plain``, a ciphertext or
+        a masked vector otherwise) of ``[n * delta, n]``: the site's update weighted by
         its number of training rows, with that weight appended so the
         aggregate carries its own denominator. Under client-level DP it is
         ``[clip(delta) (+ noise share), count]``: every site weighs the same, as
@@ -59,7 +60,7 @@ class FitResult:
     """
 
     site: str
-    payload: torch.Tensor
+    payload: object
     n_examples: int
     train_loss: float
 
@@ -77,8 +78,9 @@ class Site:
         The site's position in the federation, which keys its random streams.
     seed : int
         Run seed for shuffling (reproducible, not privacy-relevant).
-    protection : PlainSum
-        How the update is protected before it leaves.
+    protection : Scheme
+        How the update is protected before it leaves (site side: holds this
+        site's secrets).
     record_privacy : RecordPrivacy, optional
         DP-SGD for every local step (record-level DP).
     site_privacy : SitePrivacy, optional
@@ -88,7 +90,7 @@ class Site:
     """
 
     def __init__(self, data: SiteData, trainer: LocalTrainer, *, index: int, seed: int,
-                 protection: PlainSum, record_privacy: RecordPrivacy | None = None,
+                 protection: Scheme, record_privacy: RecordPrivacy | None = None,
                  site_privacy: SitePrivacy | None = None,
                  noise_for: NoiseFor | None = None) -> None:
         if (record_privacy or site_privacy) and noise_for is None:
@@ -102,6 +104,7 @@ class Site:
         self.site_privacy = site_privacy
         self.noise_for = noise_for
         self._weight = torch.tensor([float(data.n_train)])  # appended to plain payloads
+        self._session: tuple[int, SiteSession] | None = None
 
     @property
     def name(self) -> str:
@@ -112,6 +115,17 @@ class Site:
         if self.record_privacy is None:
             return []
         return [record_entry(round_number, self.name, self.record_privacy, plan.epochs)]
+
+    def exchange(self, round_number: int, message: object) -> object:
+        """Answer a message of the protection protocol (before training or after it)."""
+        return self.session(round_number).handle(message)
+
+    def session(self, round_number: int) -> SiteSession:
+        """This round's protection session (a new one, with fresh secrets, each round)."""
+        if self._session is None or self._session[0] != round_number:
+            self._session = (round_number,
+                             self.protection.site_session(round_number, self.index))
+        return self._session[1]
 
     def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult:
         generator = torch_generator(self.seed, LOCAL_TRAINING, instructions.round, self.index)
@@ -138,4 +152,4 @@ class Site:
             # The exact training loss is not covered by the DP guarantee (with one
             # batch it reveals a patient's label): a private site does not send it.
             loss = math.nan
-        return FitResult(self.name, self.protection.protect(payload), n, loss)
+        return FitResult(self.name, self.session(instructions.round).protect(payload), n, loss)

@@ -1,11 +1,32 @@
 """How a site's update is protected on its way to the aggregator.
 
-A scheme has three steps: the site ``protect``s its weighted update, the
-aggregator ``combine``s payloads without reading any one of them, the sites
-``reveal`` the aggregate. Only `plain` exists so far: the baseline with no
-protection, whose threat model is that the aggregator reads every update.
+One interface (`fedcare.protection.base`), three schemes selected by
+``protection.scheme``: ``plain`` (no protection, for baselines), ``secagg``
+(Bonawitz et al. 2017 masking with dropout recovery) and ``ckks``
+(homomorphic encryption). Each module states its threat model; the README
+has the table.
 """
 
+from __future__ import annotations
+
+from fedcare.config import ProtectionConfig
+from fedcare.errors import ConfigError
+from fedcare.protection.base import Scheme
 from fedcare.protection.plain import PlainSum
 
-__all__ = ["PlainSum"]
+SCHEMES = ("plain", "secagg")
+
+
+def build_scheme(config: ProtectionConfig) -> Scheme:
+    """The scheme ``[protection]`` names, validated."""
+    if config.scheme == "plain":
+        return PlainSum()
+    if config.scheme == "secagg":
+        from fedcare.protection.secagg import SecAggScheme
+
+        return SecAggScheme(threshold=config.threshold)
+    raise ConfigError(f"protection.scheme must be one of {list(SCHEMES)}; "
+                      f"got {config.scheme!r}.")
+
+
+__all__ = ["SCHEMES", "PlainSum", "Scheme", "build_scheme"]

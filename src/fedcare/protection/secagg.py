@@ -113,17 +113,19 @@ O(|dropped| * |U3| * m) to remove the masks of sites that dropped.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import IntEnum
 from functools import partial
 from typing import TypeVar
 
 import numpy as np
+import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -134,6 +136,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from fedcare.errors import ConfigError, ProtocolError, QuorumError
 from fedcare.protection import shamir
+from fedcare.protection.base import Exchange
 from fedcare.protection.fixedpoint import FixedPoint
 
 _DOMAIN = b"fedcare secagg v1"
@@ -726,6 +729,135 @@ class SecAggAggregator:
         if self._phase != phase:
             raise ProtocolError(f"secagg aggregator: {phase.name} messages arrived out of "
                                 "order (each phase runs once, in order, once per round).")
+
+
+# --- the scheme, as the runtime drives it (`fedcare.protection.base`) ---------------------
+
+
+class SecAggScheme:
+    """`secagg` behind the `Scheme` interface: one `SecAggSite` / `SecAggAggregator` per round.
+
+    Site index ``i`` of the federation is secagg id ``i + 1`` (Shamir x
+    coordinates must be non-zero). Messages, in order: the aggregator sends
+    each selected site the `RoundSetup` (reply: `KeyAdvertisement`), the
+    `KeyRoster` (reply: `ShareBundle`) and its `SharesForSite`; the site
+    trains and sends a `MaskedInput`; survivors get the `UnmaskRequest`
+    (reply: `UnmaskResponse`).
+
+    Parameters
+    ----------
+    threshold : float
+        Share of each round's selected sites needed to finish it; the
+        threshold is ``max(n // 2 + 1, ceil(threshold * n))`` (always a majority).
+    frac_bits : int
+        Fixed-point resolution.
+    """
+
+    name = "secagg"
+
+    def __init__(self, threshold: float = 0.5, frac_bits: int = 32) -> None:
+        if not 0 < threshold <= 1:
+            raise ConfigError(f"protection.threshold must be in (0, 1]; got {threshold}.")
+        self.threshold = threshold
+        self.frac_bits = frac_bits
+
+    def round_threshold(self, n_sites: int) -> int:
+        return max(n_sites // 2 + 1, math.ceil(round(self.threshold * n_sites, 9)))
+
+    def site_session(self, round_number: int, site: int) -> SecAggSiteSession:
+        return SecAggSiteSession(round_number, site + 1)
+
+    def aggregator_session(self, round_number: int, cohort: Sequence[int],
+                           length: int) -> SecAggAggregatorSession:
+        if len(cohort) < 2:
+            raise QuorumError(f"Round {round_number}: secure aggregation needs at least 2 "
+                              f"selected sites (one site's sum is its update); "
+                              f"{len(cohort)} selected. Raise federation.fraction or "
+                              "federation.min_sites.")
+        setup = RoundSetup(round_number, tuple(i + 1 for i in cohort),
+                           self.round_threshold(len(cohort)), length, self.frac_bits)
+        return SecAggAggregatorSession(setup)
+
+
+class SecAggSiteSession:
+    """A site's side of one secagg round."""
+
+    def __init__(self, round_number: int, site_id: int) -> None:
+        self.round_number = round_number
+        self.site_id = site_id
+        self._site: SecAggSite | None = None
+        self._shares: SharesForSite | None = None
+
+    def handle(self, message: object) -> object:
+        if isinstance(message, RoundSetup):
+            if message.round_number != self.round_number:
+                raise ProtocolError(f"secagg site {self.site_id}: setup of round "
+                                    f"{message.round_number} received in round "
+                                    f"{self.round_number}.")
+            self._site = SecAggSite(self.site_id, message)
+            return self._site.advertise_keys()
+        if isinstance(message, SharesForSite):
+            self._shares = message
+            return None
+        site = self._require()
+        if isinstance(message, KeyRoster):
+            return site.share_keys(message)
+        if isinstance(message, UnmaskRequest):
+            return site.unmask(message)
+        raise ProtocolError(f"secagg site {self.site_id}: unexpected message "
+                            f"{type(message).__name__}.")
+
+    def protect(self, payload: torch.Tensor) -> MaskedInput:
+        if self._shares is None:
+            raise ProtocolError(f"secagg site {self.site_id}: asked for its masked input "
+                                "before the key shares arrived.")
+        return self._require().mask_input(self._shares, payload.double().numpy())
+
+    def _require(self) -> SecAggSite:
+        if self._site is None:
+            raise ProtocolError(f"secagg site {self.site_id}: a protocol message arrived "
+                                "before the round setup.")
+        return self._site
+
+
+class SecAggAggregatorSession:
+    """The aggregator's side of one secagg round: relays, sums masked vectors, unmasks."""
+
+    def __init__(self, setup: RoundSetup) -> None:
+        self.setup_message = setup
+        self.aggregator = SecAggAggregator(setup)
+        self.inputs: list[MaskedInput] = []
+
+    def setup(self, exchange: Exchange) -> list[int]:
+        aggregator = self.aggregator
+        sites = [i - 1 for i in self.setup_message.site_ids]
+        advertised = exchange(dict.fromkeys(sites, self.setup_message))
+        roster = aggregator.collect_keys(_only(advertised, KeyAdvertisement))
+        bundles = exchange({k.site - 1: roster for k in roster.keys})
+        inboxes = aggregator.collect_shares(_only(bundles, ShareBundle))
+        delivered = exchange({v - 1: inbox for v, inbox in inboxes.items()})
+        return sorted(delivered)
+
+    def add(self, site: int, payload: object) -> None:
+        length = 8 * self.setup_message.vector_length
+        if not isinstance(payload, MaskedInput) or payload.site != site + 1:
+            raise ProtocolError(f"secagg: site {site + 1} sent {type(payload).__name__} "
+                                "instead of its own masked input.")
+        if len(payload.masked) != length:
+            raise ProtocolError(f"secagg: masked input of site {site + 1} has "
+                                f"{len(payload.masked)} bytes; expected {length}.")
+        self.inputs.append(payload)
+
+    def reveal(self, exchange: Exchange) -> torch.Tensor:
+        request = self.aggregator.collect_masked_inputs(self.inputs)
+        responses = exchange({v - 1: request for v in request.survivors})
+        aggregate = self.aggregator.collect_unmask_responses(_only(responses, UnmaskResponse))
+        return torch.from_numpy(aggregate.values)
+
+
+def _only(replies: Mapping[int, object], kind: type[_Message]) -> list[_Message]:
+    """The replies of the expected type: a site that answers anything else has dropped out."""
+    return [r for r in replies.values() if isinstance(r, kind)]
 
 
 # --- in-process driver and measurement ----------------------------------------------------

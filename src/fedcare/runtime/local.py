@@ -22,7 +22,7 @@ from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, build_model
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.plan import FEDERATION, build_privacy_plan, noise_factory, site_entry
-from fedcare.protection import PlainSum
+from fedcare.protection import build_scheme
 from fedcare.seeding import INIT, torch_generator
 
 
@@ -56,7 +56,7 @@ class LocalRuntime:
                                         caps=self.privacy.caps)
             noise_for = noise_factory(config)
             record, site_privacy = self.privacy.record, self.privacy.site
-        protection = PlainSum()
+        protection = build_scheme(config.protection)
         self.sites = [Site(d, self.trainer, index=i, seed=config.seed, protection=protection,
                            record_privacy=record.get(d.name), site_privacy=site_privacy,
                            noise_for=noise_for)

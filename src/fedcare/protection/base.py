@@ -1,0 +1,72 @@
+"""The interface every protection scheme implements, on both sides of the wire.
+
+A round of protected aggregation is a short protocol between the aggregator
+and the sites it selected. The runtime carries the messages (method calls in
+the local runtime, Flower messages in a deployment); the scheme decides what
+they are:
+
+1. ``setup``: messages before training (secagg: key advertisement and the
+   encrypted Shamir shares; plain and ckks: none).
+2. each site trains and ``protect``s its payload ``[weighted update, weight]``;
+   the aggregator ``add``s what arrives, without being able to read it.
+3. ``reveal``: messages after the last payload (ckks: one site decrypts the
+   summed ciphertext and floods it with noise; secagg: the survivors reveal
+   the shares that remove the masks); the result is the plain sum, which goes
+   to the strategy.
+
+A site that fails at any step is dropped from the round (and named in the
+round report); the scheme decides whether the round can still finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import torch
+
+Exchange = Callable[[Mapping[int, object]], dict[int, object]]
+"""Send one message to each of some sites (by index); the replies of those that answered."""
+
+
+class SiteSession(Protocol):
+    """A site's side of one round; holds that round's secrets and never sends them."""
+
+    def handle(self, message: object) -> object:
+        """Answer a protocol message of `setup` or `reveal`."""
+        ...
+
+    def protect(self, payload: torch.Tensor) -> object:
+        """The protected form of this site's payload, the only thing it sends of its update."""
+        ...
+
+
+class AggregatorSession(Protocol):
+    """The aggregator's side of one round: it combines payloads it cannot read."""
+
+    def setup(self, exchange: Exchange) -> list[int]:
+        """Run the messages before training; return the sites that may send a payload."""
+        ...
+
+    def add(self, site: int, payload: object) -> None:
+        """Combine one site's protected payload; `ProtocolError` (naming it) if malformed."""
+        ...
+
+    def reveal(self, exchange: Exchange) -> torch.Tensor:
+        """The plain sum of the payloads that were added."""
+        ...
+
+
+class Scheme(Protocol):
+    """A protection scheme: makes the two sides' sessions for each round.
+
+    ``site_session`` holds site secrets, ``aggregator_session`` only public
+    material; in a deployment each side builds only its own.
+    """
+
+    name: str
+
+    def site_session(self, round_number: int, site: int) -> SiteSession: ...
+
+    def aggregator_session(self, round_number: int, cohort: Sequence[int],
+                           length: int) -> AggregatorSession: ...
