@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedcare.errors import ConfigError, ProtocolError, QuorumError
 from fedcare.protection import shamir
+from fedcare.protection.base import wire_size
 from fedcare.protection.secagg import (
     Aggregate,
     KeyAdvertisement,
@@ -29,7 +30,6 @@ from fedcare.protection.secagg import (
     _pair_mask_seed,
     _self_mask_seed,
     expand_mask,
-    message_size,
     simulate_round,
 )
 
@@ -328,9 +328,9 @@ def test_message_sizes() -> None:
     r = Round(n=4, threshold=3, length=100)
     r.run()
     masked = next(m for m in r.received if isinstance(m, MaskedInput))
-    assert message_size(masked) == 4 + 800
+    assert wire_size(masked) == 4 + 800
     advert = r.received[0]
-    assert message_size(advert) == 4 + 3 * 32
+    assert wire_size(advert) == 4 + 3 * 32
 
 
 def test_forty_sites_with_a_third_dropping_at_each_phase() -> None:

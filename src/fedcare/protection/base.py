@@ -20,7 +20,9 @@ round report); the scheme decides whether the round can still finish.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, is_dataclass
 from typing import Protocol
 
 import torch
@@ -70,3 +72,28 @@ class Scheme(Protocol):
 
     def aggregator_session(self, round_number: int, cohort: Sequence[int],
                            length: int) -> AggregatorSession: ...
+
+
+def wire_size(message: object) -> int:
+    """Bytes a message needs on the wire, without transport framing.
+
+    Byte strings and tensors count their bytes, integers 4, floats 8, text its
+    UTF-8 length; tuples, lists and dataclasses the sum of their parts.
+    """
+    if message is None:
+        return 0
+    if isinstance(message, bytes):
+        return len(message)
+    if isinstance(message, torch.Tensor):
+        return message.element_size() * message.numel()
+    if isinstance(message, int):
+        return struct.calcsize(">I")
+    if isinstance(message, float):
+        return struct.calcsize(">d")
+    if isinstance(message, str):
+        return len(message.encode())
+    if isinstance(message, tuple | list):
+        return sum(wire_size(m) for m in message)
+    if is_dataclass(message) and not isinstance(message, type):
+        return sum(wire_size(getattr(message, f.name)) for f in fields(message))
+    raise TypeError(f"no wire size for {type(message).__name__}")

@@ -119,7 +119,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
 from typing import TypeVar
@@ -136,7 +136,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from fedcare.errors import ConfigError, ProtocolError, QuorumError
 from fedcare.protection import shamir
-from fedcare.protection.base import Exchange
+from fedcare.protection.base import Exchange, wire_size
 from fedcare.protection.fixedpoint import FixedPoint
 
 _DOMAIN = b"fedcare secagg v1"
@@ -348,19 +348,6 @@ def _commit(b: bytes, context: bytes, u: int) -> bytes:
 
 def _share_ad(context: bytes, sender: int, recipient: int) -> bytes:
     return context + _ID.pack(sender) + _ID.pack(recipient)
-
-
-def message_size(message: object) -> int:
-    """Bytes a message needs on the wire: its byte strings plus 4 bytes per integer."""
-    if isinstance(message, bytes):
-        return len(message)
-    if isinstance(message, int):
-        return _ID.size
-    if isinstance(message, tuple):
-        return sum(message_size(m) for m in message)
-    if is_dataclass(message) and not isinstance(message, type):
-        return sum(message_size(getattr(message, f.name)) for f in fields(message))
-    raise TypeError(f"not a secagg message: {type(message).__name__}")
 
 
 # --- parties ------------------------------------------------------------------------------
@@ -917,7 +904,7 @@ def _measure(n_sites: int, vector_length: int, drop_fraction: float) -> str:
         message = call()
         site_seconds[i] += time.process_time() - start
         if i == setup.site_ids[-1]:  # a site that never drops
-            sent[phase] = message_size(message)
+            sent[phase] = wire_size(message)
         return message
 
     wall, cpu = time.perf_counter(), time.process_time()
