@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcare.cli.keys import add_keys_parser
 from fedcare.errors import ConfigError, ProtocolError
 from fedcare.privacy.noise import InsecureNoiseWarning, SecureNoise, SeededNoise
 from fedcare.protection.ckks import (
@@ -384,6 +386,47 @@ def test_encrypt_refuses_what_it_cannot_sum(site: SiteContext, vector: np.ndarra
 def test_add_needs_the_public_context(site: SiteContext, payloads: list[CkksPayload]) -> None:
     with pytest.raises(ConfigError, match="add needs the AggregatorContext"):
         add(site, None, payloads[0], site="s")  # type: ignore[arg-type]
+
+
+# Command line -------------------------------------------------------------------------------
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedcare")
+    add_keys_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+def test_keys_init_and_fingerprint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "keys"
+    assert _run(["keys", "init", str(directory)]) == 0
+    out = capsys.readouterr().out
+    fingerprint = json.loads((directory / "keys.json").read_text())["fingerprint"]
+    assert f"{directory / 'site.ckks'}" in out
+    assert out.count("-rw-------") == 2
+    assert fingerprint in out
+
+    for name in ("site.ckks", "aggregator.ckks"):
+        assert _run(["keys", "fingerprint", str(directory / name)]) == 0
+        printed = capsys.readouterr()
+        assert f"fingerprint {fingerprint}" in printed.out
+        assert printed.err == ""
+
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        _run(["keys", "init", str(directory)])
+    assert _run(["keys", "init", str(directory), "--overwrite",
+                 "--poly-modulus-degree", "16384"]) == 0
+    assert "poly_modulus_degree 16384" in capsys.readouterr().out
+    assert load_site_context(directory / "site.ckks").slots == 8192
+
+
+def test_keys_fingerprint_warns_about_a_readable_site_key(
+        key_files: KeyFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exposed = tmp_path / "site.ckks"
+    exposed.write_bytes(key_files.site.read_bytes())
+    exposed.chmod(0o644)
+    assert _run(["keys", "fingerprint", str(exposed)]) == 0
+    assert "chmod 600" in capsys.readouterr().err
 
 
 def test_decrypt_returns_no_view_of_the_exact_padding(
