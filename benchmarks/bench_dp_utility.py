@@ -112,12 +112,12 @@ QUICK_GRID: dict[str, Sequence[Any]] = {
 # BENCHMARKS.md, Differential privacy); used by a plain run. `--tune` recomputes it.
 TUNED: dict[float, Settings] = {
     0.5: {"federation.rounds": 5, "federation.batch_size": 64,
-          "privacy.clip_norm": 0.5, "federation.lr": 1.0},
-    1.0: {"federation.rounds": 10, "federation.batch_size": 64,
-          "privacy.clip_norm": 0.5, "federation.lr": 1.0},
+          "privacy.clip_norm": 1.0, "federation.lr": 0.3},
+    1.0: {"federation.rounds": 5, "federation.batch_size": 64,
+          "privacy.clip_norm": 1.0, "federation.lr": 1.0},
     3.0: {"federation.rounds": 5, "federation.batch_size": 64,
           "privacy.clip_norm": 2.0, "federation.lr": 1.0},
-    8.0: {"federation.rounds": 5, "federation.batch_size": 64,
+    8.0: {"federation.rounds": 5, "federation.batch_size": 32,
           "privacy.clip_norm": 2.0, "federation.lr": 1.0},
 }
 
