@@ -324,3 +324,23 @@ def test_resume_takes_no_other_options(capsys: pytest.CaptureFixture[str],
                                        tmp_path: Path) -> None:
     assert main(["run", "--resume", str(tmp_path), "--rounds", "5"]) == 2
     assert "--resume continues a run exactly as it was configured" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- protection
+def test_keys_init_then_a_ckks_run_from_the_command_line(capsys: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert main(["keys", "init", str(keys)]) == 0
+    printed = capsys.readouterr().out
+    fingerprint = printed.split("Fingerprint (SHA-256 of aggregator.ckks): ")[1][:64]
+    out = tmp_path / "run"
+    assert main(["run", "--protection", "ckks", "--set", f"protection.keys={keys}",
+                 "--rounds", "2", "--no-baselines", "--quiet", "--out", str(out)]) == 0
+    assert summary_of(out)["config"]["protection"] == {"scheme": "ckks", "threshold": 0.5,
+                                                       "keys": str(keys)}
+    capsys.readouterr()
+    assert main(["keys", "fingerprint", str(keys / "aggregator.ckks")]) == 0
+    assert fingerprint in capsys.readouterr().out
+    # a second init into the same directory would replace the keys the sites hold
+    assert main(["keys", "init", str(keys)]) == 2
+    assert "--overwrite" in capsys.readouterr().err

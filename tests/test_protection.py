@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +14,19 @@ import torch
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
 from fedcare.errors import ConfigError, ProtocolError, QuorumError
+from fedcare.experiment import run_experiment
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.site import FitInstructions, FitResult, Site
 from fedcare.protection import build_scheme
 from fedcare.protection.base import Scheme, SiteSession
+from fedcare.protection.ckks import (
+    CkksPayload,
+    CkksScheme,
+    DecryptRequest,
+    KeyCheck,
+    create_site_context,
+    generate_keys,
+)
 from fedcare.protection.secagg import (
     KeyAdvertisement,
     MaskedInput,
@@ -81,7 +91,7 @@ class Wire:
         return self.site.planned_spend(round_number, plan)
 
     def exchange(self, round_number: int, message: object) -> object:
-        step = "reveal" if type(message).__name__ in ("UnmaskRequest", "CkksPayload") \
+        step = "reveal" if type(message).__name__ in ("UnmaskRequest", "DecryptRequest") \
             else "setup"
         if self.fail_at.get(round_number) == step:
             raise ProtocolError(f"{self.name}: connection lost ({step})")
@@ -100,7 +110,7 @@ class Wire:
 def run(c: RunConfig, fail_at: dict[str, dict[int, str]] | None = None,
         ) -> tuple[torch.Tensor, list[RoundReport], list[Wire], RecordingScheme]:
     runtime = LocalRuntime(build_federation(c.data, private=c.privacy.level != "none"), c)
-    recording = RecordingScheme(build_scheme(c.protection))
+    recording = RecordingScheme(runtime.aggregator.protection)  # the same keys
     for site in runtime.sites:
         site.protection = recording
     wires = [Wire(s, (fail_at or {}).get(s.name)) for s in runtime.sites]
@@ -169,12 +179,14 @@ def encodings(plaintext: torch.Tensor) -> list[bytes]:
 
 ALLOWED = {
     "plain": {FitResult: torch.Tensor},
+    # ckks: the key check, the ciphertext, and (from the one site asked) the flooded sum
+    "ckks": {FitResult: CkksPayload, KeyCheck: None, torch.Tensor: None},
     "secagg": {FitResult: MaskedInput, KeyAdvertisement: None, ShareBundle: None,
                UnmaskResponse: None, type(None): None},
 }
 
 
-@pytest.mark.parametrize("scheme", ["plain", "secagg"])
+@pytest.mark.parametrize("scheme", ["plain", "secagg", "ckks"])
 def test_only_the_protected_payload_and_protocol_metadata_leave_a_site(scheme: str) -> None:
     _, _, wires, recording = run(config(scheme))
     assert len(recording.plaintexts) == 3 * 4
@@ -191,3 +203,129 @@ def test_only_the_protected_payload_and_protocol_metadata_leave_a_site(scheme: s
     for plaintext in recording.plaintexts:
         found = any(code in everything for code in encodings(plaintext))
         assert found == (scheme == "plain"), scheme  # plain sends it: the check can fail
+
+
+def test_ckks_trains_the_same_model_as_plain() -> None:
+    plain, _, _, _ = run(config("plain"))
+    encrypted, reports, wires, _ = run(config("ckks"))
+    # Flooding adds N(0, 2^-20) to each summed value, then divided by ~486 rows.
+    torch.testing.assert_close(encrypted, plain, rtol=0, atol=1e-6)
+    assert all(len(r.participants) == 4 for r in reports)
+    released = [m for w in wires for m in w.sent if isinstance(m, torch.Tensor)]
+    assert len(released) == 3  # one decryption per round, by one site
+
+
+def test_ckks_matches_plain_accuracy_on_the_default_job(tmp_path: Path) -> None:
+    results = {}
+    for scheme in ("plain", "ckks"):
+        c = RunConfig()
+        c.protection.scheme = scheme
+        c.baselines.enabled = False
+        summary = run_experiment(c, out=tmp_path / scheme).summary
+        results[scheme] = summary["federated"]["pooled"]["accuracy"]
+    assert abs(results["ckks"] - results["plain"]) <= 0.002, results
+
+
+@pytest.mark.parametrize("step", ["fit", "reveal"])
+def test_ckks_round_survives_a_site_dropping(step: str) -> None:
+    # cleveland decrypts (first contributor); dropping it at reveal makes hungarian decrypt.
+    dropped, reports, _, _ = run(config("ckks"), {"cleveland": {2: step}})
+    reference, _, _, _ = run(config("plain"), {"cleveland": {2: "fit"}} if step == "fit" else None)
+    torch.testing.assert_close(dropped, reference, rtol=0, atol=1e-6)
+    assert "cleveland" in reports[1].failures
+    assert ("cleveland" in reports[1].participants) == (step == "reveal")
+
+
+def corrupt_site(c: RunConfig, name: str, how: str) -> LocalRuntime:
+    """A runtime where site `name` misbehaves under ckks."""
+    runtime = LocalRuntime(build_federation(c.data), c)
+    site = next(s for s in runtime.sites if s.name == name)
+    if how == "other keys":
+        other = create_site_context()
+        site.protection = CkksScheme(other, other.public())
+        return runtime
+    if how == "nan":  # a NaN reaches the encryption (training itself stops on NaN first)
+        recording = RecordingScheme(site.protection)
+        site.protection = recording
+        inner = recording.site_session
+
+        def site_session(round_number: int, index: int) -> SiteSession:
+            session = inner(round_number, index)
+            protect = session.protect
+            session.protect = lambda payload: protect(  # type: ignore[method-assign]
+                payload.index_fill(0, torch.tensor([7]), float("nan")))
+            return session
+
+        recording.site_session = site_session  # type: ignore[method-assign]
+        return runtime
+    original = site.fit
+
+    def fit(params: torch.Tensor, instructions: FitInstructions) -> FitResult:
+        result = original(params, instructions)
+        payload = result.payload
+        assert isinstance(payload, CkksPayload)
+        chunks = (payload.chunks[0][:-100], *payload.chunks[1:])
+        return FitResult(result.site, CkksPayload(payload.fingerprint, payload.length, chunks),
+                         result.n_examples, result.train_loss)
+
+    site.fit = fit  # type: ignore[method-assign]
+    return runtime
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("other keys", "from different `fedcare keys init` runs"),
+    ("truncated", "ciphertext chunk 1 of 1 cannot be read"),
+    ("nan", "update value at index 7 is nan"),
+])
+def test_ckks_bad_payload_drops_that_site_only(how: str, message: str) -> None:
+    runtime = corrupt_site(config("ckks"), "va", how)
+    reports: list[RoundReport] = []
+    params = runtime.aggregator.fit(runtime.sites, runtime.initial_params(), 2,
+                                    lambda p, r: reports.append(r))
+    assert torch.isfinite(params).all()
+    for report in reports:
+        assert report.participants == ["cleveland", "hungarian", "switzerland"]
+        assert message in report.failures["va"]
+
+
+def test_ckks_site_decrypts_once_and_never_its_own_ciphertext() -> None:
+    scheme = CkksScheme.from_keys()
+    site = scheme.site_session(1, 0)
+    check = KeyCheck(1, create_site_context().fingerprint)
+    with pytest.raises(ProtocolError, match="different `fedcare keys init` runs"):
+        site.handle(check)
+    with pytest.raises(ProtocolError, match="before the key check"):
+        site.protect(torch.ones(5, dtype=torch.float64))
+    aggregator = scheme.aggregator_session(1, [0, 1], 5)
+    check = KeyCheck(1, aggregator.context.fingerprint)
+    assert site.handle(check) == check
+    own = site.protect(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ProtocolError, match="own ciphertext"):
+        site.handle(DecryptRequest(1, own))
+    aggregator.add(0, own)
+    aggregator.add(1, own)
+    assert aggregator.total is not None
+    revealed = site.handle(DecryptRequest(1, aggregator.total))
+    assert isinstance(revealed, torch.Tensor)
+    torch.testing.assert_close(revealed, torch.full((5,), 2.0, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ProtocolError, match="second time"):
+        site.handle(DecryptRequest(1, aggregator.total))
+    with pytest.raises(ProtocolError, match="round 2 arrived in round 1"):
+        site.handle(KeyCheck(2, check.fingerprint))
+    with pytest.raises(ProtocolError, match="encrypted 4 values"):
+        aggregator.add(1, site.protect(torch.ones(4, dtype=torch.float64)))
+
+
+def test_ckks_reads_keys_from_the_directory_of_keys_init(tmp_path: Path) -> None:
+    generate_keys(tmp_path / "keys")
+    c = config("ckks", protection__keys=str(tmp_path / "keys"))
+    _, reports, _, _ = run(c)
+    assert all(len(r.participants) == 4 for r in reports)
+    # The aggregator's machine holds only aggregator.ckks: it cannot act as a site.
+    (tmp_path / "keys" / "site.ckks").unlink()
+    aggregator_only = build_scheme(c.protection)
+    with pytest.raises(ConfigError, match="cannot act as a site"):
+        aggregator_only.site_session(1, 0)
+    with pytest.raises(ConfigError, match="holds neither"):
+        build_scheme(config("ckks", protection__keys=str(tmp_path)).protection)

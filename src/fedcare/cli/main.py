@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcare import __version__
+from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
@@ -41,6 +42,7 @@ SHORTHANDS: dict[str, tuple[str, type, str]] = {
     "--delta": ("privacy.delta", float, "target delta"),
     "--clip-norm": ("privacy.clip_norm", float, "L2 bound per record (record) or update (site)"),
     "--noise": ("privacy.noise", str, "site level: central | distributed"),
+    "--protection": ("protection.scheme", str, "plain | secagg | ckks"),
 }
 
 
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--site-column", help="column naming each row's site (one-file data)")
     infer.add_argument("--out", required=True, help="schema file to write")
     add_privacy_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 
@@ -161,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
-        if args.command == "privacy":
+        if args.command in ("privacy", "keys"):
             return int(args.handler(args))
     except FedcareError as exc:
         print(f"fedcare: error: {exc}", file=sys.stderr)

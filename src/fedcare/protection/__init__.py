@@ -14,7 +14,7 @@ from fedcare.errors import ConfigError
 from fedcare.protection.base import Scheme
 from fedcare.protection.plain import PlainSum
 
-SCHEMES = ("plain", "secagg")
+SCHEMES = ("plain", "secagg", "ckks")
 
 
 def build_scheme(config: ProtectionConfig) -> Scheme:
@@ -25,6 +25,10 @@ def build_scheme(config: ProtectionConfig) -> Scheme:
         from fedcare.protection.secagg import SecAggScheme
 
         return SecAggScheme(threshold=config.threshold)
+    if config.scheme == "ckks":
+        from fedcare.protection.ckks import CkksScheme  # TenSEAL takes 0.3 s to import
+
+        return CkksScheme.from_keys(config.keys)
     raise ConfigError(f"protection.scheme must be one of {list(SCHEMES)}; "
                       f"got {config.scheme!r}.")
 

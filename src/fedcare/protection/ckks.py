@@ -176,21 +176,21 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import tenseal as ts
+import torch
 from numpy.typing import ArrayLike, NDArray
 
 from fedcare.errors import ConfigError, ProtocolError
-
-if TYPE_CHECKING:
-    from fedcare.privacy.noise import NoiseSource
+from fedcare.privacy.noise import NoiseSource, SecureNoise
+from fedcare.protection.base import Exchange
 
 HE_STANDARD_MAX_LOG_Q: Mapping[int, int] = MappingProxyType(
     {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881})
@@ -775,6 +775,185 @@ def decrypt(context: SiteContext, aggregate: CkksPayload, *, noise: NoiseSource,
     return values
 
 
+
+# --- the `Scheme` behind protection.scheme = "ckks" -----------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """Setup message: the aggregator's key-set fingerprint; a site answers with its own."""
+
+    round_number: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class DecryptRequest:
+    """Reveal message: the summed ciphertext, sent to one site that contributed to it."""
+
+    round_number: int
+    aggregate: CkksPayload
+
+
+class CkksScheme:
+    """`ckks` behind the `~fedcare.protection.base.Scheme` interface.
+
+    Messages of a round: the aggregator sends each selected site a `KeyCheck`
+    (a site holding another key set refuses, and is left out of the round);
+    each site sends its encrypted payload; the aggregator adds them and sends
+    the sum, in a `DecryptRequest`, to the first contributor, which answers
+    with the flooded, rounded decryption (`decrypt`); if it fails, the next
+    one is asked. So one site releases one decryption per round. A site
+    decrypts at most once per round and never an aggregate equal to its own
+    payload (an aggregator passing one ciphertext off as the sum).
+
+    Parameters
+    ----------
+    site : SiteContext or None
+        The sites' key material; None on a machine that only aggregates.
+    aggregator : AggregatorContext or None
+        The aggregator's; None on a site machine.
+
+    Raises
+    ------
+    ConfigError
+        If neither is given, or their fingerprints differ.
+    """
+
+    name = "ckks"
+
+    def __init__(self, site: SiteContext | None, aggregator: AggregatorContext | None) -> None:
+        if site is None and aggregator is None:
+            raise ConfigError("ckks protection needs a site or an aggregator context.")
+        if site is not None and aggregator is not None \
+                and site.fingerprint != aggregator.fingerprint:
+            raise ConfigError(f"{SITE_FILE} (key set {site.fingerprint[:16]}...) and "
+                              f"{AGGREGATOR_FILE} ({aggregator.fingerprint[:16]}...) come from "
+                              "different `fedcare keys init` runs.")
+        self.site_context = site
+        self.aggregator_context = aggregator
+
+    @classmethod
+    def from_keys(cls, directory: str | os.PathLike[str] = "") -> CkksScheme:
+        """The key files found in `directory` (``fedcare keys init``), or a fresh in-memory set.
+
+        An empty `directory` makes a new key set for a one-process simulation.
+        Otherwise whichever of ``site.ckks`` and ``aggregator.ckks`` it holds
+        is loaded (a site machine has only the first, the aggregator's only
+        the second); `ConfigError` if it holds neither.
+        """
+        if not directory:
+            site = create_site_context()
+            return cls(site, site.public())
+        folder = Path(directory)
+        site_file, aggregator_file = folder / SITE_FILE, folder / AGGREGATOR_FILE
+        if not site_file.exists() and not aggregator_file.exists():
+            raise ConfigError(f"protection.keys = {str(directory)!r} holds neither {SITE_FILE} "
+                              f"nor {AGGREGATOR_FILE}; make them with `fedcare keys init "
+                              f"{directory}`.")
+        return cls(load_site_context(site_file) if site_file.exists() else None,
+                   load_aggregator_context(aggregator_file) if aggregator_file.exists() else None)
+
+    def site_session(self, round_number: int, site: int) -> CkksSiteSession:
+        if self.site_context is None:
+            raise ConfigError(f"ckks: this machine holds no {SITE_FILE}, so it cannot act as a "
+                              "site.")
+        return CkksSiteSession(self.site_context, round_number, site)
+
+    def aggregator_session(self, round_number: int, cohort: Sequence[int],
+                           length: int) -> CkksAggregatorSession:
+        if self.aggregator_context is None:
+            raise ConfigError(f"ckks: this machine holds no {AGGREGATOR_FILE}, so it cannot "
+                              "aggregate.")
+        return CkksAggregatorSession(self.aggregator_context, round_number, cohort, length)
+
+
+class CkksSiteSession:
+    """A site's side of one ckks round: encrypts its payload, decrypts the sum once."""
+
+    def __init__(self, context: SiteContext, round_number: int, site: int) -> None:
+        self.context = context
+        self.round_number = round_number
+        self.site = str(site + 1)  # as secagg numbers sites
+        self._checked = False
+        self._sent: tuple[bytes, ...] | None = None
+        self._decrypted = False
+
+    def handle(self, message: object) -> object:
+        if isinstance(message, KeyCheck | DecryptRequest) \
+                and message.round_number != self.round_number:
+            raise ProtocolError(f"ckks site {self.site}: a {type(message).__name__} of round "
+                                f"{message.round_number} arrived in round {self.round_number}.")
+        if isinstance(message, KeyCheck):
+            if message.fingerprint != self.context.fingerprint:
+                raise ProtocolError(
+                    f"ckks site {self.site} holds key set {self.context.fingerprint[:16]}..., "
+                    f"the aggregator {message.fingerprint[:16]}...: they come from different "
+                    "`fedcare keys init` runs; the site sits this round out.")
+            self._checked = True
+            return KeyCheck(self.round_number, self.context.fingerprint)
+        if isinstance(message, DecryptRequest):
+            return torch.from_numpy(self._decrypt(message.aggregate))
+        raise ProtocolError(f"ckks site {self.site}: unexpected message "
+                            f"{type(message).__name__}.")
+
+    def protect(self, payload: torch.Tensor) -> CkksPayload:
+        if not self._checked:
+            raise ProtocolError(f"ckks site {self.site}: asked to encrypt before the key check.")
+        encrypted = encrypt(self.context, payload.double().numpy(), site=self.site)
+        self._sent = encrypted.chunks
+        return encrypted
+
+    def _decrypt(self, aggregate: CkksPayload) -> NDArray[np.float64]:
+        if self._sent is None:
+            raise ProtocolError(f"ckks site {self.site}: asked to decrypt a sum it did not "
+                                "contribute to.")
+        if self._decrypted:
+            raise ProtocolError(f"ckks site {self.site}: asked to decrypt a second time in round "
+                                f"{self.round_number}; every decryption released counts "
+                                "towards the key set's allowance, so it is refused.")
+        if isinstance(aggregate, CkksPayload) and aggregate.chunks == self._sent:
+            raise ProtocolError(f"ckks site {self.site}: the aggregate is this site's own "
+                                "ciphertext, not a sum; refused.")
+        self._decrypted = True
+        return decrypt(self.context, aggregate, noise=SecureNoise())
+
+
+class CkksAggregatorSession:
+    """The aggregator's side of one ckks round: checks keys, adds ciphertexts, asks for the sum."""
+
+    def __init__(self, context: AggregatorContext, round_number: int, cohort: Sequence[int],
+                 length: int) -> None:
+        self.context = context
+        self.round_number = round_number
+        self.cohort = list(cohort)
+        self.length = length
+        self.total: CkksPayload | None = None
+        self.contributors: list[int] = []
+
+    def setup(self, exchange: Exchange) -> list[int]:
+        check = KeyCheck(self.round_number, self.context.fingerprint)
+        replies = exchange(dict.fromkeys(self.cohort, check))
+        return [i for i, reply in replies.items() if reply == check]
+
+    def add(self, site: int, payload: object) -> None:
+        if isinstance(payload, CkksPayload) and payload.length != self.length:
+            raise ProtocolError(f"ckks: site {site + 1} encrypted {payload.length} values; the "
+                                f"model's payload has {self.length}.")
+        self.total = add(self.context, self.total, cast(CkksPayload, payload), site=str(site + 1))
+        self.contributors.append(site)
+
+    def reveal(self, exchange: Exchange) -> torch.Tensor:
+        if self.total is None:
+            raise ProtocolError(f"ckks: round {self.round_number} has no payload to reveal.")
+        request = DecryptRequest(self.round_number, self.total)
+        for site in self.contributors:
+            reply = exchange({site: request}).get(site)
+            if isinstance(reply, torch.Tensor) and reply.shape == (self.length,):
+                return reply
+        raise ProtocolError(f"ckks: no site of round {self.round_number} returned the decrypted "
+                            "sum; the round is lost.")
+
 def _open(keys: _KeyContext, payload: CkksPayload, *, sender: str) -> list[Any]:
     """Parse and check every chunk of `payload`; `ProtocolError` naming `sender` otherwise."""
     if not isinstance(payload, CkksPayload):
@@ -895,9 +1074,6 @@ def _require(context: object, kind: type[_KeyContext], action: str, file: str) -
 
 def _benchmark(sizes: tuple[int, ...] = (10_000, 100_000), sites: int = 10) -> None:
     """Print the cost table of the module docstring (``python -m fedcare.protection.ckks``)."""
-    import torch
-
-    from fedcare.privacy.noise import SecureNoise
 
     class ZeroNoise:
         """Times `decrypt` without the noise draw, which `flood_ms` times on its own."""
@@ -933,7 +1109,7 @@ def _benchmark(sizes: tuple[int, ...] = (10_000, 100_000), sites: int = 10) -> N
         assert total is not None
         for _ in range(5):
             start = time.perf_counter()
-            decrypt(keys, total, noise=cast("NoiseSource", ZeroNoise()))
+            decrypt(keys, total, noise=cast(NoiseSource, ZeroNoise()))
             decrypt_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             noise.gaussian(size, DEFAULT_FLOODING_STD)
