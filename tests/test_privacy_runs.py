@@ -119,6 +119,25 @@ def test_site_level_run(tmp_path: Path, noise: str) -> None:
     assert len(ledger_lines(result.run_dir)) == 5
 
 
+@pytest.mark.parametrize("scheme", ["secagg", "ckks"])
+def test_distributed_noise_under_a_protected_sum_holds_against_the_aggregator(
+        tmp_path: Path, scheme: str) -> None:
+    c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
+               federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
+               privacy__noise="distributed", privacy__clip_norm=0.5, protection__scheme=scheme)
+    privacy = run(c, tmp_path / "run").summary["privacy"]
+    plain = run(config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
+                       federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
+                       privacy__noise="distributed", privacy__clip_norm=0.5),
+                tmp_path / "plain").summary["privacy"]
+    # The sum carries the full noise; every site takes part (fraction 1), so there is no
+    # sampling amplification for the aggregator to lose: the same epsilon holds against it.
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(privacy["epsilon"])
+    assert privacy["epsilon_against_aggregator"] < plain["epsilon_against_aggregator"] / 3
+    assert f"sees only the sum of the hospitals' noised updates ({scheme})" in privacy["sentence"]
+    assert ("colludes" in privacy["sentence"]) == (scheme == "ckks")
+
+
 def test_distributed_noise_refuses_a_round_with_too_few_shares(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedcare.federation.site import Site

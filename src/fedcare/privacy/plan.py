@@ -54,12 +54,17 @@ class PrivacyPlan:
         Ledger party -> epsilon cap.
     rounds : int
         Rounds the calibration planned for.
+    protection : str
+        ``protection.scheme``: under ``secagg`` and ``ckks`` the aggregator
+        sees only the sum of the site payloads, which changes what site-level
+        distributed noise guarantees against it.
     """
 
     level: str
     delta: float
     accountant: str
     rounds: int
+    protection: str = "plain"
     record: dict[str, RecordPrivacy] = field(default_factory=dict)
     site: SitePrivacy | None = None
     caps: dict[str, float] = field(default_factory=dict)
@@ -90,10 +95,17 @@ class PrivacyPlan:
                                 "without noise and must be trusted to add the noise.")
         elif math.isinf(against_aggregator):
             aggregator_words = "The coordinator sees each hospital's update unprotected."
-        else:
+        elif self.protection == "plain":
             aggregator_words = (f"The coordinator, which sees each hospital's own noised "
                                 f"update, is held to epsilon = {against_aggregator:.2f} per "
                                 f"hospital.")
+        else:
+            aggregator_words = (f"The coordinator sees only the sum of the hospitals' noised "
+                                f"updates ({self.protection}) and is held to epsilon = "
+                                f"{against_aggregator:.2f} per hospital"
+                                + (", unless it colludes with a hospital, which holds the "
+                                   "decryption key" if self.protection == "ckks" else "")
+                                + ".")
         sentence = (
             f"Each hospital's whole contribution (all of its patients together) is protected by "
             f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
@@ -110,11 +122,13 @@ class PrivacyPlan:
                 "sample_rate": self.site.sample_rate, "sentence": sentence}
 
     def _against_aggregator(self, ledger: PrivacyLedger) -> float | None:
-        """Epsilon per site against an aggregator that reads each site's payload (plain).
+        """Epsilon per site against the aggregator.
 
         Central noise: None (no guarantee; the aggregator adds the noise).
-        Distributed: each payload carries ``sigma / sqrt(n - t)`` of the noise,
-        with no sampling amplification (the aggregator knows who was selected).
+        Distributed, plain: each payload it reads carries ``sigma / sqrt(n - t)``
+        of the noise. Distributed, secagg or ckks: it sees only the sum, which
+        carries all of it. Either way without sampling amplification (the
+        aggregator knows who was selected).
         """
         assert self.site is not None
         if self.site.noise == "central":
@@ -122,8 +136,10 @@ class PrivacyPlan:
         rounds = len(ledger.entries(FEDERATION))
         if not rounds:
             return 0.0
-        cohort = max(1, round(self.site.sample_rate * self.site.n_sites))
-        sigma = self.site.update_noise_multiplier / math.sqrt(self.site.needed(cohort))
+        sigma = self.site.update_noise_multiplier
+        if self.protection == "plain":
+            cohort = max(1, round(self.site.sample_rate * self.site.n_sites))
+            sigma /= math.sqrt(self.site.needed(cohort))
         return epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=rounds)],
                        delta=self.delta, accountant=self.accountant)
 
@@ -160,7 +176,7 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
     if unknown:
         raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
                           f"{names}.")
-    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds)
+    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds, config.protection.scheme)
     if p.target_quantile and p.level != "site":
         raise ConfigError("privacy.target_quantile (adaptive clipping) applies to "
                           "privacy.level = 'site' only.")
