@@ -338,7 +338,7 @@ def test_keys_init_then_a_ckks_run_from_the_command_line(capsys: pytest.CaptureF
                  "--rounds", "2", "--no-baselines", "--quiet", "--out", str(out)]) == 0
     assert summary_of(out)["config"]["protection"] == {"scheme": "ckks", "threshold": 0.5,
                                                        "keys": str(keys)}
-    capsys.readouterr()
+    assert "Protection: homomorphic encryption" in capsys.readouterr().out
     assert main(["keys", "fingerprint", str(keys / "aggregator.ckks")]) == 0
     assert fingerprint in capsys.readouterr().out
     # a second init into the same directory would replace the keys the sites hold

@@ -24,6 +24,7 @@ from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
 from fedcare.privacy.ledger import LEDGER_FILE
+from fedcare.protection import WHO_SEES_WHAT
 from fedcare.report.rundir import RunWriter, load_checkpoint, make_run_dir
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
@@ -139,6 +140,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
                   for s in data.sites],
         "rounds_completed": first_round - 1,
+        "protection": {"scheme": config.protection.scheme,
+                       "sentence": WHO_SEES_WHAT[config.protection.scheme]},
     }
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
             "schema": data.schema.to_dict(), "feature_names": data.feature_names,

@@ -129,6 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     print(results_table(result))
+    print("\nProtection: " + result.summary["protection"]["sentence"])
     privacy = result.summary.get("privacy")
     if privacy:
         print("\nPrivacy: " + privacy["sentence"])

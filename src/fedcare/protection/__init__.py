@@ -16,6 +16,17 @@ from fedcare.protection.plain import PlainSum
 
 SCHEMES = ("plain", "secagg", "ckks")
 
+WHO_SEES_WHAT = {
+    "plain": "none: the coordinator read every hospital's update.",
+    "secagg": "secure aggregation (masks that cancel in the sum): the coordinator saw only the "
+              "sum of the hospitals' updates, unless more than half of a round's hospitals "
+              "colluded with it.",
+    "ckks": "homomorphic encryption: the coordinator added encrypted updates and saw only "
+            "their sum; every hospital holds the decryption key, so one colluding hospital "
+            "would show it every update.",
+}
+"""One sentence per scheme for the run summary: what the coordinator saw."""
+
 
 def build_scheme(config: ProtectionConfig) -> Scheme:
     """The scheme ``[protection]`` names, validated."""
@@ -33,4 +44,4 @@ def build_scheme(config: ProtectionConfig) -> Scheme:
                       f"got {config.scheme!r}.")
 
 
-__all__ = ["SCHEMES", "PlainSum", "Scheme", "build_scheme"]
+__all__ = ["SCHEMES", "WHO_SEES_WHAT", "PlainSum", "Scheme", "build_scheme"]
