@@ -124,7 +124,13 @@ def test_round_applies_the_weighted_mean_of_the_updates() -> None:
     assert len(spy.seen) == 1
     torch.testing.assert_close(spy.seen[0][1], expected)
     assert report == RoundReport(1, ["a", "b", "c"], ["a", "b", "c"], {},
-                                 pytest.approx((10 * 1 + 30 * 2 + 60 * 4) / 100), 100)
+                                 pytest.approx((10 * 1 + 30 * 2 + 60 * 4) / 100), 100,
+                                 received=report.received)
+    # what arrived, for the audit log: one payload of SPEC.size + 1 values from each site
+    assert list(report.received) == ["a", "b", "c"]
+    sizes = {size for size, _ in report.received.values()}
+    assert sizes == {(SPEC.size + 1) * params.element_size()}
+    assert len({digest for _, digest in report.received.values()}) == 3
 
 
 def test_every_site_gets_the_global_params_and_the_round_instructions() -> None:

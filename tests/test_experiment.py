@@ -18,7 +18,8 @@ from fedcare.federation.site import FitInstructions, FitResult, Site
 from fedcare.models import FlatModel, build_model
 
 HOSPITALS = ["cleveland", "hungarian", "switzerland", "va"]
-ARTEFACTS = {"config.toml", "metrics.jsonl", "model.pt", "summary.json", "checkpoint.pt"}
+ARTEFACTS = {"config.toml", "metrics.jsonl", "model.pt", "summary.json", "checkpoint.pt",
+             "audit_log.jsonl"}
 
 
 def make_config(*assignments: str, rounds: int = 3, baselines: bool = True) -> RunConfig:

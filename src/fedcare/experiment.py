@@ -6,9 +6,10 @@ sweeps get the same behaviour without the CLI.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from fedcare.evaluation import binary_metrics
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
-from fedcare.privacy.ledger import LEDGER_FILE
+from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedcare.protection import WHO_SEES_WHAT
+from fedcare.protection.base import wire_digest
+from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
 from fedcare.report.rundir import RunWriter, load_checkpoint, make_run_dir
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
@@ -78,6 +81,29 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
     params, _ = LocalTrainer(model).train(x, y, start, plan,
                                           torch_generator(config.seed, BASELINE, stream))
     return params
+
+
+def log_round_events(audit: AuditLog, report: RoundReport, params: torch.Tensor,
+                     ledger: PrivacyLedger | None) -> None:
+    """One completed round in the audit log: who was asked, what arrived, what was spent."""
+    audit.append("round", round=report.round, selected=report.selected)
+    for site, (size, digest) in report.received.items():
+        audit.append("payload_received", round=report.round, site=site, bytes=size,
+                     sha256=digest)
+    for site, reason in report.failures.items():
+        audit.append("site_failed", round=report.round, site=site, reason=reason)
+    if ledger is not None:
+        spent = [asdict(e) for party in ledger.parties() for e in ledger.entries(party)
+                 if e.round == report.round]
+        audit.append("budget_spent", round=report.round, entries=spent)
+    audit.append("model_released", round=report.round, sha256=wire_digest(params))
+    audit.sync()
+
+
+def close_audit_log(audit: AuditLog) -> dict[str, Any]:
+    """Close the log; what ``summary.json`` records of it (checked by `fedcare verify`)."""
+    audit.close()
+    return {"file": AUDIT_LOG_FILE, "entries": audit.entries, "head": audit.head}
 
 
 def run_experiment(config: RunConfig, out: str | Path | None = None,
@@ -143,6 +169,14 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "protection": {"scheme": config.protection.scheme,
                        "sentence": WHO_SEES_WHAT[config.protection.scheme]},
     }
+    audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resume is not None)
+    if resume is None:
+        audit.append("run_started", config_sha256=hashlib.sha256(
+                         config.to_toml().encode()).hexdigest(),
+                     sites=[s.name for s in data.sites], protection=config.protection.scheme,
+                     privacy=config.privacy.level)
+    else:
+        audit.append("run_resumed", after_round=first_round - 1)
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
             "schema": data.schema.to_dict(), "feature_names": data.feature_names,
             "standardization": data.standardization}
@@ -155,6 +189,9 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
                           "failures": report.failures, "train_loss": report.train_loss,
                           "n_examples": report.n_examples, "clip_norm": report.clip_norm,
                           **evaluation.to_dict()})
+        # Logged before the checkpoint: a checkpointed round is always in the log (a round
+        # logged but not checkpointed runs again after --resume, and is logged again).
+        log_round_events(audit, report, new_params, runtime.ledger)
         writer.save_checkpoint(report.round, new_params,
                                runtime.aggregator.strategy.state_dict(),
                                runtime.aggregator.clip_norm)
@@ -170,8 +207,10 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         params = runtime.run(after_round, params, first_round)
     except FedcareError as exc:
         privacy_summary()
+        audit.append("run_failed", error=str(exc))
         summary.update(status="failed", error=str(exc),
-                       elapsed_seconds=time.perf_counter() - started)
+                       elapsed_seconds=time.perf_counter() - started,
+                       audit_log=close_audit_log(audit))
         writer.save_model(params, meta)
         writer.write_summary(summary)
         writer.close()
@@ -198,6 +237,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         },
         config=config.to_dict(),
     )
+    audit.append("run_completed", rounds=summary["rounds_completed"])
+    summary["audit_log"] = close_audit_log(audit)
     writer.write_summary(summary)
     writer.close()
     return RunResult(run_dir, data, federated, pooled_baseline, local_baselines, summary)

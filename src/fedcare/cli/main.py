@@ -2,21 +2,27 @@
 
 ``fedcare run`` trains a federation (default: the bundled heart-disease data
 across its 4 hospitals) and prints federated vs pooled vs each site alone;
-``fedcare schema infer`` proposes a schema for a user's own files.
+``fedcare schema infer`` proposes a schema for a user's own files;
+``fedcare privacy`` does the DP arithmetic, ``fedcare keys`` makes CKKS keys and
+``fedcare verify`` checks a run's audit log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedcare import __version__
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.report.auditlog import AUDIT_LOG_FILE
+from fedcare.report.auditlog import verify as verify_audit_log
 
 # Shorthand flags: flag -> (config key, type, help).
 SHORTHANDS: dict[str, tuple[str, type, str]] = {
@@ -82,7 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", required=True, help="schema file to write")
     add_privacy_parser(commands)
     add_keys_parser(commands)
+    verify = commands.add_parser(
+        "verify", help="check a run's audit log has not been changed",
+        description="Check the hash chain of RUN_DIR/audit_log.jsonl and, for a finished run, "
+                    "its length and head hash against summary.json. Exit 0 if intact, 1 if "
+                    "an entry was changed, removed or reordered (naming the first).")
+    verify.add_argument("run_dir", metavar="RUN_DIR")
     return parser
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    log = run_dir / AUDIT_LOG_FILE
+    if not log.is_file():
+        raise FedcareError(f"{run_dir} holds no {AUDIT_LOG_FILE}; is it a fedcare run directory?")
+    recorded: dict[str, Any] = {}
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        recorded = json.loads(summary.read_text(encoding="utf-8")).get("audit_log") or {}
+    check = verify_audit_log(log, expected_entries=recorded.get("entries"),
+                             expected_head=recorded.get("head"))
+    if not check.ok:
+        print(f"{log}: BROKEN: {check.problem}")
+        return 1
+    print(f"{log}: intact, {check.entries} entries, head {check.head}")
+    if not recorded:
+        print("The run has not finished (summary.json records no head), so entries removed "
+              "from the end cannot be detected yet.")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -165,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command in ("privacy", "keys"):
             return int(args.handler(args))
     except FedcareError as exc:

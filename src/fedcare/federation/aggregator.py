@@ -18,7 +18,7 @@ from fedcare.models.params import ParamSpec, all_finite
 from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedcare.privacy.plan import site_entry
 from fedcare.privacy.site_level import SitePrivacy
-from fedcare.protection.base import Scheme
+from fedcare.protection.base import Scheme, wire_digest, wire_size
 from fedcare.protection.plain import PlainSum
 from fedcare.seeding import SAMPLING, derive_seed
 
@@ -52,6 +52,8 @@ class RoundReport:
     n_examples: int = 0
     clip_norm: float | None = None
     """Client-level DP: the bound the sites clipped to this round."""
+    received: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Site -> (bytes, SHA-256) of the protected payload the aggregator combined."""
 
 
 class Aggregator:
@@ -160,6 +162,7 @@ class Aggregator:
         session = self.protection.aggregator_session(round_number, chosen, self.spec.size + 1)
         ready = set(session.setup(exchange))
         participants: list[str] = []
+        received: dict[str, tuple[int, str]] = {}
         loss_sum, n_sum = 0.0, 0
         for i, client in zip(chosen, selected, strict=True):
             if i not in ready:
@@ -174,6 +177,7 @@ class Aggregator:
             except FedcareError as exc:
                 failures[client.name] = str(exc)
                 continue
+            received[client.name] = (wire_size(result.payload), wire_digest(result.payload))
             participants.append(client.name)
             loss_sum += result.train_loss * result.n_examples
             n_sum += result.n_examples
@@ -200,7 +204,8 @@ class Aggregator:
             update = aggregate[:-1] / float(aggregate[-1])
         new_params = self.strategy.apply(params, update)
         report = RoundReport(round_number, [c.name for c in selected], participants, failures,
-                             loss_sum / max(n_sum, 1), n_sum, instructions.clip_norm or None)
+                             loss_sum / max(n_sum, 1), n_sum, instructions.clip_norm or None,
+                             received)
         return new_params, report
 
     def check_payload(self, site: str, payload: torch.Tensor) -> None:
