@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from fedcare.data.site_data import FederatedData
+
 METRICS = ("accuracy", "roc_auc", "balanced_accuracy", "brier", "log_loss")
 
 
@@ -44,3 +46,81 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
         "log_loss": float(log_loss),
         "n": n,
     }
+
+
+def roc_curve(logits: torch.Tensor, labels: torch.Tensor,
+              max_points: int = 101) -> dict[str, list[float]]:
+    """ROC curve points (``fpr``, ``tpr``), thinned to at most `max_points`; empty if one class."""
+    z = logits.detach().to(torch.float64).numpy()
+    y = labels.detach().numpy() == 1
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not (n_pos and n_neg):
+        return {"fpr": [], "tpr": []}
+    order = np.argsort(-z, kind="stable")
+    z, y = z[order], y[order]
+    # one point per distinct score (ties move together), from (0, 0) to (1, 1)
+    last = np.r_[np.flatnonzero(np.diff(z)), len(z) - 1]
+    tpr = np.r_[0.0, np.cumsum(y)[last] / n_pos]
+    fpr = np.r_[0.0, np.cumsum(~y)[last] / n_neg]
+    if len(fpr) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [round(float(v), 5) for v in fpr], "tpr": [round(float(v), 5) for v in tpr]}
+
+
+def calibration_curve(logits: torch.Tensor, labels: torch.Tensor,
+                      bins: int = 10) -> dict[str, list[float] | list[int]]:
+    """Mean predicted risk vs observed rate in equal-width risk bins (empty bins left out)."""
+    p = 1.0 / (1.0 + np.exp(-logits.detach().to(torch.float64).numpy()))
+    y = labels.detach().to(torch.float64).numpy()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    predicted, observed, count = [], [], []
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            predicted.append(round(float(p[members].mean()), 5))
+            observed.append(round(float(y[members].mean()), 5))
+            count.append(int(members.sum()))
+    return {"predicted": predicted, "observed": observed, "n": count}
+
+
+AGE_BANDS = ((0.0, 50.0, "age < 50"), (50.0, 65.0, "age 50-64"), (65.0, math.inf, "age >= 65"))
+
+
+def subgroups(data: FederatedData) -> dict[str, torch.Tensor]:
+    """Masks over the pooled test set for the subgroups a model card reports.
+
+    By sex (each value of a numeric or categorical column named ``sex``) and
+    by age band (a numeric column named ``age``), where those columns exist.
+    Numeric values are decoded from the encoded inputs with each site's
+    standardisation (for private runs: the public bounds, so ages outside them
+    fall in the edge band).
+    """
+    names = data.feature_names
+    masks: dict[str, torch.Tensor] = {}
+    numeric = list(data.schema.numeric)
+
+    def decoded(column: str) -> torch.Tensor:
+        j = numeric.index(column)
+        return torch.cat([s.x_test[:, names.index(column)].double()
+                          * data.standardization[s.name]["std"][j]
+                          + data.standardization[s.name]["mean"][j] for s in data.sites])
+
+    if "sex" in numeric:
+        sex = decoded("sex").round() + 0.0  # no "-0"
+        for value in sorted(set(sex.tolist())):
+            masks[f"sex = {value:g}"] = sex == value
+    elif "sex" in data.schema.categorical:
+        x = torch.cat([s.x_test for s in data.sites])
+        columns = [i for i, n in enumerate(names) if n.startswith("sex=")]
+        vocabulary = data.schema.categorical["sex"]
+        first = x[:, columns].sum(dim=1) == 0 if data.schema.drop_first else None
+        if first is not None:
+            masks[f"sex = {vocabulary[0]}"] = first
+        for i in columns:
+            masks[names[i].replace("=", " = ")] = x[:, i] == 1
+    if "age" in numeric:
+        age = decoded("age")
+        for low, high, label in AGE_BANDS:
+            masks[label] = (age >= low) & (age < high)
+    return {label: mask for label, mask in masks.items() if bool(mask.any())}

@@ -20,7 +20,7 @@ from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
 from fedcare.data.site_data import FederatedData
 from fedcare.errors import ConfigError, FedcareError
-from fedcare.evaluation import binary_metrics
+from fedcare.evaluation import binary_metrics, calibration_curve, roc_curve, subgroups
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
@@ -28,7 +28,8 @@ from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedcare.protection import WHO_SEES_WHAT
 from fedcare.protection.base import wire_digest
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
-from fedcare.report.rundir import RunWriter, load_checkpoint, make_run_dir
+from fedcare.report.html import write_report
+from fedcare.report.rundir import CURVES_FILE, RunWriter, load_checkpoint, make_run_dir
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
@@ -69,6 +70,31 @@ def evaluate(model: FlatModel, params: torch.Tensor, data: FederatedData,
         sites = {s.name: binary_metrics(model.predict_logits(s.x_test), s.y_test)
                  for s in data.sites}
     return Evaluation(pooled, sites)
+
+
+def model_curves(model: FlatModel, params: torch.Tensor, data: FederatedData,
+                 per_site: bool = True) -> dict[str, Any]:
+    """ROC and calibration curves of a model, pooled and (if `per_site`) on each site's test set."""
+    model.load(params)
+    x, y = data.pooled_test()
+    sets = [("pooled", x, y)]
+    if per_site:
+        sets += [(s.name, s.x_test, s.y_test) for s in data.sites]
+    curves = {}
+    for name, xs, ys in sets:
+        logits = model.predict_logits(xs)
+        curves[name] = {"roc": roc_curve(logits, ys), "calibration": calibration_curve(logits, ys)}
+    return curves
+
+
+def subgroup_metrics(model: FlatModel, params: torch.Tensor,
+                     data: FederatedData) -> dict[str, Metrics]:
+    """Metrics on the pooled test set by sex and age band (where the schema has them)."""
+    model.load(params)
+    x, y = data.pooled_test()
+    logits = model.predict_logits(x)
+    return {label: binary_metrics(logits[mask], y[mask])
+            for label, mask in subgroups(data).items()}
 
 
 def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: RunConfig,
@@ -214,10 +240,13 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         writer.save_model(params, meta)
         writer.write_summary(summary)
         writer.close()
+        write_report(run_dir)
         raise
     writer.save_model(params, meta)
     privacy_summary()
     federated = evaluate(model, params, data)
+    writer.write_json(CURVES_FILE, model_curves(model, params, data, per_site))
+    summary["subgroups"] = subgroup_metrics(model, params, data)
 
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}
@@ -241,4 +270,5 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     summary["audit_log"] = close_audit_log(audit)
     writer.write_summary(summary)
     writer.close()
+    write_report(run_dir)
     return RunResult(run_dir, data, federated, pooled_baseline, local_baselines, summary)

@@ -4,7 +4,8 @@
 across its 4 hospitals) and prints federated vs pooled vs each site alone;
 ``fedcare schema infer`` proposes a schema for a user's own files;
 ``fedcare privacy`` does the DP arithmetic, ``fedcare keys`` makes CKKS keys and
-``fedcare verify`` checks a run's audit log.
+``fedcare verify`` checks a run's audit log; ``fedcare report`` and ``fedcare runs``
+show runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 from fedcare.report.auditlog import AUDIT_LOG_FILE
 from fedcare.report.auditlog import verify as verify_audit_log
+from fedcare.report.html import MODEL_CARD_FILE, write_report
 
 # Shorthand flags: flag -> (config key, type, help).
 SHORTHANDS: dict[str, tuple[str, type, str]] = {
@@ -94,7 +96,52 @@ def build_parser() -> argparse.ArgumentParser:
                     "its length and head hash against summary.json. Exit 0 if intact, 1 if "
                     "an entry was changed, removed or reordered (naming the first).")
     verify.add_argument("run_dir", metavar="RUN_DIR")
+    report = commands.add_parser(
+        "report", help="(re)write a run's report.html and model_card.md",
+        description="Write RUN_DIR/report.html (self-contained: opens from disk) and "
+                    "RUN_DIR/model_card.md from the run directory's files.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    runs = commands.add_parser(
+        "runs", help="list runs with their headline numbers",
+        description="One line per run directory under DIR (default: runs): status, dataset, "
+                    "strategy, protection, privacy, rounds, pooled accuracy and ROC AUC.")
+    runs.add_argument("directory", nargs="?", default="runs", metavar="DIR")
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        page = write_report(args.run_dir)
+    except FileNotFoundError as exc:
+        raise FedcareError(str(exc)) from exc
+    print(f"Wrote {page} and {page.with_name(MODEL_CARD_FILE)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    parent = Path(args.directory)
+    if not parent.is_dir():
+        raise FedcareError(f"{parent} is not a directory of runs.")
+    rows = []
+    for summary_file in sorted(parent.glob("*/summary.json")):
+        s = json.loads(summary_file.read_text(encoding="utf-8"))
+        pooled = (s.get("federated") or {}).get("pooled") or {}
+        privacy = s.get("privacy")
+        rows.append((summary_file.parent.name, s.get("status", "?"), s.get("dataset", "?"),
+                     s.get("strategy", "?"), (s.get("protection") or {}).get("scheme", "plain"),
+                     f"{privacy['level']} eps {privacy['epsilon']:.2f}" if privacy else "none",
+                     str(s.get("rounds_completed", "?")),
+                     *(f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
+                       for m in ("accuracy", "roc_auc"))))
+    if not rows:
+        print(f"No runs under {parent}.")
+        return 0
+    header = ("run", "status", "dataset", "strategy", "protection", "privacy", "rounds",
+              "accuracy", "ROC AUC")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -200,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_schema_infer(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "runs":
+            return cmd_runs(args)
         if args.command in ("privacy", "keys"):
             return int(args.handler(args))
     except FedcareError as exc:

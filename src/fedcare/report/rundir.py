@@ -65,6 +65,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CURVES_FILE = "curves.json"
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -119,6 +120,9 @@ class RunWriter:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)
+
+    def write_json(self, name: str, content: dict[str, Any]) -> None:
+        write_json(self.path / name, content)
 
     def close(self) -> None:
         self._metrics.close()

@@ -1,0 +1,104 @@
+"""Line charts as inline SVG: plots a report can embed without loading anything.
+
+No plotting library: a run report must open from disk, offline, on a
+hospital workstation, and the few chart kinds it needs (lines over rounds,
+ROC and calibration curves) are simple.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from html import escape
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+           "#17becf", "#7f7f7f", "#bcbd22")
+
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values covering [low, high]."""
+    if high <= low:
+        return [low]
+    raw = (high - low) / count
+    step = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        if factor * step >= raw:
+            step *= factor
+            break
+    first = math.ceil(low / step - 1e-9) * step
+    return [round(first + i * step, 10) for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_label: str,
+               y_range: tuple[float, float] | None = None,
+               x_range: tuple[float, float] | None = None, diagonal: bool = False,
+               width: int = 520, height: int = 320) -> str:
+    """An SVG line chart, one coloured line (with points) per series, legend on the right.
+
+    Parameters
+    ----------
+    series : mapping
+        Label -> (xs, ys); non-finite points are skipped.
+    y_range, x_range : (low, high), optional
+        Axis ranges (default: the data's).
+    diagonal : bool
+        Draw the dashed y = x line (ROC chance level, perfect calibration).
+    """
+    left, right, top, bottom = 56, 150, 30, 44
+    plot_w, plot_h = width - left - right, height - top - bottom
+    points = {k: [(float(x), float(y)) for x, y in zip(*v, strict=True)
+                  if math.isfinite(float(x)) and math.isfinite(float(y))]
+              for k, v in series.items()}
+    xs = [x for p in points.values() for x, _ in p] or [0.0, 1.0]
+    ys = [y for p in points.values() for _, y in p] or [0.0, 1.0]
+    x0, x1 = x_range or (min(xs), max(xs))
+    y0, y1 = y_range or (min(ys), max(ys))
+    if x1 <= x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    if y1 <= y0:
+        y0, y1 = y0 - 0.05, y1 + 0.05
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{escape(title)}">',
+             f'<text x="{left}" y="18" class="title">{escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>']
+    for t in _ticks(y0, y1):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+                     f'class="grid"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" '
+                     f'class="tick" text-anchor="end">{t:g}</text>')
+    for t in _ticks(x0, x1):
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + plot_h + 16}" class="tick" '
+                     f'text-anchor="middle">{t:g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="label" '
+                 f'text-anchor="middle">{escape(x_label)}</text>')
+    parts.append(f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" '
+                 f'class="label" text-anchor="middle">{escape(y_label)}</text>')
+    if diagonal:
+        low, high = max(x0, y0), min(x1, y1)
+        parts.append(f'<line x1="{sx(low):.1f}" y1="{sy(low):.1f}" x2="{sx(high):.1f}" '
+                     f'y2="{sy(high):.1f}" class="diagonal"/>')
+    for i, (label, p) in enumerate(points.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        if p:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in p)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
+                         f'stroke-width="2"/>')
+            if len(p) <= 60:
+                parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
+                          for x, y in p]
+        ly = top + 14 + 18 * i
+        parts.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 30}" y1="{ly - 4}" '
+                     f'y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>'
+                     f'<text x="{left + plot_w + 36}" y="{ly}" class="legend">'
+                     f'{escape(label[:18])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
