@@ -12,6 +12,7 @@ from fedcare.privacy.accounting import (
     ACCOUNTANTS,
     GaussianEvent,
     epsilon,
+    epsilon_for_plot,
     noise_multiplier,
     to_dp_event,
 )
@@ -191,3 +192,12 @@ def test_noise_multiplier_refuses_bad_plans(kwargs: dict[str, float], message: s
 def test_an_unreachable_target_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"unreachable .* noise_multiplier above 10000"):
         noise_multiplier(epsilon=1e-3, delta=DELTA, sample_rate=1.0, steps=10_000)
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(3.1, 0.16, 7), (3.1, 0.16, 140),
+                                                   (0.8, 0.01, 1000), (5.0, 1.0, 20)])
+def test_the_plotting_estimate_is_an_upper_bound_within_half_a_percent(
+        sigma: float, q: float, steps: int) -> None:
+    events = [GaussianEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)]
+    exact = epsilon(events, delta=1e-5)
+    assert exact <= epsilon_for_plot(events, delta=1e-5) <= exact * 1.005

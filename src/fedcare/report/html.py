@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedcare.privacy.accounting import GaussianEvent, epsilon
+from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.report.auditlog import AUDIT_LOG_FILE, verify
 from fedcare.report.rundir import CURVES_FILE
@@ -29,8 +29,9 @@ MODEL_CARD_FILE = "model_card.md"
 AUDIT_FILE = "audit.json"
 MAX_SITE_LINES = 10
 """Per-site lines drawn in one chart; beyond, only the pooled line."""
-MAX_BUDGET_POINTS = 50
-"""Rounds at which the cumulative epsilon is computed for the budget chart."""
+MAX_BUDGET_POINTS = 20
+"""Rounds at which the budget chart computes the cumulative epsilon (each point of each
+party costs one accountant call: 0.04 s with PLD, 0.15 s with RDP)."""
 
 PROTECTION_THREATS = {
     "plain": "The coordinator can read each hospital's update, and could try to reconstruct "
@@ -77,16 +78,21 @@ def budget_per_round(run_dir: Path, delta: float, accountant: str) -> dict[str, 
         step = math.ceil(len(rounds) / MAX_BUDGET_POINTS)
         rounds = sorted(set(rounds[::step]) | {rounds[-1]})
     series: dict[str, tuple[list[float], list[float]]] = {}
+    known: dict[tuple[tuple[float, float, int], ...], float] = {}  # parties that spent alike
     for party in sorted({s["party"] for s in spends}):
         mine = [s for s in spends if s["party"] == party]
         xs, ys = [], []
         for r in rounds:
-            events = [GaussianEvent(noise_multiplier=s["noise_multiplier"],
-                                    sample_rate=s["sample_rate"], steps=s["steps"])
-                      for s in mine if s["round"] <= r]
-            if events:
+            history = tuple(sorted((s["noise_multiplier"], s["sample_rate"], s["steps"])
+                                   for s in mine if s["round"] <= r))
+            if history and history not in known:
+                events = [GaussianEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+                          for sigma, q, steps in history]
+                known[history] = (epsilon_for_plot(events, delta=delta) if accountant == "pld"
+                                  else epsilon(events, delta=delta, accountant=accountant))
+            if history:
                 xs.append(float(r))
-                ys.append(epsilon(events, delta=delta, accountant=accountant))
+                ys.append(known[history])
         series[party] = (xs, ys)
     return series
 
