@@ -5,7 +5,7 @@ across its 4 hospitals) and prints federated vs pooled vs each site alone;
 ``fedcare schema infer`` proposes a schema for a user's own files;
 ``fedcare privacy`` does the DP arithmetic, ``fedcare keys`` makes CKKS keys and
 ``fedcare verify`` checks a run's audit log; ``fedcare report`` and ``fedcare runs``
-show runs.
+show runs; ``fedcare sweep`` runs a grid of them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fedcare.errors import FedcareError
 from fedcare.report.auditlog import AUDIT_LOG_FILE
 from fedcare.report.auditlog import verify as verify_audit_log
 from fedcare.report.html import MODEL_CARD_FILE, write_report
+from fedcare.sweep import ALIASES, GridAxis, run_sweep, sweep_markdown
 
 # Shorthand flags: flag -> (config key, type, help).
 SHORTHANDS: dict[str, tuple[str, type, str]] = {
@@ -106,7 +107,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="One line per run directory under DIR (default: runs): status, dataset, "
                     "strategy, protection, privacy, rounds, pooled accuracy and ROC AUC.")
     runs.add_argument("directory", nargs="?", default="runs", metavar="DIR")
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of settings and seeds; one table, one privacy-utility plot",
+        description="Every combination of the --grid values, with every seed, as ordinary "
+                    "runs under OUT, plus OUT/sweep.json, sweep.md and sweep.html (accuracy "
+                    "and ROC AUC against the first numeric grid key, error bars over seeds).")
+    sweep.add_argument("config", nargs="?", help="TOML config file for everything not on the grid")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and its values, e.g. privacy.epsilon=0.5,1,3,8 or "
+                            f"strategy=fedavg,fedadam (short keys: {', '.join(ALIASES)})")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key for every run")
+    sweep.add_argument("--out", required=True, help="sweep directory to create")
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if not args.grid:
+        raise FedcareError("fedcare sweep needs at least one --grid KEY=V1,V2,...")
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    for assignment in args.overrides:
+        config.set(assignment)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise FedcareError(f"--seeds expects integers separated by commas; got "
+                           f"{args.seeds!r}.") from None
+    grid = [GridAxis.parse(text) for text in args.grid]
+    result = run_sweep(config, grid, seeds, args.out,
+                       on_run=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", flush=True))
+    print()
+    print(sweep_markdown(result))
+    print(f"Sweep directory: {args.out}  (sweep.json, sweep.md, sweep.html, one run "
+          "directory per run)")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -251,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         if args.command in ("privacy", "keys"):
             return int(args.handler(args))
     except FedcareError as exc:

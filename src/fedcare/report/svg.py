@@ -34,6 +34,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_label: str,
                y_range: tuple[float, float] | None = None,
                x_range: tuple[float, float] | None = None, diagonal: bool = False,
+               errors: Mapping[str, Sequence[float]] | None = None,
                width: int = 520, height: int = 320) -> str:
     """An SVG line chart, one coloured line (with points) per series, legend on the right.
 
@@ -45,14 +46,19 @@ def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_labe
         Axis ranges (default: the data's).
     diagonal : bool
         Draw the dashed y = x line (ROC chance level, perfect calibration).
+    errors : mapping, optional
+        Label -> half-length of a vertical error bar at each point of that series.
     """
     left, right, top, bottom = 56, 150, 30, 44
     plot_w, plot_h = width - left - right, height - top - bottom
-    points = {k: [(float(x), float(y)) for x, y in zip(*v, strict=True)
+    errors = errors or {}
+    points = {k: [(float(x), float(y), float(e)) for x, y, e in
+                  zip(*v, errors.get(k, [0.0] * len(v[0])), strict=True)
                   if math.isfinite(float(x)) and math.isfinite(float(y))]
               for k, v in series.items()}
-    xs = [x for p in points.values() for x, _ in p] or [0.0, 1.0]
-    ys = [y for p in points.values() for _, y in p] or [0.0, 1.0]
+    xs = [x for p in points.values() for x, _, _ in p] or [0.0, 1.0]
+    ys = ([y - e for p in points.values() for _, y, e in p]
+          + [y + e for p in points.values() for _, y, e in p]) or [0.0, 1.0]
     x0, x1 = x_range or (min(xs), max(xs))
     y0, y1 = y_range or (min(ys), max(ys))
     if x1 <= x0:
@@ -89,12 +95,15 @@ def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_labe
     for i, (label, p) in enumerate(points.items()):
         colour = PALETTE[i % len(PALETTE)]
         if p:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in p)
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in p)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
                          f'stroke-width="2"/>')
             if len(p) <= 60:
                 parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
-                          for x, y in p]
+                          for x, y, _ in p]
+            parts += [f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y - e):.1f}" '
+                      f'y2="{sy(y + e):.1f}" stroke="{colour}" class="errorbar"/>'
+                      for x, y, e in p if e > 0 and math.isfinite(e)]
         ly = top + 14 + 18 * i
         parts.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 30}" y1="{ly - 4}" '
                      f'y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>'
