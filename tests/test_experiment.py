@@ -19,7 +19,7 @@ from fedcare.models import FlatModel, build_model
 
 HOSPITALS = ["cleveland", "hungarian", "switzerland", "va"]
 ARTEFACTS = {"config.toml", "metrics.jsonl", "model.pt", "summary.json", "checkpoint.pt",
-             "audit_log.jsonl"}
+             "audit_log.jsonl", "curves.json", "report.html", "model_card.md"}
 
 
 def make_config(*assignments: str, rounds: int = 3, baselines: bool = True) -> RunConfig:
