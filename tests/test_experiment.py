@@ -242,7 +242,7 @@ def test_out_may_be_an_existing_empty_directory(tmp_path: Path) -> None:
 
     run_experiment(make_config(rounds=1, baselines=False), out=out)
 
-    assert {p.name for p in out.iterdir()} == ARTEFACTS - {"curves.json"}  # no final model
+    assert {p.name for p in out.iterdir()} == ARTEFACTS
 
 
 def test_default_run_dir_goes_under_config_out(tmp_path: Path) -> None:
