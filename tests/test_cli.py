@@ -336,8 +336,8 @@ def test_keys_init_then_a_ckks_run_from_the_command_line(capsys: pytest.CaptureF
     out = tmp_path / "run"
     assert main(["run", "--protection", "ckks", "--set", f"protection.keys={keys}",
                  "--rounds", "2", "--no-baselines", "--quiet", "--out", str(out)]) == 0
-    assert summary_of(out)["config"]["protection"] == {"scheme": "ckks", "threshold": 0.5,
-                                                       "keys": str(keys)}
+    protection = summary_of(out)["config"]["protection"]
+    assert (protection["scheme"], protection["keys"]) == ("ckks", str(keys))
     assert "Protection: homomorphic encryption" in capsys.readouterr().out
     assert main(["keys", "fingerprint", str(keys / "aggregator.ckks")]) == 0
     assert fingerprint in capsys.readouterr().out

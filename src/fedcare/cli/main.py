@@ -11,21 +11,16 @@ show runs; ``fedcare sweep`` runs a grid of them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from fedcare import __version__
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
+from fedcare.cli.runs import add_runs_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
-from fedcare.report.auditlog import AUDIT_LOG_FILE
-from fedcare.report.auditlog import verify as verify_audit_log
-from fedcare.report.html import MODEL_CARD_FILE, write_report
-from fedcare.sweep import ALIASES, GridAxis, run_sweep, sweep_markdown
 
 # Shorthand flags: flag -> (config key, type, help).
 SHORTHANDS: dict[str, tuple[str, type, str]] = {
@@ -91,113 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", required=True, help="schema file to write")
     add_privacy_parser(commands)
     add_keys_parser(commands)
-    verify = commands.add_parser(
-        "verify", help="check a run's audit log has not been changed",
-        description="Check the hash chain of RUN_DIR/audit_log.jsonl and, for a finished run, "
-                    "its length and head hash against summary.json. Exit 0 if intact, 1 if "
-                    "an entry was changed, removed or reordered (naming the first).")
-    verify.add_argument("run_dir", metavar="RUN_DIR")
-    report = commands.add_parser(
-        "report", help="(re)write a run's report.html and model_card.md",
-        description="Write RUN_DIR/report.html (self-contained: opens from disk) and "
-                    "RUN_DIR/model_card.md from the run directory's files.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
-    runs = commands.add_parser(
-        "runs", help="list runs with their headline numbers",
-        description="One line per run directory under DIR (default: runs): status, dataset, "
-                    "strategy, protection, privacy, rounds, pooled accuracy and ROC AUC.")
-    runs.add_argument("directory", nargs="?", default="runs", metavar="DIR")
-    sweep = commands.add_parser(
-        "sweep", help="run a grid of settings and seeds; one table, one privacy-utility plot",
-        description="Every combination of the --grid values, with every seed, as ordinary "
-                    "runs under OUT, plus OUT/sweep.json, sweep.md and sweep.html (accuracy "
-                    "and ROC AUC against the first numeric grid key, error bars over seeds).")
-    sweep.add_argument("config", nargs="?", help="TOML config file for everything not on the grid")
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="a config key and its values, e.g. privacy.epsilon=0.5,1,3,8 or "
-                            f"strategy=fedavg,fedadam (short keys: {', '.join(ALIASES)})")
-    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key for every run")
-    sweep.add_argument("--out", required=True, help="sweep directory to create")
+    add_runs_parser(commands)
     return parser
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    if not args.grid:
-        raise FedcareError("fedcare sweep needs at least one --grid KEY=V1,V2,...")
-    config = RunConfig.load(args.config) if args.config else RunConfig()
-    for assignment in args.overrides:
-        config.set(assignment)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise FedcareError(f"--seeds expects integers separated by commas; got "
-                           f"{args.seeds!r}.") from None
-    grid = [GridAxis.parse(text) for text in args.grid]
-    result = run_sweep(config, grid, seeds, args.out,
-                       on_run=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", flush=True))
-    print()
-    print(sweep_markdown(result))
-    print(f"Sweep directory: {args.out}  (sweep.json, sweep.md, sweep.html, one run "
-          "directory per run)")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        page = write_report(args.run_dir)
-    except FileNotFoundError as exc:
-        raise FedcareError(str(exc)) from exc
-    print(f"Wrote {page} and {page.with_name(MODEL_CARD_FILE)}")
-    return 0
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    parent = Path(args.directory)
-    if not parent.is_dir():
-        raise FedcareError(f"{parent} is not a directory of runs.")
-    rows = []
-    for summary_file in sorted(parent.glob("*/summary.json")):
-        s = json.loads(summary_file.read_text(encoding="utf-8"))
-        pooled = (s.get("federated") or {}).get("pooled") or {}
-        privacy = s.get("privacy")
-        rows.append((summary_file.parent.name, s.get("status", "?"), s.get("dataset", "?"),
-                     s.get("strategy", "?"), (s.get("protection") or {}).get("scheme", "plain"),
-                     f"{privacy['level']} eps {privacy['epsilon']:.2f}" if privacy else "none",
-                     str(s.get("rounds_completed", "?")),
-                     *(f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
-                       for m in ("accuracy", "roc_auc"))))
-    if not rows:
-        print(f"No runs under {parent}.")
-        return 0
-    header = ("run", "status", "dataset", "strategy", "protection", "privacy", "rounds",
-              "accuracy", "ROC AUC")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    log = run_dir / AUDIT_LOG_FILE
-    if not log.is_file():
-        raise FedcareError(f"{run_dir} holds no {AUDIT_LOG_FILE}; is it a fedcare run directory?")
-    recorded: dict[str, Any] = {}
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        recorded = json.loads(summary.read_text(encoding="utf-8")).get("audit_log") or {}
-    check = verify_audit_log(log, expected_entries=recorded.get("entries"),
-                             expected_head=recorded.get("head"))
-    if not check.ok:
-        print(f"{log}: BROKEN: {check.problem}")
-        return 1
-    print(f"{log}: intact, {check.entries} entries, head {check.head}")
-    if not recorded:
-        print("The run has not finished (summary.json records no head), so entries removed "
-              "from the end cannot be detected yet.")
-    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -280,15 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
-        if args.command == "verify":
-            return cmd_verify(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "runs":
-            return cmd_runs(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        if args.command in ("privacy", "keys"):
+        if hasattr(args, "handler"):  # privacy, keys, verify, report, runs, sweep
             return int(args.handler(args))
     except FedcareError as exc:
         print(f"fedcare: error: {exc}", file=sys.stderr)
