@@ -1,0 +1,504 @@
+"""The aggregator as a Flower ServerApp: fedcare's `Aggregator` driving sites over Flower.
+
+The ServerApp's main loop is `serve`: it finds the sites among the connected
+SuperNodes, builds the same `Aggregator` the local runtime builds, and calls
+`Aggregator.run_round` with one `RemoteSite` per site. `RemoteSite` is the
+`SiteClient` the aggregator already talks to: its ``exchange`` and ``fit``
+become Flower messages (`fedcare.runtime.flower_wire`) and their replies, so
+no training, protection or aggregation logic exists twice.
+
+Faults. A site that does not answer within ``message_timeout`` (it
+disconnected, crashed or was killed) or answers with an error is left out of
+the round by the aggregator, as in the local runtime; the round completes if
+``federation.min_sites`` still hold (secagg rebuilds a dropped site's masks
+from the others' shares). A round below the quorum is retried, after the
+nodes are looked up again, up to ``round_retries`` times; then the run stops
+with the `QuorumError`, the last checkpoint intact.
+
+Resume. After every round the run directory gets, atomically, the checkpoint
+(model, strategy state, clip norm, round number), and the privacy ledger and
+audit log are appended and flushed. A ServerApp started on a run directory
+with a checkpoint continues after its round: the ledger discards the spends
+of a round that never finished (`PrivacyLedger.resume_from`), so no budget is
+counted twice, and the rounds after it run as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.serverapp import Grid
+
+from fedcare import __version__
+from fedcare.config import RunConfig
+from fedcare.errors import (
+    BudgetExceeded,
+    ConfigError,
+    DataError,
+    FedcareError,
+    ProtocolError,
+    QuorumError,
+)
+from fedcare.experiment import close_audit_log, log_round_events
+from fedcare.federation.aggregator import Aggregator, RoundReport
+from fedcare.federation.site import FitInstructions, FitResult
+from fedcare.federation.strategy import build_strategy
+from fedcare.federation.training import TrainingPlan
+from fedcare.models import FlatModel, build_model
+from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger
+from fedcare.privacy.plan import noise_factory, record_entry
+from fedcare.protection import WHO_SEES_WHAT, build_scheme
+from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
+from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
+from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
+from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
+from fedcare.runtime.local import training_plan
+from fedcare.seeding import INIT, torch_generator
+
+_ERROR_TYPES: dict[str, type[FedcareError]] = {
+    cls.__name__: cls for cls in (ProtocolError, QuorumError, BudgetExceeded, ConfigError,
+                                  DataError)}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the ServerApp runs a deployment (run configuration ``fedcare-*`` keys).
+
+    Attributes
+    ----------
+    run_dir : str
+        Where the run directory is (created, or resumed if it holds a checkpoint).
+    roster : tuple of str
+        The sites of the federation, in the order that fixes their indices
+        (and so their random streams); a node claiming any other site is
+        refused. Empty: every site that answers, sorted by name.
+    expected_sites : int
+        Sites to wait for before the first round (0: the roster's length).
+    wait_timeout : float
+        Seconds to wait for them; then the run starts if ``federation.min_sites``
+        are there, else stops with `QuorumError`.
+    message_timeout : float
+        Seconds a site has to answer one message before it is left out of the round.
+    round_retries : int
+        Times a round below the quorum is tried again before the run stops.
+    retry_wait : float
+        Seconds between tries (for a dropped site to come back).
+    """
+
+    run_dir: str = ""
+    roster: tuple[str, ...] = ()
+    expected_sites: int = 0
+    wait_timeout: float = 120.0
+    message_timeout: float = 120.0
+    round_retries: int = 2
+    retry_wait: float = 5.0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
+        roster = str(run_config.get("fedcare-sites", "")).strip()
+        return cls(
+            run_dir=str(run_config.get("fedcare-run-dir", "")),
+            roster=tuple(s.strip() for s in roster.split(",") if s.strip()),
+            expected_sites=int(run_config.get("fedcare-expected-sites", 0)),
+            wait_timeout=float(run_config.get("fedcare-wait-timeout", 120.0)),
+            message_timeout=float(run_config.get("fedcare-message-timeout", 120.0)),
+            round_retries=int(run_config.get("fedcare-round-retries", 2)),
+            retry_wait=float(run_config.get("fedcare-retry-wait", 5.0)),
+        )
+
+    def to_run_config(self) -> dict[str, str | int | float]:
+        return {"fedcare-run-dir": self.run_dir, "fedcare-sites": ",".join(self.roster),
+                "fedcare-expected-sites": self.expected_sites,
+                "fedcare-wait-timeout": self.wait_timeout,
+                "fedcare-message-timeout": self.message_timeout,
+                "fedcare-round-retries": self.round_retries,
+                "fedcare-retry-wait": self.retry_wait}
+
+
+@dataclass
+class Traffic:
+    """Bytes of fedcare messages, as Flower serialises them, per site and round."""
+
+    sent: dict[tuple[str, int], int] = field(default_factory=dict)
+    received: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def add(self, site: str, round_number: int, sent: int, received: int) -> None:
+        key = (site, round_number)
+        self.sent[key] = self.sent.get(key, 0) + sent
+        self.received[key] = self.received.get(key, 0) + received
+
+
+class Messenger:
+    """Sends one fedcare message to one node and waits for its reply."""
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.traffic = Traffic()
+        self.attempt = 0
+
+    def ask(self, node_id: int, site: str, kind: str, body: object, *, round_number: int = 0,
+            index: int = -1) -> object:
+        content = to_record(body)
+        content[HEADER] = ConfigRecord({
+            "kind": kind, "site": site, "round": round_number, "index": index,
+            "attempt": self.attempt})
+        message_type = {"hello": HELLO, "exchange": EXCHANGE, "fit": FIT}[kind]
+        message = Message(content, dst_node_id=node_id, message_type=message_type,
+                          group_id=str(round_number))
+        replies = list(self.grid.send_and_receive([message], timeout=self.timeout))
+        label = f"site {site!r}" if site else f"node {node_id}"
+        if not replies:
+            self.traffic.add(site, round_number, wire_bytes(content), 0)
+            raise ProtocolError(f"{label} did not answer the {kind} message of round "
+                                f"{round_number} within {self.timeout:g} s (disconnected or "
+                                "too slow); it is left out.")
+        reply = replies[0]
+        if reply.has_error():
+            self.traffic.add(site, round_number, wire_bytes(content), 0)
+            raise ProtocolError(f"{label}: its ClientApp failed on the {kind} message of round "
+                                f"{round_number}: {reply.error.reason}")
+        self.traffic.add(site, round_number, wire_bytes(content), wire_bytes(reply.content))
+        refusal = reply.content.config_records.get(ERROR)
+        if refusal is not None:
+            error = _ERROR_TYPES.get(str(refusal.get("type")), ProtocolError)
+            detail = refusal.get("message")
+            text = detail if isinstance(detail, str) else repr(detail)
+            raise error(f"{label} refused: {text}")
+        return from_record(reply.content)
+
+
+class RemoteSite:
+    """A site reached through Flower: the `SiteClient` the aggregator drives.
+
+    Parameters
+    ----------
+    name : str
+    index : int
+        Position in the federation (keys the site's random streams and secagg id).
+    messenger : Messenger
+    """
+
+    def __init__(self, name: str, index: int, messenger: Messenger) -> None:
+        self._name = name
+        self.index = index
+        self.messenger = messenger
+        self.node_id: int | None = None
+        self.hello: SiteHello | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _ask(self, kind: str, body: object, round_number: int) -> object:
+        if self.node_id is None:
+            raise ProtocolError(f"site {self.name!r} is not connected.")
+        return self.messenger.ask(self.node_id, self.name, kind, body,
+                                  round_number=round_number, index=self.index)
+
+    def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult:
+        result = self._ask("fit", (global_params, instructions), instructions.round)
+        if not isinstance(result, FitResult) or result.site != self.name:
+            raise ProtocolError(f"site {self.name!r} answered a fit with "
+                                f"{type(result).__name__} instead of its own FitResult.")
+        return result
+
+    def exchange(self, round_number: int, message: object) -> object:
+        return self._ask("exchange", message, round_number)
+
+    def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]:
+        privacy = None if self.hello is None else self.hello.record_privacy
+        if privacy is None:
+            return []
+        return [record_entry(round_number, self.name, privacy, plan.epochs)]
+
+
+@dataclass
+class FlowerRunResult:
+    """What `serve` leaves: the final model, the last round, the run directory, the traffic."""
+
+    params: torch.Tensor
+    rounds_completed: int
+    run_dir: Path | None
+    reports: list[RoundReport]
+    traffic: Traffic
+    round_seconds: list[float]
+    started: float
+    first_round_at: float | None
+
+
+class Roster:
+    """Which node is which site: asks every new node for its `SiteHello`."""
+
+    def __init__(self, config: RunConfig, settings: ServerSettings, messenger: Messenger,
+                 log: Callable[[str], None]) -> None:
+        self.config = config
+        self.settings = settings
+        self.messenger = messenger
+        self.log = log
+        self.by_node: dict[int, SiteHello | None] = {}
+        self.sites: list[RemoteSite] = []
+
+    def refresh(self, grid: Grid) -> None:
+        """Introduce new nodes, forget nodes that left, and point each site at its node."""
+        nodes = set(grid.get_node_ids())
+        for node_id in sorted(nodes - set(self.by_node)):
+            try:
+                hello = self.messenger.ask(node_id, "", "hello", None)
+            except FedcareError as exc:
+                self.log(f"node {node_id} refused or failed to introduce itself: {exc}")
+                self.by_node[node_id] = None
+                continue
+            if not isinstance(hello, SiteHello):
+                self.log(f"node {node_id} answered hello with {type(hello).__name__}; ignored")
+                self.by_node[node_id] = None
+                continue
+            if self.settings.roster and hello.site not in self.settings.roster:
+                self.log(f"node {node_id} says it is site {hello.site!r}, which is not in the "
+                         f"roster {list(self.settings.roster)}; refused.")
+                self.by_node[node_id] = None
+                continue
+            self.by_node[node_id] = hello
+        for gone in set(self.by_node) - nodes:
+            del self.by_node[gone]
+        self._place()
+
+    def _place(self) -> None:
+        claims: dict[str, list[int]] = {}
+        for node_id, hello in sorted(self.by_node.items()):
+            if hello is not None:
+                claims.setdefault(hello.site, []).append(node_id)
+        if not self.sites:
+            names = list(self.settings.roster) or sorted(claims)
+            self.sites = [RemoteSite(name, i, self.messenger) for i, name in enumerate(names)]
+        for site in self.sites:
+            nodes = claims.get(site.name, [])
+            if len(nodes) > 1:
+                self.log(f"site {site.name!r} is claimed by nodes {nodes}; the newest is used")
+            site.node_id = nodes[-1] if nodes else None
+            site.hello = self.by_node[nodes[-1]] if nodes else site.hello
+
+    def connected(self) -> list[str]:
+        return [s.name for s in self.sites if s.node_id is not None]
+
+
+def _wait_for_sites(grid: Grid, roster: Roster, config: RunConfig, settings: ServerSettings,
+                    log: Callable[[str], None]) -> None:
+    wanted = settings.expected_sites or len(settings.roster) or config.federation.min_sites
+    deadline = time.monotonic() + settings.wait_timeout
+    while True:
+        roster.refresh(grid)
+        here = roster.connected()
+        if len(here) >= wanted:
+            return
+        if time.monotonic() > deadline:
+            if len(here) >= config.federation.min_sites and roster.sites:
+                log(f"{len(here)} of {wanted} sites connected after {settings.wait_timeout:g} s "
+                    f"({here}); starting with them (federation.min_sites = "
+                    f"{config.federation.min_sites}).")
+                return
+            missing = sorted(set(settings.roster) - set(here)) if settings.roster else []
+            raise QuorumError(
+                f"only {len(here)} site(s) connected ({here}) after waiting "
+                f"{settings.wait_timeout:g} s; the federation needs {wanted}"
+                + (f" (missing: {missing})" if missing else "")
+                + f" and at least federation.min_sites = {config.federation.min_sites}. "
+                "Check that each site's `fedcare site` is running, that it reaches the "
+                "aggregator, and that its certificate and node key are registered.")
+        time.sleep(1.0)
+
+
+def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
+          log: Callable[[str], None] = print,
+          on_round: Callable[[torch.Tensor, RoundReport], None] | None = None
+          ) -> FlowerRunResult:
+    """Run (or resume) the federation of `config` over the nodes of `grid`."""
+    started = time.perf_counter()
+    f = config.federation
+    if f.rounds < 1:
+        raise ConfigError(f"federation.rounds must be >= 1; got {f.rounds}.")
+    if config.privacy.level == "site":
+        raise ConfigError("privacy.level = 'site' (client-level DP) is not supported by the "
+                          "Flower runtime yet; use 'record' or run it with `fedcare run`.")
+    torch.set_num_threads(config.threads)
+    messenger = Messenger(grid, settings.message_timeout)
+    roster = Roster(config, settings, messenger, log)
+    _wait_for_sites(grid, roster, config, settings, log)
+    sites = roster.sites
+    if f.min_sites > len(sites):
+        raise ConfigError(f"federation.min_sites is {f.min_sites} but the federation has "
+                          f"{len(sites)} site(s).")
+    widths = {s.hello.n_features for s in sites if s.hello is not None}
+    if len(widths) != 1:
+        raise ProtocolError(f"the sites encode their records with different widths {widths}; "
+                            "they must share the schema (and its vocabularies).")
+    model = FlatModel(build_model(config.model, widths.pop()))
+    params = model.init_params(torch_generator(config.seed, INIT))
+
+    ledger: PrivacyLedger | None = None
+    noise_for = None
+    if config.privacy.level == "record":
+        caps = {}
+        for site in sites:
+            if site.hello is None or site.hello.record_privacy is None:
+                raise ProtocolError(f"site {site.name!r} has not told its DP-SGD settings; a "
+                                    "private run needs every site (at least once) before it "
+                                    "starts.")
+            cap = min(config.privacy.epsilon, site.hello.epsilon_cap,
+                      config.privacy.site_epsilon.get(site.name, math.inf))
+            caps[site.name] = cap
+        ledger = PrivacyLedger(None, delta=config.privacy.delta,
+                               accountant=config.privacy.accountant, caps=caps)
+        noise_for = noise_factory(config)
+    aggregator = Aggregator(build_strategy(f), model.spec, training_plan(config),
+                            fraction=f.fraction, min_sites=f.min_sites, seed=config.seed,
+                            protection=build_scheme(config.protection), ledger=ledger,
+                            noise_for=noise_for)
+
+    run_dir = Path(settings.run_dir) if settings.run_dir else None
+    writer = audit = None
+    first_round = 1
+    if run_dir is not None:
+        resuming = (run_dir / CHECKPOINT_FILE).exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            checkpoint = load_checkpoint(run_dir)
+            first_round = int(checkpoint["round"]) + 1
+            params = checkpoint["params"]
+            aggregator.strategy.load_state_dict(checkpoint["strategy"])
+            aggregator.clip_norm = float(checkpoint["clip_norm"])
+            writer = RunWriter(run_dir, config, resume_round=first_round - 1)
+            if ledger is not None:
+                ledger.resume_from(run_dir / LEDGER_FILE, first_round - 1)
+            log(f"resuming {run_dir} after round {first_round - 1}")
+        else:
+            writer = RunWriter(run_dir, config)
+            if ledger is not None:
+                ledger.persist_to(run_dir / LEDGER_FILE)
+        audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resuming)
+        if resuming:
+            audit.append("run_resumed", after_round=first_round - 1)
+        else:
+            audit.append("run_started", config_sha256=hashlib.sha256(
+                config.to_toml().encode()).hexdigest(), sites=[s.name for s in sites],
+                protection=config.protection.scheme, privacy=config.privacy.level,
+                runtime="flower")
+
+    reports: list[RoundReport] = []
+    seconds: list[float] = []
+    first_round_at: float | None = None
+    summary: dict[str, Any] = {
+        "fedcare_version": __version__, "runtime": "flower", "status": "running",
+        "dataset": config.data.dataset_name, "strategy": f.strategy, "model": config.model.name,
+        "n_parameters": model.spec.size, "seed": config.seed,
+        "sites": [s.name for s in sites], "rounds_completed": first_round - 1,
+        "protection": {"scheme": config.protection.scheme,
+                       "sentence": WHO_SEES_WHAT[config.protection.scheme]},
+    }
+
+    def finish(status: str, error: str | None = None) -> None:
+        if run_dir is None or writer is None or audit is None:
+            return
+        if error is not None:
+            audit.append("run_failed", error=error)
+        else:
+            audit.append("run_completed", rounds=summary["rounds_completed"])
+        writer.save_model(params, {"spec": model.spec.to_dict(),
+                                   "model": config.to_dict()["model"]})
+        summary.update(status=status, elapsed_seconds=time.perf_counter() - started,
+                       audit_log=close_audit_log(audit), config=config.to_dict(),
+                       traffic=traffic_summary(messenger.traffic))
+        if error is not None:
+            summary["error"] = error
+        if ledger is not None:
+            summary["privacy"] = {party: ledger.spent(party) for party in ledger.parties()}
+        writer.write_summary(summary)
+        writer.close()
+
+    try:
+        for round_number in range(first_round, f.rounds + 1):
+            tic = time.perf_counter()
+            for attempt in range(settings.round_retries + 1):
+                messenger.attempt = attempt
+                try:
+                    params, report = aggregator.run_round(round_number, sites, params)
+                    break
+                except QuorumError as exc:
+                    if attempt == settings.round_retries:
+                        raise QuorumError(f"{exc} Tried {attempt + 1} time(s); the run stops "
+                                          f"after round {round_number - 1}, which is "
+                                          "checkpointed: start the aggregator again to "
+                                          "resume.") from None
+                    log(f"round {round_number}: {exc} Retrying in {settings.retry_wait:g} s "
+                        f"(try {attempt + 2} of {settings.round_retries + 1}).")
+                    time.sleep(settings.retry_wait)
+                    roster.refresh(grid)
+            if first_round_at is None:
+                first_round_at = time.perf_counter()
+            seconds.append(time.perf_counter() - tic)
+            reports.append(report)
+            if writer is not None and audit is not None:
+                writer.log_round({"round": report.round, "participants": report.participants,
+                                  "failures": report.failures, "train_loss": report.train_loss,
+                                  "n_examples": report.n_examples,
+                                  "seconds": seconds[-1]})
+                log_round_events(audit, report, params, ledger)
+                writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
+                                       aggregator.clip_norm)
+            summary["rounds_completed"] = report.round
+            log(f"round {report.round}: {len(report.participants)} of {len(report.selected)} "
+                f"sites, train loss {report.train_loss:.4f}"
+                + (f", left out: {report.failures}" if report.failures else ""))
+            if on_round is not None:
+                on_round(params, report)
+    except FedcareError as exc:
+        finish("failed", str(exc))
+        raise
+    finish("completed")
+    return FlowerRunResult(params, int(summary["rounds_completed"]), run_dir, reports,
+                           messenger.traffic, seconds, started, first_round_at)
+
+
+def traffic_summary(traffic: Traffic) -> dict[str, Any]:
+    """Bytes per site and round, both directions (for summary.json and the benchmark)."""
+    rows: dict[str, dict[str, dict[str, int]]] = {}
+    for (site, round_number), sent in sorted(traffic.sent.items()):
+        rows.setdefault(site or "(hello)", {})[str(round_number)] = {
+            "to_site": sent, "from_site": traffic.received.get((site, round_number), 0)}
+    return rows
+
+
+def server_main(config: RunConfig | None,
+                on_finish: Callable[[FlowerRunResult], None] | None = None
+                ) -> Callable[[Grid, Context], None]:
+    """The ServerApp's main function: `serve` with the run configuration of the Flower run."""
+    from fedcare.runtime.flower_site import run_config_of
+
+    def main(grid: Grid, context: Context) -> None:
+        run_config = run_config_of(context, config)
+        settings = ServerSettings.from_run_config(dict(context.run_config))
+        result = serve(grid, run_config, settings, log=_log)
+        if on_finish is not None:
+            on_finish(result)
+
+    return main
+
+
+def _log(text: str) -> None:
+    from logging import INFO
+
+    from flwr.supercore import log
+
+    log(INFO, "[fedcare] %s", text)
+
+
+def write_traffic(path: Path, traffic: Traffic) -> None:
+    write_json(path, traffic_summary(traffic))

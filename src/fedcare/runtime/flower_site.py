@@ -1,0 +1,363 @@
+"""A site as a Flower ClientApp: one fedcare `Site` answering the aggregator's messages.
+
+The node configuration of the site's SuperNode says which site it is and
+where its data are (`NodeSettings`); the run configuration (``fedcare-config``,
+the TOML of a `RunConfig`) says how the federation trains. Each message is
+answered by the same `Site` methods the local runtime calls: ``exchange``
+for the protection protocol, ``fit`` for a round's training. Nothing but the
+reply to a message leaves the node: the reply is the protected payload, a
+protocol message of the scheme, or an error text.
+
+A SuperNode of Flower 1.42 runs every message in a new ClientApp process, so
+a site's protection session (which holds that round's secrets, e.g. its
+secagg private keys) is kept between the messages of a round in the node's
+`Context.state`: `SessionStore` pickles it there. That state lives in the
+SuperNode's memory on the site's own machine and is never sent to the
+SuperLink.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import math
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedcare.config import RunConfig
+from fedcare.data.datasets import build_federation
+from fedcare.data.site_data import SiteData
+from fedcare.errors import ConfigError, FedcareError, ProtocolError
+from fedcare.federation.site import FitInstructions, Site
+from fedcare.federation.training import LocalTrainer
+from fedcare.models import FlatModel, build_model
+from fedcare.privacy.dpsgd import RecordPrivacy
+from fedcare.privacy.plan import build_privacy_plan, noise_factory
+from fedcare.protection import build_scheme
+from fedcare.protection.base import AggregatorSession, Scheme, SiteSession
+from fedcare.runtime.flower_wire import from_record, to_record
+
+RUN_CONFIG_KEY = "fedcare-config"
+"""Run configuration key holding the TOML of the federation's `RunConfig`."""
+HEADER = "fedcare-header"
+"""Config record of every message: kind, round, attempt, addressed site and its index."""
+ERROR = "fedcare-error"
+"""Config record of a reply that refuses: the fedcare error's class and message."""
+SESSION = "fedcare-session"
+"""Context state record holding this site's protection session between messages."""
+
+HELLO, EXCHANGE, FIT = "query.fedcare_hello", "query.fedcare_exchange", "train"
+
+
+# --------------------------------------------------------------------------- node config
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a site's SuperNode is told about itself (``--node-config``).
+
+    Attributes
+    ----------
+    site : str
+        The site's name (``site="cleveland"``); in Flower's simulation engine,
+        empty: the site is the one at position ``partition-id``.
+    data_file : str
+        This site's CSV or Parquet file (``data-file=...``); empty: the site is
+        one of the bundled dataset's sites.
+    epsilon_cap : float
+        The site's own cap on its record-level epsilon (``epsilon-cap=0.5``);
+        its DP-SGD noise is calibrated to the smaller of this and
+        ``privacy.epsilon``. ``inf``: no cap of its own.
+    keys : str
+        Directory holding ``site.ckks`` (``keys=...``), for ``protection.scheme = "ckks"``.
+    partition : int
+        Simulation only: Flower's ``partition-id``.
+    """
+
+    site: str = ""
+    data_file: str = ""
+    epsilon_cap: float = math.inf
+    keys: str = ""
+    partition: int = -1
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
+        def text(key: str) -> str:
+            value = node_config.get(key, "")
+            if not isinstance(value, str):
+                raise ConfigError(f"node config {key!r} must be a string (quote it: "
+                                  f"{key}=\"...\"); found {value!r}.")
+            return value
+
+        cap = node_config.get("epsilon-cap", math.inf)
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0:
+            raise ConfigError(f"node config 'epsilon-cap' must be a number > 0; found {cap!r}.")
+        partition = node_config.get("partition-id", -1)
+        if not isinstance(partition, int):
+            raise ConfigError(f"node config 'partition-id' must be an integer; found "
+                              f"{partition!r}.")
+        settings = cls(text("site"), text("data-file"), float(cap), text("keys"), partition)
+        if not settings.site and settings.partition < 0:
+            raise ConfigError("this SuperNode's node config names no site: start it with "
+                              "--node-config 'site=\"NAME\" ...' (fedcare site does this).")
+        return settings
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """The federation's config as this site runs it: its data, keys and cap."""
+        local = RunConfig.from_dict(config.to_dict())
+        if self.data_file:
+            local.data.dataset, local.data.files, local.data.data_dir = "files", [
+                self.data_file], ""
+            standardize = local.data.standardize
+            if standardize == "federated" or (standardize == "auto"
+                                              and local.privacy.level == "none"):
+                raise ConfigError(
+                    "data.standardize = \"federated\" (the default without privacy) sums "
+                    "every site's column moments, which the Flower runtime does not do yet; "
+                    "with one data file per node set data.standardize = \"bounds\" (the "
+                    "schema's public ranges) or \"site\" in the federation's config.")
+        if self.keys:
+            local.protection.keys = self.keys
+        return local
+
+
+def run_config_of(context: Context, default: RunConfig | None) -> RunConfig:
+    """The federation's `RunConfig`: from the run configuration, else `default`."""
+    text = context.run_config.get(RUN_CONFIG_KEY)
+    if text is None:
+        if default is None:
+            raise ConfigError(f"the Flower run configuration holds no {RUN_CONFIG_KEY!r}; "
+                              "start the run with `fedcare serve` (it writes it).")
+        return default
+    if not isinstance(text, str):
+        raise ConfigError(f"run config {RUN_CONFIG_KEY!r} must be the TOML text of a fedcare "
+                          "config.")
+    import tomllib
+
+    try:
+        return RunConfig.from_dict(tomllib.loads(text), source=f"run config {RUN_CONFIG_KEY}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run config {RUN_CONFIG_KEY!r} is not valid TOML: {exc}.") from None
+
+
+# --------------------------------------------------------------------------- the site node
+@dataclass(frozen=True)
+class SiteHello:
+    """A site's introduction, its answer to the aggregator's first message.
+
+    Attributes
+    ----------
+    site : str
+    n_features : int
+        Width of the encoded inputs (fixes the model's layout; checked equal across sites).
+    record_privacy : RecordPrivacy or None
+        DP-SGD settings the site calibrated for itself (record level), from
+        which the aggregator's ledger plans each round's spend.
+    epsilon_cap : float
+        The site's cap (``inf``: only ``privacy.epsilon``).
+    """
+
+    site: str
+    n_features: int
+    record_privacy: RecordPrivacy | None
+    epsilon_cap: float
+
+
+class SiteNode:
+    """What a site process builds once: its data, model, trainer, privacy and protection.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The federation's configuration (as the aggregator sent it).
+    settings : NodeSettings
+    """
+
+    def __init__(self, config: RunConfig, settings: NodeSettings) -> None:
+        if config.privacy.level == "site":
+            raise ConfigError("privacy.level = 'site' (client-level DP) is not supported by the "
+                              "Flower runtime yet; use 'record' or run it with `fedcare run`.")
+        self.settings = settings
+        self.config = local = settings.apply(config)
+        torch.set_num_threads(local.threads)
+        private = local.privacy.level != "none"
+        data = build_federation(local.data, private=private)
+        names = [s.name for s in data.sites]
+        if settings.site:
+            if settings.site not in names:
+                raise ConfigError(f"this node is site {settings.site!r}, but its data hold "
+                                  f"site(s) {names}; check --node-config site= and data-file=.")
+            position = names.index(settings.site)
+        else:
+            if not 0 <= settings.partition < len(names):
+                raise ConfigError(f"partition-id {settings.partition} is not a site of the "
+                                  f"{len(names)} in the data.")
+            position = settings.partition
+        self.data: SiteData = data.sites[position]
+        self.name = self.data.name
+        self.n_features = data.n_features
+        self.trainer = LocalTrainer(FlatModel(build_model(local.model, data.n_features)),
+                                    local.privacy.clipping)
+        self.record_privacy: RecordPrivacy | None = None
+        self.noise_for = None
+        if private:
+            own = dict(local.privacy.site_epsilon)
+            cap = min(own.get(self.name, math.inf), settings.epsilon_cap)
+            local.privacy.site_epsilon = {} if math.isinf(cap) else {self.name: cap}
+            plan = build_privacy_plan(local, replace(data, sites=[self.data]))
+            assert plan is not None
+            self.record_privacy = plan.record[self.name]
+            self.noise_for = noise_factory(local)
+        self.epsilon_cap = min(local.privacy.site_epsilon.get(self.name, math.inf),
+                               settings.epsilon_cap)
+        self.protection = build_scheme(local.protection)
+
+    def hello(self) -> SiteHello:
+        return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap)
+
+    def site(self, index: int, protection: Scheme) -> Site:
+        return Site(self.data, self.trainer, index=index, seed=self.config.seed,
+                    protection=protection, record_privacy=self.record_privacy,
+                    noise_for=self.noise_for)
+
+
+# --------------------------------------------------------------------------- session state
+def _x25519_private_key(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def _reduce_x25519(key: X25519PrivateKey) -> tuple[Callable[[bytes], X25519PrivateKey],
+                                                   tuple[bytes]]:
+    return _x25519_private_key, (key.private_bytes_raw(),)
+
+
+_SAFE_BUILTINS = frozenset({"set", "frozenset", "dict", "list", "tuple", "bytes", "bytearray"})
+
+
+class _SessionUnpickler(pickle.Unpickler):
+    """Rebuilds only fedcare objects: the state is the node's own, but a bug never runs code."""
+
+    def __init__(self, data: bytes, shared: dict[str, object]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.shared = shared
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("fedcare.") or (module == "builtins" and name in _SAFE_BUILTINS):
+            return super().find_class(module, name)
+        raise ProtocolError(f"the saved protection session names {module}.{name}; refused.")
+
+    def persistent_load(self, pid: Any) -> object:
+        return self.shared[str(pid)]
+
+
+class SessionStore:
+    """A `Scheme` (site side) whose round session survives from one message to the next.
+
+    The session is pickled into ``context.state`` after each message and
+    restored by the next message of the same round and attempt. The scheme's
+    own key material (e.g. the CKKS secret-key context) is not copied into
+    the state: it is referred to and taken from the scheme again.
+
+    Parameters
+    ----------
+    scheme : Scheme
+    state : RecordDict
+        The node's `Context.state`.
+    attempt : int
+        Which try of the round this is; a retried round starts a fresh session.
+    """
+
+    def __init__(self, scheme: Scheme, state: RecordDict, attempt: int) -> None:
+        self.scheme = scheme
+        self.name = scheme.name
+        self.state = state
+        self.attempt = attempt
+        self._live: tuple[int, int, SiteSession] | None = None
+        self._shared = {name: value for name, value in vars(scheme).items()
+                        if not isinstance(value, str | bytes | int | float | bool | type(None))}
+
+    def site_session(self, round_number: int, site: int) -> SiteSession:
+        if self._live is None or self._live[:2] != (round_number, site):
+            self._live = (round_number, site, self._restore(round_number, site)
+                          or self.scheme.site_session(round_number, site))
+        return self._live[2]
+
+    def aggregator_session(self, round_number: int, cohort: Sequence[int],
+                           length: int) -> AggregatorSession:
+        raise ProtocolError("a site does not aggregate")
+
+    def _restore(self, round_number: int, site: int) -> SiteSession | None:
+        record = self.state.config_records.get(SESSION)
+        if record is None or (record.get("round"), record.get("attempt"), record.get("site")) \
+                != (round_number, self.attempt, site):
+            return None
+        data = record.get("session")
+        assert isinstance(data, bytes)
+        session = _SessionUnpickler(data, self._shared).load()
+        return session  # type: ignore[no-any-return]
+
+    def save(self) -> None:
+        """Keep the live session in the node state (nothing to do if there is none)."""
+        if self._live is None:
+            return
+        round_number, site, session = self._live
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = copyreg.dispatch_table.copy()
+        pickler.dispatch_table[type(X25519PrivateKey.generate())] = _reduce_x25519
+        by_id = {id(value): name for name, value in self._shared.items()}
+        pickler.persistent_id = lambda obj: by_id.get(id(obj))  # type: ignore[method-assign]
+        pickler.dump(session)
+        self.state[SESSION] = ConfigRecord({"round": round_number, "attempt": self.attempt,
+                                            "site": site, "session": buffer.getvalue()})
+
+
+# --------------------------------------------------------------------------- answering
+def error_reply(message: Message, exc: FedcareError) -> Message:
+    content = RecordDict({ERROR: ConfigRecord({"type": type(exc).__name__,
+                                                "message": str(exc)})})
+    return Message(content, reply_to=message)
+
+
+def answer(message: Message, context: Context, node: SiteNode) -> Message:
+    """The site's reply to one message of the aggregator (see the module docstring)."""
+    header = message.content.config_records.get(HEADER)
+    try:
+        if header is None:
+            raise ProtocolError("a message without a fedcare header arrived; refused.")
+        addressed = str(header["site"])
+        if addressed and addressed != node.name:
+            raise ProtocolError(f"this node is site {node.name!r}, but the message was "
+                                f"addressed to site {addressed!r}; refused.")
+        kind = str(header["kind"])
+        if kind == "hello":
+            reply: object = node.hello()
+        else:
+            round_number, index = int(header["round"]), int(header["index"])  # type: ignore[arg-type]
+            sessions = SessionStore(node.protection, context.state, int(header["attempt"]))  # type: ignore[arg-type]
+            site = node.site(index, sessions)
+            body = from_record(message.content)
+            if kind == "exchange":
+                reply = site.exchange(round_number, body)
+            elif kind == "fit":
+                if not (isinstance(body, tuple) and len(body) == 2
+                        and isinstance(body[0], torch.Tensor)
+                        and isinstance(body[1], FitInstructions)):
+                    raise ProtocolError("a fit message must carry (global parameters, "
+                                        "FitInstructions).")
+                params, instructions = body
+                if instructions.round != round_number:
+                    raise ProtocolError(f"fit instructions of round {instructions.round} "
+                                        f"arrived in round {round_number}.")
+                reply = site.fit(params, instructions)
+            else:
+                raise ProtocolError(f"unknown fedcare message kind {kind!r}.")
+            sessions.save()
+    except FedcareError as exc:
+        return error_reply(message, exc)
+    content = to_record(reply)
+    return Message(content, reply_to=message)
