@@ -35,7 +35,7 @@ def build_scheme(config: ProtectionConfig) -> Scheme:
     if config.scheme == "secagg":
         from fedcare.protection.secagg import SecAggScheme
 
-        return SecAggScheme(threshold=config.threshold)
+        return SecAggScheme(threshold=config.threshold, neighbours=config.neighbours)
     if config.scheme == "ckks":
         from fedcare.protection.ckks import CkksScheme  # TenSEAL takes 0.3 s to import
 

@@ -1,13 +1,15 @@
-"""`secagg`: masked secure aggregation with dropout recovery (Bonawitz et al. 2017).
+"""`secagg`: masked secure aggregation with dropout recovery (Bonawitz et al. 2017, SecAgg+).
 
 The cryptographic core of "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning" (Bonawitz, Ivanov, Kreuter, Marcedone,
 McMahan, Patel, Ramage, Segal, Seth; CCS 2017), Figure 4, honest-but-curious
 variant. The aggregator learns the sum of the sites' vectors and which sites
-contributed, nothing else. Sites and aggregator exchange frozen dataclasses of
-bytes and ints, so a round can be driven in process (`simulate_round`) or over
-any transport (Flower messages) by the same `SecAggSite` / `SecAggAggregator`
-objects; one pair of objects per round (keys are fresh every round).
+contributed, nothing else (with SecAgg+, below: with high probability over a
+random graph, and only if it follows the protocol). Sites and aggregator
+exchange frozen dataclasses of bytes and ints, so a round can be driven in
+process (`simulate_round`) or over any transport (Flower messages) by the same
+`SecAggSite` / `SecAggAggregator` objects; one pair of objects per round (keys
+are fresh every round).
 
 Protocol (one round; ``t`` = threshold, ids are the Shamir x coordinates)
 -------------------------------------------------------------------------
@@ -73,9 +75,103 @@ Threat model
   colluding sites, it reveals the remaining site's vector. Combine with
   client-level DP for that.
 
-SecAgg+ (Bell et al. 2020, sparse k-regular masking graphs) is not
-implemented: every site masks with every other, O(n) key agreements and PRG
-expansions per site.
+SecAgg+: sparse random neighbourhoods (``neighbours = k > 0``)
+-------------------------------------------------------------
+"Secure Single-Server Aggregation with (Poly)Logarithmic Overhead" (Bell,
+Bonawitz, Gascón, Lepoint, Raykova; CCS 2020), semi-honest variant. The
+complete graph above costs each site O(n) and the round O(n^2); with
+``RoundSetup.neighbours = k`` (``protection.neighbours``) the same four
+phases run on a k-regular graph, O(k) per site and O(n k) per round.
+
+* Graph. The aggregator draws a 32-byte ``graph_seed`` with `secrets` and
+  sends it in the `RoundSetup`. Every party sorts the site ids by
+  ``SHA-256(domain, seed, id)`` (a uniformly random ordering) and joins each
+  site to the ``k/2`` sites before and after it on that ring: the Harary
+  graph ``H(k, n)`` on a random permutation, as Bell et al. and Flower's
+  SecAgg+ use (`RoundSetup.neighbourhood`). ``k``, ``t_k`` and the seed are
+  bound into the round context, so a site handed another graph cannot open
+  its peers' shares and the round fails instead of mixing graphs. A site
+  refuses a setup whose ``k`` is not its own ``protection.neighbours``.
+* Threshold. ``u`` shares ``s_u`` and ``b_u`` among its neighbourhood
+  ``N[u]`` -- itself and its ``k`` neighbours -- in U1, and any
+  ``t_k = max(k/2 + 1, ceil(threshold * (k + 1)))`` of those ``k + 1``
+  shares rebuild a secret: with the default ``protection.threshold = 0.5``
+  that is Bell et al.'s ``k/2 + 1``, always a majority of the neighbourhood
+  (`RoundSetup.neighbour_threshold`). ``u`` sends ``k`` encrypted shares,
+  not ``n - 1``.
+* Masking. ``y_u = x_u + PRG(b_u) + sum_{v in N(u) and U2} D_uv PRG(s_uv)``.
+* Unmasking. Each survivor reveals shares for its neighbourhood only
+  (``b_v`` for those in U3, ``s_v`` for those in U2 \\ U3, never both for
+  one ``v``). The aggregator rebuilds every survivor's ``b_v`` and the
+  ``s_d`` of every dropped site with a surviving neighbour from ``t_k``
+  shares of that site's neighbourhood; the sum is exact as before.
+* Quorum. Besides ``threshold`` sites to the end, every neighbourhood whose
+  secret is needed must keep ``t_k`` of its members: the aggregator checks
+  U2, then U3 before asking anyone to unmask, each site checks again before
+  revealing, and the aggregator checks the answers before rebuilding
+  anything. A shortfall is a `QuorumError` naming the site whose
+  neighbourhood fell short; nothing is unmasked.
+
+SecAgg+ threat model
+~~~~~~~~~~~~~~~~~~~~
+What holds for every graph (honest-but-curious aggregator, as above): it
+learns more than the sum only if (a) ``t_k`` of some site's neighbours
+collude with it -- their shares rebuild that site's ``s_u`` next to its
+revealed ``b_u``, exposing its input: 8 sites at ``k = 14``, where the
+complete graph needs ``t``, 51 of 100 -- or (b) the colluding and dropped
+sites together cut the graph, which shows it the partial sum of each
+remaining piece (masks cancel inside a piece). Fewer than ``t_k`` colluding
+sites in all never do (a); fewer than ``k`` colluding and dropped sites never
+do (b), ``H(k, n)`` being k-connected. Beyond that, the aggregator learns
+only the sum *with high probability over the random ordering*, for colluding
+and dropped sets fixed before the seed is drawn (Bell et al. 2020, security
+of their semi-honest random-graph protocol; the same two bad events as in
+Google's fcp parameter finder). `graph_bounds` gives union bounds on both, and on the round
+aborting for lack of a neighbourhood quorum, per round (the graph is
+drawn afresh each round, so over R rounds they add up to R times as much).
+A selection of ``python -m fedcare.protection.secagg --bounds``, with
+``t = k/2 + 1``; ``c`` columns: P[exposed] / P[split] with a fraction ``c``
+of the sites colluding and 10% dropped; ``d`` columns: P[aborted] with a
+fraction ``d`` dropped at random; 0: impossible whatever the graph.
+
+=====  ===  ===  ==============  ==============  ==============  ============  =====  ====  ====
+sites    k    t  c = 5%          c = 10%         c = 20%         c = 33%       d=10%  20%   30%
+=====  ===  ===  ==============  ==============  ==============  ============  =====  ====  ====
+  100   14    8  0 / 2^-39       2^-14 / 2^-28   2^-4 / 2^-16    1 / 2^-7      2^-13  2^-2  1
+  100   40   21  0 / 0           0 / 0           0 / 0           2^-4 / 2^-68  0      0     2^-6
+  100   60   31  0 / 0           0 / 0           0 / 0           2^-15 / 0     0      0     0
+  300   18   10  2^-25 / 2^-39   2^-13 / 2^-30   2^-3 / 2^-18    1 / 2^-7      2^-12  2^-2  1
+  300   40   21  0 / 2^-131      2^-38 / 2^-99   2^-13 / 2^-65   1 / 2^-39     2^-37  2^-12 0.54
+  300   60   31  0 / 0           0 / 2^-197      2^-24 / 2^-118  2^-3 / 2^-72  0      2^-23 2^-5
+ 1000   20   11  2^-22 / 2^-37   2^-11 / 2^-29   2^-1 / 2^-16    1 / 2^-6      2^-10  0.85  1
+ 1000   60   31  2^-85 / 2^-163  2^-46 / 2^-132  2^-16 / 2^-92   1 / 2^-57     2^-45  2^-15 2^-2
+=====  ===  ===  ==============  ==============  ==============  ============  =====  ====  ====
+
+Reading: the floor ``k = 2 log2 n`` (14 at 100 sites, 18 at 300) keeps 5%
+colluding sites out (impossible at 100 sites, 2^-25 at 300), 10% only to
+about 2^-13 a round, and 20% or a third not at all. 40-bit security against
+10% colluding needs ``k`` about 40 at 300 sites; against a third, more than
+60. Keeping ``t_k`` a majority also caps dropouts per neighbourhood: at
+``k = 14`` a round with 20% random dropouts aborts with probability up to
+1/4 (the complete graph survives up to ``n - t``). Bell et al. and fcp
+reach smaller ``k`` by tuning ``t`` to stated colluding and dropout rates;
+this module keeps a majority and leaves ``k`` to ``protection.neighbours``.
+
+* Aggregator that lies (not honest-but-curious): with the complete graph,
+  one that tells different sites different survivor lists still cannot
+  expose a single site, because rebuilding the mask keys of all ``n - 1``
+  others needs ``(n - 1) t`` key shares and honest sites reveal at most
+  ``n (n - t) < (n - 1) t`` of them when ``t > n/2``. SecAgg+ loses this: sites
+  told that ``u`` survived reveal ``b_u``, and sites told that each of ``u``'s
+  neighbours dropped reveal their mask keys -- different owners, so the
+  "never both" rule never fires and each neighbourhood keeps its quorum.
+  That exposes ``u`` with no colluding site at all (a test plays it). The
+  defences of the malicious setting -- a consistency round in which sites
+  sign the survivor list before anything is revealed, and a graph seed no
+  single party chooses -- are not implemented; a malicious aggregator could
+  also grind the seed until a target's neighbours are its colluders. **Use SecAgg+ only where the
+  aggregator is trusted to follow the protocol** (as the rest of this module
+  assumes), and prefer the complete graph when it is affordable.
 
 Cost, measured
 --------------
@@ -121,7 +217,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import partial
+from functools import cached_property, partial
 from typing import TypeVar
 
 import numpy as np
@@ -167,12 +263,26 @@ class RoundSetup:
     site_ids : tuple of int
         Ids of the sites selected for the round: distinct, in [1, 2^32).
     threshold : int
-        Shares needed to rebuild a secret; must satisfy ``n/2 < threshold <= n``
-        (see the module's threat model). The round needs ``threshold`` sites to the end.
+        Must satisfy ``n/2 < threshold <= n`` (see the module's threat model).
+        The round needs ``threshold`` sites to the end; with the complete graph
+        it is also the number of shares needed to rebuild a secret.
     vector_length : int
         Number of values each site sums (>= 1).
     frac_bits : int
         Fixed-point resolution ``2**-frac_bits``; see `FixedPoint` for the range.
+    neighbours : int
+        0: complete graph (Bonawitz et al.). Otherwise SecAgg+ (Bell et al.):
+        each site masks with, and shares its secrets among, ``neighbours``
+        sites of a Harary graph drawn from `graph_seed`; an even number in
+        ``[2, n - 1]``.
+    neighbour_threshold : int
+        SecAgg+: shares needed to rebuild a site's secret, out of the ``k + 1``
+        held by the site and its ``k`` neighbours; a majority of them,
+        ``k/2 < neighbour_threshold <= k + 1``. 0 takes ``k/2 + 1``.
+    graph_seed : bytes
+        SecAgg+: 32 public random bytes that fix the graph (`neighbourhood`).
+        Empty: drawn here from the operating system's CSPRNG; the aggregator
+        builds the setup and sends it to every site, so all derive the same graph.
     """
 
     round_number: int
@@ -180,6 +290,9 @@ class RoundSetup:
     threshold: int
     vector_length: int
     frac_bits: int = 32
+    neighbours: int = 0
+    neighbour_threshold: int = 0
+    graph_seed: bytes = b""
     context: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -198,18 +311,76 @@ class RoundSetup:
             raise ConfigError(f"secagg round_number must be in [0, 2^63); got "
                               f"{self.round_number}.")
         FixedPoint(frac_bits=self.frac_bits, max_sites=n)  # validates frac_bits
+        k = self.neighbours
+        if k == 0:
+            if self.neighbour_threshold or self.graph_seed:
+                raise ConfigError("secagg neighbour_threshold and graph_seed apply only to a "
+                                  "SecAgg+ round (neighbours > 0); got neighbours = 0 with "
+                                  f"neighbour_threshold = {self.neighbour_threshold} and a "
+                                  f"{len(self.graph_seed)}-byte graph_seed.")
+        else:
+            if not (2 <= k <= n - 1 and k % 2 == 0):
+                raise ConfigError(f"secagg neighbours must be 0 (complete graph) or an even "
+                                  f"number in [2, {n - 1}] for {n} sites (a Harary graph of "
+                                  f"even degree below n); got {k}.")
+            t = self.neighbour_threshold or k // 2 + 1
+            if not k // 2 < t <= k + 1:
+                raise ConfigError(f"secagg neighbour_threshold must be in ({k // 2}, {k + 1}] "
+                                  f"for {k} neighbours (a majority of the {k + 1} holders of a "
+                                  f"site's shares: the site and its neighbours); got {t}.")
+            seed = self.graph_seed or secrets.token_bytes(_KEY_BYTES)
+            if len(seed) != _KEY_BYTES:
+                raise ConfigError(f"secagg graph_seed must be {_KEY_BYTES} bytes; got "
+                                  f"{len(seed)}.")
+            object.__setattr__(self, "neighbour_threshold", t)
+            object.__setattr__(self, "graph_seed", seed)
         object.__setattr__(self, "site_ids", tuple(sorted(ids)))
         digest = hashlib.sha256(_DOMAIN)
         digest.update(struct.pack(">QIQI", self.round_number, self.threshold,
                                   self.vector_length, self.frac_bits))
         for i in self.site_ids:
             digest.update(_ID.pack(i))
+        if k:  # the complete graph's context is unchanged from before SecAgg+
+            digest.update(b"secagg+" + struct.pack(">II", k, self.neighbour_threshold)
+                          + self.graph_seed)
         object.__setattr__(self, "context", digest.digest())
 
     @property
     def encoding(self) -> FixedPoint:
         """The fixed-point code of this round (bound set by the number of sites)."""
         return FixedPoint(frac_bits=self.frac_bits, max_sites=len(self.site_ids))
+
+    @property
+    def share_threshold(self) -> int:
+        """Shares needed to rebuild one site's secret: `threshold`, or `neighbour_threshold`."""
+        return self.neighbour_threshold if self.neighbours else self.threshold
+
+    def neighbourhood(self, site: int) -> tuple[int, ...]:
+        """The sites that hold shares of `site`'s secrets, sorted: `site` and its neighbours.
+
+        Every site for the complete graph. For SecAgg+, the Harary graph
+        ``H(k, n)`` on a random ordering of the sites: the sites are sorted by
+        ``SHA-256(domain, graph_seed, id)`` and each is joined to the ``k/2``
+        before and the ``k/2`` after it, cyclically. Anyone holding the setup
+        computes the same graph; it is ``k``-connected whatever the ordering.
+        """
+        if not self.neighbours:
+            return self.site_ids
+        try:
+            return self._graph[site]
+        except KeyError:
+            raise ConfigError(f"secagg site id {site} is not in the round's site_ids "
+                              f"{self.site_ids}.") from None
+
+    @cached_property
+    def _graph(self) -> dict[int, tuple[int, ...]]:
+        # cached_property writes the instance __dict__, not a dataclass field: messages and
+        # equality keep only the public parameters, from which the graph follows.
+        order = sorted(self.site_ids, key=lambda i: hashlib.sha256(
+            _DOMAIN + b"graph" + self.graph_seed + _ID.pack(i)).digest())
+        n, half = len(order), self.neighbours // 2
+        return {u: tuple(sorted(order[(p + j) % n] for j in range(-half, half + 1)))
+                for p, u in enumerate(order)}
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -394,7 +565,10 @@ class SecAggSite:
         return self._advertisement()
 
     def share_keys(self, roster: KeyRoster) -> ShareBundle:
-        """Phase 1: Shamir-share the mask key and self-mask seed among U1, encrypted per site."""
+        """Phase 1: Shamir-share the mask key and self-mask seed, encrypted per site.
+
+        Among U1 with the complete graph; among this site's neighbours in U1 with SecAgg+.
+        """
         self._expect(Phase.SHARE_KEYS)
         setup = self.setup
         roster_ids = [k.site for k in roster.keys]
@@ -415,11 +589,17 @@ class SecAggSite:
         if len(roster_ids) < setup.threshold:
             raise QuorumError(f"{self.name}: {len(roster_ids)} sites advertised keys in round "
                               f"{setup.round_number}; the threshold is {setup.threshold}.")
-        holders = sorted(roster_ids)
+        neighbourhood = setup.neighbourhood(self.site_id)
+        holders = sorted(set(roster_ids).intersection(neighbourhood))
+        if len(holders) < setup.share_threshold:
+            raise QuorumError(f"{self.name}: {len(holders)} sites of its neighbourhood "
+                              f"{list(neighbourhood)} advertised keys in round "
+                              f"{setup.round_number}; its neighbourhood threshold is "
+                              f"{setup.share_threshold}. Nothing is shared.")
         key_shares = shamir.split(int.from_bytes(self._mask_key.private_bytes_raw(), "big"),
-                                  threshold=setup.threshold, holders=holders)
+                                  threshold=setup.share_threshold, holders=holders)
         seed_shares = shamir.split(int.from_bytes(self._self_mask, "big"),
-                                   threshold=setup.threshold, holders=holders)
+                                   threshold=setup.share_threshold, holders=holders)
         out = []
         for v in holders:
             if v == self.site_id:
@@ -449,16 +629,23 @@ class SecAggSite:
             raise ProtocolError(f"{self.name}: received the shares addressed to site "
                                 f"{shares.recipient}.")
         received: dict[int, tuple[int, int]] = {}
+        neighbourhood = setup.neighbourhood(self.site_id)
         for share in shares.shares:
             u = share.sender
-            if u == self.site_id or u not in self._roster or u in received:
+            if (u == self.site_id or u not in self._roster or u in received
+                    or u not in neighbourhood):
                 raise ProtocolError(f"{self.name}: unexpected share from site {u} (not in U1, "
-                                    "a duplicate, or from itself).")
+                                    "not a neighbour, a duplicate, or from itself).")
             received[u] = self._open_share(share)
         u2 = frozenset(received) | {self.site_id}
-        if len(u2) < setup.threshold:
+        if not setup.neighbours and len(u2) < setup.threshold:
             raise QuorumError(f"{self.name}: {len(u2)} sites shared keys in round "
                               f"{setup.round_number}; the threshold is {setup.threshold}.")
+        if len(u2) < setup.share_threshold:  # SecAgg+: U2 as far as this site can see it
+            raise QuorumError(f"{self.name}: {len(u2)} sites of its neighbourhood "
+                              f"{list(neighbourhood)} shared keys in round "
+                              f"{setup.round_number}; its neighbourhood threshold is "
+                              f"{setup.share_threshold}. Nothing is sent.")
         x = np.asarray(update)
         if x.shape != (setup.vector_length,):
             raise ProtocolError(f"{self.name}: update of shape {x.shape}; this round sums "
@@ -466,7 +653,7 @@ class SecAggSite:
         masked = setup.encoding.encode(x, site=self.name)
         masked += expand_mask(_self_mask_seed(self._self_mask, setup.context, self.site_id),
                               setup.vector_length)
-        for v in sorted(u2 - {self.site_id}):
+        for v in sorted(u2 - {self.site_id}):  # SecAgg+: only neighbours ever send shares
             mask = expand_mask(self._pair_seed(v), setup.vector_length)
             # D_uv = +1 for u < v, -1 for u > v (Bonawitz Fig. 4, round 2): cancels in the sum.
             if self.site_id < v:
@@ -481,6 +668,9 @@ class SecAggSite:
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Phase 3: reveal shares of ``b_v`` for survivors and of ``s_v`` for dropped sites.
 
+        Only for the sites whose shares this site holds: U2 with the complete
+        graph, its neighbours in U2 with SecAgg+.
+
         Raises
         ------
         ProtocolError
@@ -488,14 +678,23 @@ class SecAggSite:
             answering would reveal both kinds of share for one site (which
             would unmask its input), counting every earlier request.
         QuorumError
-            If fewer than ``threshold`` survivors are named.
+            If fewer than ``threshold`` survivors are named or, with SecAgg+,
+            if the survivors in the neighbourhood of a site whose share this
+            one would reveal are fewer than ``neighbour_threshold`` (its secret
+            could not be rebuilt, so nothing is revealed).
         """
         self._expect(Phase.UNMASK)
         setup = self.setup
         survivors = frozenset(request.survivors)
-        if len(survivors) != len(request.survivors) or not survivors <= self._u2:
+        neighbourhood = frozenset(setup.neighbourhood(self.site_id))
+        if (len(survivors) != len(request.survivors)
+                or not survivors & neighbourhood <= self._u2
+                or not survivors.issubset(setup.site_ids)):
+            where = (f"U2 = {sorted(self._u2)}" if not setup.neighbours else
+                     f"the selected sites whose neighbours of this site are in its U2 = "
+                     f"{sorted(self._u2)}")
             raise ProtocolError(f"{self.name}: survivors {sorted(request.survivors)} are not "
-                                f"distinct sites of U2 = {sorted(self._u2)}.")
+                                f"distinct sites of {where}.")
         if self.site_id not in survivors:
             raise ProtocolError(f"{self.name}: asked to unmask a round in which it is declared "
                                 "dropped although it sent its masked input.")
@@ -503,18 +702,29 @@ class SecAggSite:
             raise QuorumError(f"{self.name}: {len(survivors)} sites sent masked inputs in round "
                               f"{setup.round_number}; the threshold is {setup.threshold}. "
                               "Nothing is revealed.")
+        alive = survivors & self._u2  # the sites whose shares it holds: all of U2, or neighbours
         dropped = self._u2 - survivors
-        conflict = sorted((survivors & self._revealed_key) | (dropped & self._revealed_self_mask))
+        if setup.neighbours:
+            for v in sorted(self._u2):
+                # Each of them needs its neighbourhood: b_v if it survived, s_v if it dropped
+                # (this site survived and masked with it).
+                present = survivors.intersection(setup.neighbourhood(v))
+                if len(present) < setup.share_threshold:
+                    raise QuorumError(f"{self.name}: the neighbourhood of site {v} has "
+                                      f"{len(present)} survivor(s) {sorted(present)} in round "
+                                      f"{setup.round_number}; its threshold is "
+                                      f"{setup.share_threshold}. Nothing is revealed.")
+        conflict = sorted((alive & self._revealed_key) | (dropped & self._revealed_self_mask))
         if conflict:
             raise ProtocolError(f"{self.name}: refusing to unmask: site(s) {conflict} were "
                                 "declared dropped in one request and survivors in another; "
                                 "revealing both shares would expose their inputs.")
-        self._revealed_self_mask |= survivors
+        self._revealed_self_mask |= alive
         self._revealed_key |= dropped
         return UnmaskResponse(
             self.site_id,
             tuple(RevealedShare(v, shamir.share_to_bytes(self._held[v][1]))
-                  for v in sorted(survivors)),
+                  for v in sorted(alive)),
             tuple(RevealedShare(v, shamir.share_to_bytes(self._held[v][0]))
                   for v in sorted(dropped)))
 
@@ -595,14 +805,18 @@ class SecAggAggregator:
         u1 = set(self._roster)
         for bundle in bundles:
             recipients = [s.recipient for s in bundle.shares]
-            if sorted(recipients) != sorted(u1 - {bundle.site}) or any(
+            expected = sorted(u1.intersection(self.setup.neighbourhood(bundle.site))
+                              - {bundle.site})
+            if sorted(recipients) != expected or any(
                     s.sender != bundle.site for s in bundle.shares):
+                whom = "other site" if not self.setup.neighbours else "neighbour in"
                 raise ProtocolError(f"secagg round {self.setup.round_number}: site "
                                     f"{bundle.site} sent shares for {sorted(recipients)}; "
-                                    f"expected one for each other site of U1 "
-                                    f"{sorted(u1 - {bundle.site})}.")
+                                    f"expected one for each {whom} U1 {expected}.")
         self._quorum(len(bundles), "shared keys")
         self._u2 = tuple(sorted(b.site for b in bundles))
+        if self.setup.neighbours:
+            self._neighbourhood_quorum(self._u2, set(self._u2), "shared keys")
         inbox: dict[int, list[EncryptedShare]] = {v: [] for v in self._u2}
         for bundle in bundles:
             for share in bundle.shares:
@@ -626,8 +840,11 @@ class SecAggAggregator:
             total += np.frombuffer(message.masked, dtype="<u8")
             senders.append(message.site)
         self._quorum(len(senders), "sent masked inputs")
+        u3 = tuple(sorted(senders))
+        if self.setup.neighbours:  # checked before the unmask request: nothing is revealed
+            self._neighbourhood_quorum(self._needed_secrets(u3), set(u3), "sent masked inputs")
         self._masked_sum = total
-        self._u3 = tuple(sorted(senders))
+        self._u3 = u3
         self._phase = Phase.UNMASK
         return UnmaskRequest(self._u3)
 
@@ -646,34 +863,53 @@ class SecAggAggregator:
         responses = list(responses)
         self._check_senders([r.site for r in responses], self._u3, "unmask response")
         survivors = self._u3
-        dropped = tuple(sorted(set(self._u2) - set(survivors)))
+        alive, u2 = set(survivors), set(self._u2)
         for r in responses:
-            if (tuple(s.owner for s in r.self_mask_shares) != survivors
-                    or tuple(s.owner for s in r.key_shares) != dropped):
+            # A responder holds shares of its neighbourhood (everyone, for the complete graph).
+            neighbourhood = setup.neighbourhood(r.site)
+            expected_alive = [v for v in neighbourhood if v in alive]
+            expected_dropped = [v for v in neighbourhood if v in u2 and v not in alive]
+            if ([s.owner for s in r.self_mask_shares] != expected_alive
+                    or [s.owner for s in r.key_shares] != expected_dropped):
                 raise ProtocolError(f"secagg: site {r.site} revealed shares for the wrong sites; "
-                                    f"expected self-mask shares for {list(survivors)} and key "
-                                    f"shares for {list(dropped)}.")
+                                    f"expected self-mask shares for {expected_alive} and key "
+                                    f"shares for {expected_dropped}.")
         self._quorum(len(responses), "answered the unmask request")
-        # Any t responders determine every secret; the lowest ids, for reproducibility.
-        responders = sorted(responses, key=lambda r: r.site)[:setup.threshold]
-        holders = [r.site for r in responders]
-        weights = shamir.lagrange_at_zero(holders)
+        needed = self._needed_secrets(survivors)
+        answered = {r.site for r in responses}
+        if setup.neighbours:  # every secret is checked before any is rebuilt
+            self._neighbourhood_quorum(needed, answered, "answered the unmask request")
+        self_mask_shares = {r.site: {s.owner: s.value for s in r.self_mask_shares}
+                            for r in responses}
+        key_shares = {r.site: {s.owner: s.value for s in r.key_shares} for r in responses}
+        weights: dict[tuple[int, ...], list[int]] = {}
+
+        def rebuild(owner: int, revealed: dict[int, dict[int, bytes]]) -> bytes:
+            # Any t holders that answered determine the secret; the lowest ids, for
+            # reproducibility. With the complete graph they are the same t for every secret.
+            holders = tuple([u for u in setup.neighbourhood(owner)
+                             if u in answered][:setup.share_threshold])
+            if holders not in weights:
+                weights[holders] = shamir.lagrange_at_zero(holders)
+            return self._rebuild(list(holders), weights[holders],
+                                 [revealed[u][owner] for u in holders], owner)
+
         total = self._masked_sum.copy()
         length = setup.vector_length
-        for k, v in enumerate(survivors):
-            b = self._rebuild(holders, weights, [r.self_mask_shares[k].value for r in responders],
-                              v)
+        for v in survivors:
+            b = rebuild(v, self_mask_shares)
             if _commit(b, setup.context, v) != self._roster[v].self_mask_commitment:
                 raise ProtocolError(f"secagg: the rebuilt self-mask seed of site {v} does not "
                                     "match its commitment; a revealed share is corrupt.")
             total -= expand_mask(_self_mask_seed(b, setup.context, v), length)
-        for k, d in enumerate(dropped):
-            raw = self._rebuild(holders, weights, [r.key_shares[k].value for r in responders], d)
-            key = X25519PrivateKey.from_private_bytes(raw)
+        for d in (v for v in needed if v not in alive):
+            key = X25519PrivateKey.from_private_bytes(rebuild(d, key_shares))
             if key.public_key().public_bytes_raw() != self._roster[d].mask_public_key:
                 raise ProtocolError(f"secagg: the rebuilt mask key of dropped site {d} does not "
                                     "match its public key; a revealed share is corrupt.")
-            for u in survivors:
+            for u in setup.neighbourhood(d):
+                if u not in alive:
+                    continue
                 shared = _agree(key, self._roster[u].mask_public_key, owner=u)
                 mask = expand_mask(_pair_mask_seed(shared, setup.context, u, d), length)
                 # Survivor u added D_ud * PRG(s_ud) for the dropped d; take it back out.
@@ -689,11 +925,36 @@ class SecAggAggregator:
     def _rebuild(self, holders: list[int], weights: list[int], values: list[bytes],
                  owner: int) -> bytes:
         shares = {x: shamir.share_from_bytes(y) for x, y in zip(holders, values, strict=True)}
-        secret = shamir.reconstruct(shares, threshold=self.setup.threshold, weights=weights)
+        secret = shamir.reconstruct(shares, threshold=self.setup.share_threshold,
+                                    weights=weights)
         if secret >= 2 ** (8 * _KEY_BYTES):
             raise ProtocolError(f"secagg: a rebuilt secret of site {owner} is out of range; a "
                                 "revealed share is corrupt.")
         return secret.to_bytes(_KEY_BYTES, "big")
+
+    def _needed_secrets(self, survivors: Sequence[int]) -> tuple[int, ...]:
+        """Sites whose secret the unmasking rebuilds, sorted.
+
+        Every survivor (its self-mask seed) and every site of U2 \\ U3 that a
+        survivor masked with (its mask key): all of U2 with the complete
+        graph, the dropped sites with a surviving neighbour with SecAgg+.
+        """
+        alive = set(survivors)
+        return tuple(v for v in self._u2 if v in alive or any(
+            u in alive for u in self.setup.neighbourhood(v)))
+
+    def _neighbourhood_quorum(self, owners: Iterable[int], present: set[int],
+                              what: str) -> None:
+        """SecAgg+: refuse unless each owner's neighbourhood has ``share_threshold`` present."""
+        setup = self.setup
+        for v in owners:
+            members = [u for u in setup.neighbourhood(v) if u in present]
+            if len(members) < setup.share_threshold:
+                raise QuorumError(f"secagg round {setup.round_number}: in the neighbourhood of "
+                                  f"site {v}, {list(setup.neighbourhood(v))}, {len(members)} "
+                                  f"site(s) {what} ({members}); its threshold is "
+                                  f"{setup.share_threshold}. The round is aborted and nothing "
+                                  "is unmasked.")
 
     def _check_senders(self, senders: list[int], allowed: Iterable[int], what: str) -> None:
         allowed_set = set(allowed)
@@ -736,23 +997,62 @@ class SecAggScheme:
     threshold : float
         Share of each round's selected sites needed to finish it; the
         threshold is ``max(n // 2 + 1, ceil(threshold * n))`` (always a majority).
+        With SecAgg+ the same share of each neighbourhood (a site and its
+        ``k`` neighbours) is needed to rebuild that site's secrets:
+        ``max(k/2 + 1, ceil(threshold * (k + 1)))`` (`neighbour_threshold`).
     frac_bits : int
         Fixed-point resolution.
+    neighbours : int
+        0: every site masks with every other (Bonawitz et al.). Otherwise
+        SecAgg+: ``k`` neighbours per site on a Harary graph the aggregator
+        draws afresh each round (`RoundSetup.neighbourhood`); an even number,
+        at least ``2 log2 n`` and below ``n`` for a cohort of ``n`` sites
+        (checked each round). Sites refuse a setup with another ``k``.
     """
 
     name = "secagg"
 
-    def __init__(self, threshold: float = 0.5, frac_bits: int = 32) -> None:
+    def __init__(self, threshold: float = 0.5, frac_bits: int = 32, neighbours: int = 0) -> None:
         if not 0 < threshold <= 1:
             raise ConfigError(f"protection.threshold must be in (0, 1]; got {threshold}.")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0 \
+                or neighbours % 2:
+            raise ConfigError(f"protection.neighbours must be 0 (every site masks with every "
+                              f"other) or an even number >= 2 (SecAgg+: masks with that many "
+                              f"random neighbours, e.g. 14 for 100 sites); got {neighbours!r}.")
         self.threshold = threshold
         self.frac_bits = frac_bits
+        self.neighbours = neighbours
 
     def round_threshold(self, n_sites: int) -> int:
         return max(n_sites // 2 + 1, math.ceil(round(self.threshold * n_sites, 9)))
 
+    def neighbour_threshold(self, neighbours: int) -> int:
+        """SecAgg+: shares needed out of a neighbourhood of ``neighbours + 1`` (a majority)."""
+        return max(neighbours // 2 + 1, math.ceil(round(self.threshold * (neighbours + 1), 9)))
+
+    def check_neighbours(self, n_sites: int, round_number: int) -> None:
+        """Refuse a `neighbours` that does not fit a cohort of `n_sites` (`ConfigError`).
+
+        The floor ``2 log2 n`` (rounded up to even) is where a random Harary
+        graph starts to keep a small colluding or dropped fraction of sites
+        from splitting it or from holding a majority of one neighbourhood; it
+        is a floor, not a guarantee (see the module's SecAgg+ threat model).
+        """
+        k = self.neighbours
+        if not k:
+            return
+        low, high = min_neighbours(n_sites), n_sites - 1 - (n_sites - 1) % 2
+        if not low <= k <= high:
+            fits = (f"an even number in [{low}, {high}]" if low <= high else
+                    "no SecAgg+ graph (too few sites for one)")
+            raise ConfigError(f"protection.neighbours = {k} does not fit round {round_number}'s "
+                              f"cohort of {n_sites} selected sites: SecAgg+ needs {fits} (at "
+                              f"least 2 log2 n, fewer than the other sites). Use 0 (every site "
+                              "masks with every other) or change protection.neighbours.")
+
     def site_session(self, round_number: int, site: int) -> SecAggSiteSession:
-        return SecAggSiteSession(round_number, site + 1)
+        return SecAggSiteSession(round_number, site + 1, neighbours=self.neighbours)
 
     def aggregator_session(self, round_number: int, cohort: Sequence[int],
                            length: int) -> SecAggAggregatorSession:
@@ -761,17 +1061,25 @@ class SecAggScheme:
                               f"selected sites (one site's sum is its update); "
                               f"{len(cohort)} selected. Raise federation.fraction or "
                               "federation.min_sites.")
+        self.check_neighbours(len(cohort), round_number)
+        k = self.neighbours
         setup = RoundSetup(round_number, tuple(i + 1 for i in cohort),
-                           self.round_threshold(len(cohort)), length, self.frac_bits)
+                           self.round_threshold(len(cohort)), length, self.frac_bits,
+                           neighbours=k,
+                           neighbour_threshold=self.neighbour_threshold(k) if k else 0,
+                           # Public randomness from the aggregator's CSPRNG; every site
+                           # derives the graph from it (see the threat model).
+                           graph_seed=secrets.token_bytes(_KEY_BYTES) if k else b"")
         return SecAggAggregatorSession(setup)
 
 
 class SecAggSiteSession:
-    """A site's side of one secagg round."""
+    """A site's side of one secagg round (`neighbours`: the site's own configuration)."""
 
-    def __init__(self, round_number: int, site_id: int) -> None:
+    def __init__(self, round_number: int, site_id: int, *, neighbours: int = 0) -> None:
         self.round_number = round_number
         self.site_id = site_id
+        self.neighbours = neighbours
         self._site: SecAggSite | None = None
         self._shares: SharesForSite | None = None
 
@@ -781,6 +1089,12 @@ class SecAggSiteSession:
                 raise ProtocolError(f"secagg site {self.site_id}: setup of round "
                                     f"{message.round_number} received in round "
                                     f"{self.round_number}.")
+            if message.neighbours != self.neighbours:
+                # The aggregator picks the graph; the site holds it to its own configuration.
+                raise ProtocolError(f"secagg site {self.site_id}: the setup of round "
+                                    f"{message.round_number} asks for {message.neighbours} "
+                                    f"neighbours per site; this site is configured with "
+                                    f"protection.neighbours = {self.neighbours}. Refusing.")
             self._site = SecAggSite(self.site_id, message)
             return self._site.advertise_keys()
         if isinstance(message, SharesForSite):
@@ -842,6 +1156,11 @@ class SecAggAggregatorSession:
         return torch.from_numpy(aggregate.values)
 
 
+def min_neighbours(n_sites: int) -> int:
+    """The smallest SecAgg+ degree accepted for `n_sites`: ``2 log2 n`` rounded up to even."""
+    return 2 * math.ceil(math.log2(n_sites))
+
+
 def _only(replies: Mapping[int, object], kind: type[_Message]) -> list[_Message]:
     """The replies of the expected type: a site that answers anything else has dropped out."""
     return [r for r in replies.values() if isinstance(r, kind)]
@@ -886,10 +1205,63 @@ def simulate_round(setup: RoundSetup, updates: Mapping[int, ArrayLike], *,
                                                if sends(v, Phase.UNMASK))
 
 
-def _measure(n_sites: int, vector_length: int, drop_fraction: float) -> str:
+def graph_bounds(n_sites: int, neighbours: int, neighbour_threshold: int, *, colluding: int,
+                 dropped: int) -> tuple[float, float, float]:
+    """Union bounds, over SecAgg+'s random graph, on the three ways it can fall short.
+
+    The colluding and the dropped sites are any fixed sets of the given
+    sizes, chosen without knowing the graph (the graph seed is drawn after).
+
+    Parameters
+    ----------
+    n_sites, neighbours, neighbour_threshold : int
+        ``n``, ``k`` and ``t`` of the round.
+    colluding : int
+        Sites that pool their shares and keys with the aggregator.
+    dropped : int
+        Sites that do not reach the end of the round.
+
+    Returns
+    -------
+    exposed : float
+        P[some honest site has ``>= t`` colluding neighbours], who then hold
+        enough shares to rebuild both its secrets and unmask its input.
+    split : float
+        P[the colluding and dropped sites together cut the graph], which
+        would show the aggregator the partial sum of each remaining piece.
+        0 when fewer than ``k`` sites are removed (the graph is ``k``-connected).
+    aborted : float
+        P[some neighbourhood needed for unmasking has fewer than ``t``
+        survivors]: the round fails with `QuorumError`, revealing nothing.
+    """
+    n, k, t = n_sites, neighbours, neighbour_threshold
+
+    def tail(population: int, marked: int, at_least: int) -> float:
+        """P[X >= at_least], X hypergeometric: k draws from `population` with `marked`."""
+        top = min(marked, k)
+        if at_least > top:
+            return 0.0
+        favourable = sum(math.comb(marked, i) * math.comb(population - marked, k - i)
+                         for i in range(max(at_least, 0), top + 1))
+        return favourable / math.comb(population, k)
+
+    exposed = (n - colluding) * tail(n - 1, colluding, t)
+    bad = colluding + dropped
+    # A cut of the ring-of-cliques needs k/2 consecutive removed sites in two places.
+    split = 0.0 if bad < k else n * (n - k + 1) / 2 * math.comb(bad, k) / math.comb(n, k)
+    # A survivor needs t - 1 surviving neighbours (it holds one share itself); a dropped
+    # site that a survivor masked with needs t.
+    aborted = ((n - dropped) * tail(n - 1, dropped, k - t + 2)
+               + dropped * tail(n - 1, max(dropped - 1, 0), k - t + 1))
+    return min(exposed, 1.0), min(split, 1.0), min(aborted, 1.0)
+
+
+def _measure(n_sites: int, vector_length: int, drop_fraction: float,
+             neighbours: int = 0) -> str:
     """Time one round; a line of the table in the module docstring."""
     setup = RoundSetup(round_number=1, site_ids=tuple(range(1, n_sites + 1)),
-                       threshold=n_sites // 2 + 1, vector_length=vector_length)
+                       threshold=n_sites // 2 + 1, vector_length=vector_length,
+                       neighbours=neighbours)
     rng = np.random.default_rng(0)
     updates = {i: rng.normal(size=vector_length).astype(np.float32) for i in setup.site_ids}
     # The lowest ids drop after sharing keys: the aggregator must rebuild their mask keys.
@@ -925,14 +1297,41 @@ def _measure(n_sites: int, vector_length: int, drop_fraction: float) -> str:
         expected += setup.encoding.encode(updates[i], site=str(i))
     if not np.array_equal(result.fixed_point, setup.encoding.decode_integers(expected)):
         raise AssertionError("secagg benchmark: unmasked sum differs from the plaintext sum")
-    return (f"{n_sites:>5} {vector_length:>7} {len(dropped):>4} {end_wall - wall:>7.2f} "
+    return (f"{n_sites:>5} {neighbours:>4} {vector_length:>7} {len(dropped):>4} "
+            f"{end_wall - wall:>7.2f} "
             f"{end_cpu - cpu:>7.2f} {float(np.median(list(site_seconds.values()))):>7.3f} "
             f"{end_cpu - unmask_cpu:>7.3f} " + " ".join(f"{sent[p]:>8}" for p in Phase))
 
 
+def _log2(p: float) -> str:
+    return "0" if p == 0 else f"2^{math.log2(p):.0f}" if p < 0.5 else f"{p:.2f}"
+
+
 if __name__ == "__main__":
-    print("sites  values drop  wall_s   cpu_s  site_s unmask_s   adv_B  share_B masked_B unmask_B")
-    for n, m in [(10, 6_209), (10, 100_000), (100, 6_209), (100, 100_000)]:
+    if "--bounds" in sys.argv:  # the SecAgg+ parameter table of the module docstring
+        print("sites    k    t  exposed/split, colluding 5% 10% 20% 33% (10% dropped)   "
+              "aborted, dropped 10% 20% 30%")
+        for n in (100, 300, 1000):
+            for k in sorted({min_neighbours(n), 20, 40, 60}):
+                t = k // 2 + 1
+                cells = []
+                for fraction in (0.05, 0.10, 0.20, 1 / 3):
+                    exposed, split, _ = graph_bounds(n, k, t, colluding=int(fraction * n),
+                                                     dropped=n // 10)
+                    cells.append(f"{_log2(exposed)}/{_log2(split)}")
+                aborted = [_log2(graph_bounds(n, k, t, colluding=0, dropped=int(d * n))[2])
+                           for d in (0.1, 0.2, 0.3)]
+                print(f"{n:>5} {k:>4} {t:>4}  " + " ".join(f"{c:>13}" for c in cells)
+                      + "  " + " ".join(f"{a:>6}" for a in aborted))
+        sys.exit(0)
+    print("sites    k  values drop  wall_s   cpu_s  site_s unmask_s   adv_B  share_B masked_B "
+          "unmask_B")
+    if "--plus" in sys.argv:  # complete graph against SecAgg+
+        runs = [(n, 6_209, k) for n in (100, 300) for k in (0, min_neighbours(n), 40)]
+    else:
+        runs = [(n, m, 0) for n, m in [(10, 6_209), (10, 100_000), (100, 6_209),
+                                       (100, 100_000)]]
+    for n, m, k in runs:
         for fraction in (0.0, 0.1):
-            print(_measure(n, m, fraction), flush=True)
+            print(_measure(n, m, fraction, k), flush=True)
     sys.exit(0)
