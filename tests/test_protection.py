@@ -329,3 +329,15 @@ def test_ckks_reads_keys_from_the_directory_of_keys_init(tmp_path: Path) -> None
         aggregator_only.site_session(1, 0)
     with pytest.raises(ConfigError, match="holds neither"):
         build_scheme(config("ckks", protection__keys=str(tmp_path)).protection)
+
+
+def test_secagg_plus_neighbours_train_the_same_model_as_plain() -> None:
+    # protection.neighbours = 10 of a round's 19 other sites (2 log2 20 = 8.6 rounds up to
+    # 10): each site masks with, and shares its keys among, 10 random neighbours only.
+    data = {"data__dataset": "breast-cancer", "data__partition": "iid", "data__sites": 20}
+    plain, _, _, _ = run(config("plain", **data))
+    masked, reports, wires, _ = run(config("secagg", protection__neighbours=10, **data))
+    torch.testing.assert_close(masked, plain, rtol=0, atol=1e-6)
+    assert all(len(r.participants) == 20 for r in reports)
+    bundles = [m for w in wires for m in w.sent if isinstance(m, ShareBundle)]
+    assert len(bundles) == 3 * 20 and all(len(b.shares) == 10 for b in bundles)
