@@ -204,6 +204,36 @@ traffic; key sharing is O(n) per site (176 B per peer), unmasking 70 B per
 site. Per-site compute is O(n) X25519 agreements plus O(n * m) PRG output
 (AES-CTR, ~0.4 ms per 100,000 values); the aggregator pays
 O(|dropped| * |U3| * m) to remove the masks of sites that dropped.
+
+Complete graph against SecAgg+: ``python -m fedcare.protection.secagg --plus``
+(2026-11-29, the same VM, Python 3.11, cryptography 50, numpy 2.4, load
+average ~4.5 from other jobs, so wall time is 2-2.5 times CPU time; the
+CPU column is the one to compare). Same columns, ``k`` = neighbours (0:
+complete graph), 6,209 values, threshold ``n // 2 + 1`` and ``t_k = k/2 + 1``:
+
+=====  ===  ====  ======  =====  ======  ========  =======  ========  ========
+sites    k  drop  wall_s  cpu_s  site_s  unmask_s  share_B  masked_B  unmask_B
+=====  ===  ====  ======  =====  ======  ========  =======  ========  ========
+  100    0     0    4.27   2.77   0.026     0.031   17,428    49,676     7,004
+  100    0    10    5.23   2.90   0.029     0.111   17,428    49,676     7,004
+  100   14     0    0.96   0.46   0.004     0.020    2,468    49,676     1,054
+  100   14    10    1.05   0.52   0.005     0.044    2,468    49,676     1,054
+  100   40     0    2.94   1.46   0.014     0.069    7,044    49,676     2,874
+  100   40    10    2.71   1.34   0.013     0.076    7,044    49,676     2,874
+  300    0     0   74.56  28.69   0.093     0.163   52,628    49,676    21,004
+  300    0    30   69.59  32.32   0.106     1.175   52,628    49,676    21,004
+  300   18     0    2.37   1.72   0.005     0.092    3,172    49,676     1,334
+  300   18    30    3.02   2.04   0.006     0.165    3,172    49,676     1,334
+  300   40     0    7.02   4.01   0.012     0.221    7,044    49,676     2,874
+  300   40    30    4.85   3.41   0.010     0.291    7,044    49,676     2,874
+=====  ===  ====  ======  =====  ======  ========  =======  ========  ========
+
+Reading: per site, SecAgg+ costs what the complete graph costs for ``k + 1``
+sites, whatever ``n``: at 100 sites ``k = 14`` takes a sixth of the CPU
+(0.46 s against 2.77 s a round), at 300 sites ``k = 18`` a seventeenth
+(1.72 s against 28.7 s), and key-share traffic shrinks likewise. The
+masked vector, the same ``8 m`` bytes either way, is then all that grows
+with the model. ``k = 40`` costs about ``40/14`` of ``k = 14``.
 """
 
 from __future__ import annotations
