@@ -341,3 +341,15 @@ def test_secagg_plus_neighbours_train_the_same_model_as_plain() -> None:
     assert all(len(r.participants) == 20 for r in reports)
     bundles = [m for w in wires for m in w.sent if isinstance(m, ShareBundle)]
     assert len(bundles) == 3 * 20 and all(len(b.shares) == 10 for b in bundles)
+
+
+def test_the_summary_sentence_states_what_each_scheme_lets_the_coordinator_see() -> None:
+    from fedcare.config import ProtectionConfig
+    from fedcare.protection import who_sees_what
+
+    assert "read every hospital's update" in who_sees_what(ProtectionConfig("plain"))
+    assert "more than half" in who_sees_what(ProtectionConfig("secagg"))
+    plus = who_sees_what(ProtectionConfig("secagg", neighbours=10))
+    assert "neighbourhoods of 10 hospitals" in plus  # t = max(10 // 2 + 1, ceil(0.5 * 11)) = 6
+    assert "unless 6 of one hospital's neighbours colluded" in plus and "lies" in plus
+    assert "one colluding hospital" in who_sees_what(ProtectionConfig("ckks"))

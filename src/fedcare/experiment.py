@@ -25,7 +25,7 @@ from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
 from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedcare.protection import WHO_SEES_WHAT
+from fedcare.protection import who_sees_what
 from fedcare.protection.base import wire_digest
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
 from fedcare.report.html import write_report
@@ -193,7 +193,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
                   for s in data.sites],
         "rounds_completed": first_round - 1,
         "protection": {"scheme": config.protection.scheme,
-                       "sentence": WHO_SEES_WHAT[config.protection.scheme]},
+                       "sentence": who_sees_what(config.protection)},
     }
     audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resume is not None)
     if resume is None:

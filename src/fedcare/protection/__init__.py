@@ -9,6 +9,8 @@ has the table.
 
 from __future__ import annotations
 
+import math
+
 from fedcare.config import ProtectionConfig
 from fedcare.errors import ConfigError
 from fedcare.protection.base import Scheme
@@ -18,14 +20,27 @@ SCHEMES = ("plain", "secagg", "ckks")
 
 WHO_SEES_WHAT = {
     "plain": "none: the coordinator read every hospital's update.",
-    "secagg": "secure aggregation (masks that cancel in the sum): the coordinator saw only the "
-              "sum of the hospitals' updates, unless more than half of a round's hospitals "
-              "colluded with it.",
+    "secagg": "secure aggregation (masks that cancel in the sum): a coordinator that follows "
+              "the protocol saw only the sum of the hospitals' updates, unless more than half "
+              "of a round's hospitals colluded with it.",
     "ckks": "homomorphic encryption: the coordinator added encrypted updates and saw only "
             "their sum; every hospital holds the decryption key, so one colluding hospital "
             "would show it every update.",
 }
-"""One sentence per scheme for the run summary: what the coordinator saw."""
+"""What the coordinator saw under each scheme's defaults (see `who_sees_what`)."""
+
+
+def who_sees_what(config: ProtectionConfig) -> str:
+    """One sentence for the run summary and report: what the coordinator saw."""
+    if config.scheme == "secagg" and config.neighbours:
+        k = config.neighbours
+        needed = max(k // 2 + 1, math.ceil(round(config.threshold * (k + 1), 9)))
+        return (f"secure aggregation with SecAgg+ neighbourhoods of {k} hospitals: a "
+                f"coordinator that follows the protocol saw only the sum of the hospitals' "
+                f"updates, unless {needed} of one hospital's neighbours colluded with it; a "
+                "coordinator that lies about which hospitals dropped out could read one "
+                "hospital's update.")
+    return WHO_SEES_WHAT[config.scheme]
 
 
 def build_scheme(config: ProtectionConfig) -> Scheme:
@@ -44,4 +59,4 @@ def build_scheme(config: ProtectionConfig) -> Scheme:
                       f"got {config.scheme!r}.")
 
 
-__all__ = ["SCHEMES", "WHO_SEES_WHAT", "PlainSum", "Scheme", "build_scheme"]
+__all__ = ["SCHEMES", "WHO_SEES_WHAT", "PlainSum", "Scheme", "build_scheme", "who_sees_what"]

@@ -20,6 +20,7 @@ import torch
 
 from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
+from fedcare.protection import WHO_SEES_WHAT
 from fedcare.report.auditlog import AUDIT_LOG_FILE, verify
 from fedcare.report.rundir import CURVES_FILE
 from fedcare.report.svg import line_chart
@@ -32,16 +33,6 @@ MAX_SITE_LINES = 10
 MAX_BUDGET_POINTS = 20
 """Rounds at which the budget chart computes the cumulative epsilon (each point of each
 party costs one accountant call: 0.04 s with PLD, 0.15 s with RDP)."""
-
-PROTECTION_THREATS = {
-    "plain": "The coordinator can read each hospital's update, and could try to reconstruct "
-             "records from it.",
-    "secagg": "The coordinator cannot read one hospital's update unless more than half of "
-              "the round's hospitals collude with it; it learns the sum and who took part.",
-    "ckks": "The coordinator cannot read one hospital's update; but every hospital holds the "
-            "decryption key, so the coordinator and any one hospital together could read all "
-            "of them.",
-}
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -95,6 +86,13 @@ def budget_per_round(run_dir: Path, delta: float, accountant: str) -> dict[str, 
                 ys.append(known[history])
         series[party] = (xs, ys)
     return series
+
+
+def _protection(summary: Mapping[str, Any]) -> tuple[str, str]:
+    """The run's protection scheme and what it let the coordinator see."""
+    recorded = summary.get("protection") or {}
+    scheme = str(recorded.get("scheme", "plain"))
+    return scheme, str(recorded.get("sentence") or WHO_SEES_WHAT[scheme])
 
 
 def _headline_rows(summary: Mapping[str, Any], sites: Sequence[str]) -> list[list[str]]:
@@ -169,13 +167,13 @@ def model_card(run_dir: Path) -> str:
                                   [[name, str(v.get("n", "-"))]
                                    + [_fmt(_metric(v, m[0])) for m in metrics]
                                    for name, v in subgroups.items()])]
-    scheme = (summary.get("protection") or {}).get("scheme", "plain")
+    scheme, protection = _protection(summary)
     parts += ["## Privacy",
               privacy["sentence"] if privacy else
               "Trained without differential privacy: the model and the updates may reveal "
               "whether a patient took part, and details of their record (see the audit, if "
               "one was run).",
-              f"Protection of the updates in transit: `{scheme}`. {PROTECTION_THREATS[scheme]}"]
+              f"Protection of the updates in transit: `{scheme}`, {protection}"]
     limits = ["Test sets are small: an accuracy on n patients has a standard error of about "
               "sqrt(p(1-p)/n) (0.03 at n = 250, 0.1 at n = 25)."]
     small = [s["name"] for s in sites if s["n_test"] < 50]
@@ -293,7 +291,7 @@ def write_report(run_dir: str | Path) -> Path:
              "trained without privacy protection.</p>"]
 
     privacy = summary.get("privacy")
-    scheme = (summary.get("protection") or {}).get("scheme", "plain")
+    scheme, protection = _protection(summary)
     body.append("<h2 id='privacy'>Privacy</h2>")
     if privacy:
         body.append(f"<p class='guarantee'>{escape(privacy['sentence'])}</p>")
@@ -309,7 +307,7 @@ def write_report(run_dir: str | Path) -> Path:
         body.append("<p class='warning'>Trained without differential privacy: the model and "
                     "the updates may reveal whether a patient took part.</p>")
     body.append(f"<h3>Protection of the updates: <code>{escape(scheme)}</code></h3>"
-                f"<p>{escape(PROTECTION_THREATS[scheme])}</p>")
+                f"<p>{escape(protection[0].upper() + protection[1:])}</p>")
 
     if rounds:
         x = [float(r["round"]) for r in rounds]
