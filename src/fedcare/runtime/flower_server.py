@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from fedcare.models import FlatModel, build_model
 from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger
 from fedcare.privacy.plan import noise_factory, record_entry
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
+from fedcare.protection.base import wire_digest
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
 from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
 from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
@@ -136,8 +137,19 @@ class Traffic:
         self.received[key] = self.received.get(key, 0) + received
 
 
+Request = tuple[int, str, str, object, int, int]
+"""(node id, site, kind, body, round, index) of one message."""
+
+
 class Messenger:
-    """Sends one fedcare message to one node and waits for its reply."""
+    """Sends fedcare messages to nodes, many at once, and collects the replies.
+
+    Parameters
+    ----------
+    grid : Grid
+    timeout : float
+        Seconds to wait for the replies of one batch; a node silent by then is left out.
+    """
 
     def __init__(self, grid: Grid, timeout: float) -> None:
         self.grid = grid
@@ -145,35 +157,145 @@ class Messenger:
         self.traffic = Traffic()
         self.attempt = 0
 
+    def ask_many(self, requests: Sequence[Request]) -> dict[str, object | FedcareError]:
+        """Send every request at once; each site's reply, or the error it stands for."""
+        messages: dict[int, tuple[Request, Message, int]] = {}
+        for request in requests:
+            node_id, site, kind, body, round_number, index = request
+            content = to_record(body)
+            content[HEADER] = ConfigRecord({
+                "kind": kind, "site": site, "round": round_number, "index": index,
+                "attempt": self.attempt})
+            message_type = {"hello": HELLO, "exchange": EXCHANGE, "fit": FIT}[kind]
+            messages[node_id] = (request, Message(content, dst_node_id=node_id,
+                                                  message_type=message_type,
+                                                  group_id=str(round_number)),
+                                 wire_bytes(content))
+        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(
+            [m for _, m, _ in messages.values()], timeout=self.timeout)}
+        out: dict[str, object | FedcareError] = {}
+        for node_id, ((_, site, kind, _, round_number, _), _, size) in messages.items():
+            label = f"site {site!r}" if site else f"node {node_id}"
+            key = site or str(node_id)
+            reply = replies.get(node_id)
+            if reply is None:
+                self.traffic.add(site, round_number, size, 0)
+                out[key] = ProtocolError(
+                    f"{label} did not answer the {kind} message of round {round_number} within "
+                    f"{self.timeout:g} s (disconnected or too slow); it is left out.")
+                continue
+            if reply.has_error():
+                self.traffic.add(site, round_number, size, 0)
+                out[key] = ProtocolError(f"{label}: its ClientApp failed on the {kind} message "
+                                         f"of round {round_number}: {reply.error.reason}")
+                continue
+            self.traffic.add(site, round_number, size, wire_bytes(reply.content))
+            refusal = reply.content.config_records.get(ERROR)
+            if refusal is not None:
+                error = _ERROR_TYPES.get(str(refusal.get("type")), ProtocolError)
+                detail = refusal.get("message")
+                text = detail if isinstance(detail, str) else repr(detail)
+                out[key] = error(f"{label} refused: {text}")
+                continue
+            try:
+                out[key] = from_record(reply.content)
+            except ProtocolError as exc:
+                out[key] = exc
+        return out
+
     def ask(self, node_id: int, site: str, kind: str, body: object, *, round_number: int = 0,
             index: int = -1) -> object:
-        content = to_record(body)
-        content[HEADER] = ConfigRecord({
-            "kind": kind, "site": site, "round": round_number, "index": index,
-            "attempt": self.attempt})
-        message_type = {"hello": HELLO, "exchange": EXCHANGE, "fit": FIT}[kind]
-        message = Message(content, dst_node_id=node_id, message_type=message_type,
-                          group_id=str(round_number))
-        replies = list(self.grid.send_and_receive([message], timeout=self.timeout))
-        label = f"site {site!r}" if site else f"node {node_id}"
-        if not replies:
-            self.traffic.add(site, round_number, wire_bytes(content), 0)
-            raise ProtocolError(f"{label} did not answer the {kind} message of round "
-                                f"{round_number} within {self.timeout:g} s (disconnected or "
-                                "too slow); it is left out.")
-        reply = replies[0]
-        if reply.has_error():
-            self.traffic.add(site, round_number, wire_bytes(content), 0)
-            raise ProtocolError(f"{label}: its ClientApp failed on the {kind} message of round "
-                                f"{round_number}: {reply.error.reason}")
-        self.traffic.add(site, round_number, wire_bytes(content), wire_bytes(reply.content))
-        refusal = reply.content.config_records.get(ERROR)
-        if refusal is not None:
-            error = _ERROR_TYPES.get(str(refusal.get("type")), ProtocolError)
-            detail = refusal.get("message")
-            text = detail if isinstance(detail, str) else repr(detail)
-            raise error(f"{label} refused: {text}")
-        return from_record(reply.content)
+        reply = self.ask_many([(node_id, site, kind, body, round_number, index)])
+        answer = reply[site or str(node_id)]
+        if isinstance(answer, FedcareError):
+            raise answer
+        return answer
+
+
+# Messages the aggregator sends, in a round, to exactly these sites (by index) and to no
+# others, identical for each: `FanOut` sends them to all at once when the first is asked.
+def _broadcast_recipients(message: object, cohort: Sequence[int]) -> list[int] | None:
+    from fedcare.protection import secagg
+
+    if isinstance(message, secagg.RoundSetup):
+        return [i - 1 for i in message.site_ids]
+    if isinstance(message, secagg.KeyRoster):
+        return [k.site - 1 for k in message.keys]
+    if isinstance(message, secagg.UnmaskRequest):
+        return [i - 1 for i in message.survivors]
+    if type(message).__name__ == "KeyCheck":  # ckks: every selected site
+        return list(cohort)
+    return None
+
+
+def _deferred(message: object) -> bool:
+    """A message whose reply is always None: delivered with the site's next message."""
+    from fedcare.protection import secagg
+
+    return isinstance(message, secagg.SharesForSite)
+
+
+class FanOut:
+    """Runs the aggregator's per-site calls of a round in parallel, with the same results.
+
+    `Aggregator.run_round` asks its sites one after the other; over Flower each
+    ask is a round trip of seconds (a SuperNode starts a process per message).
+    So when the aggregator asks one site a question it asks every site of the
+    round identically (a fit, or a broadcast protocol message:
+    `_broadcast_recipients`), all of them are asked at once and the other
+    replies are kept for the aggregator's next calls, which then return
+    without waiting. A message whose reply is always None (secagg's shares
+    for one site) rides along with that site's next message. A reply nobody
+    asks for is dropped; a call whose question differs from the one sent
+    ahead is sent on its own.
+    """
+
+    def __init__(self, messenger: Messenger, cohort: Callable[[int], list[int]]) -> None:
+        self.messenger = messenger
+        self.cohort = cohort
+        self.sites: list[RemoteSite] = []
+        self._ahead: dict[tuple[str, int, str], tuple[str, object | FedcareError]] = {}
+        self._queued: dict[tuple[str, int], list[object]] = {}
+        self._failed: set[tuple[str, int]] = set()
+
+    def call(self, site: RemoteSite, kind: str, body: object, round_number: int) -> object:
+        digest = wire_digest(body)
+        ahead = self._ahead.pop((site.name, round_number, kind), None)
+        if ahead is not None and ahead[0] == digest:
+            return self._result(site, round_number, ahead[1])
+        if kind == "exchange" and _deferred(body):
+            self._queued.setdefault((site.name, round_number), []).append(body)
+            return None
+        if kind == "fit":
+            targets = [i for i in self.cohort(round_number)
+                       if (self.sites[i].name, round_number) not in self._failed]
+        else:
+            targets = _broadcast_recipients(body, self.cohort(round_number)) or []
+        others = [self.sites[i] for i in targets
+                  if 0 <= i < len(self.sites) and self.sites[i] is not site
+                  and self.sites[i].node_id is not None]
+        requests = []
+        for target in [site, *others]:
+            if target.node_id is None:
+                continue
+            before = tuple(self._queued.pop((target.name, round_number), ()))
+            requests.append((target.node_id, target.name, kind, (before, body), round_number,
+                             target.index))
+        if site.node_id is None:
+            return self._result(site, round_number,
+                                ProtocolError(f"site {site.name!r} is not connected."))
+        replies = self.messenger.ask_many(requests)
+        for target in others:
+            if target.name in replies:
+                self._ahead[(target.name, round_number, kind)] = (digest, replies[target.name])
+        return self._result(site, round_number, replies[site.name])
+
+    def _result(self, site: RemoteSite, round_number: int,
+                answer: object | FedcareError) -> object:
+        if isinstance(answer, FedcareError):
+            self._failed.add((site.name, round_number))
+            raise answer
+        return answer
 
 
 class RemoteSite:
@@ -184,13 +306,13 @@ class RemoteSite:
     name : str
     index : int
         Position in the federation (keys the site's random streams and secagg id).
-    messenger : Messenger
+    fan_out : FanOut
     """
 
-    def __init__(self, name: str, index: int, messenger: Messenger) -> None:
+    def __init__(self, name: str, index: int, fan_out: FanOut) -> None:
         self._name = name
         self.index = index
-        self.messenger = messenger
+        self.fan_out = fan_out
         self.node_id: int | None = None
         self.hello: SiteHello | None = None
 
@@ -198,21 +320,16 @@ class RemoteSite:
     def name(self) -> str:
         return self._name
 
-    def _ask(self, kind: str, body: object, round_number: int) -> object:
-        if self.node_id is None:
-            raise ProtocolError(f"site {self.name!r} is not connected.")
-        return self.messenger.ask(self.node_id, self.name, kind, body,
-                                  round_number=round_number, index=self.index)
-
     def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult:
-        result = self._ask("fit", (global_params, instructions), instructions.round)
+        result = self.fan_out.call(self, "fit", (global_params, instructions),
+                                   instructions.round)
         if not isinstance(result, FitResult) or result.site != self.name:
             raise ProtocolError(f"site {self.name!r} answered a fit with "
                                 f"{type(result).__name__} instead of its own FitResult.")
         return result
 
     def exchange(self, round_number: int, message: object) -> object:
-        return self._ask("exchange", message, round_number)
+        return self.fan_out.call(self, "exchange", message, round_number)
 
     def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]:
         privacy = None if self.hello is None else self.hello.record_privacy
@@ -239,10 +356,11 @@ class Roster:
     """Which node is which site: asks every new node for its `SiteHello`."""
 
     def __init__(self, config: RunConfig, settings: ServerSettings, messenger: Messenger,
-                 log: Callable[[str], None]) -> None:
+                 fan_out: FanOut, log: Callable[[str], None]) -> None:
         self.config = config
         self.settings = settings
         self.messenger = messenger
+        self.fan_out = fan_out
         self.log = log
         self.by_node: dict[int, SiteHello | None] = {}
         self.sites: list[RemoteSite] = []
@@ -278,7 +396,8 @@ class Roster:
                 claims.setdefault(hello.site, []).append(node_id)
         if not self.sites:
             names = list(self.settings.roster) or sorted(claims)
-            self.sites = [RemoteSite(name, i, self.messenger) for i, name in enumerate(names)]
+            self.sites = [RemoteSite(name, i, self.fan_out) for i, name in enumerate(names)]
+            self.fan_out.sites = self.sites
         for site in self.sites:
             nodes = claims.get(site.name, [])
             if len(nodes) > 1:
@@ -330,7 +449,10 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                           "Flower runtime yet; use 'record' or run it with `fedcare run`.")
     torch.set_num_threads(config.threads)
     messenger = Messenger(grid, settings.message_timeout)
-    roster = Roster(config, settings, messenger, log)
+    # The cohort of a round, as the aggregator will select it (deterministic without
+    # client-level DP), tells the fan-out whom to ask ahead.
+    fan_out = FanOut(messenger, lambda r: aggregator.select(len(roster.sites), r))
+    roster = Roster(config, settings, messenger, fan_out, log)
     _wait_for_sites(grid, roster, config, settings, log)
     sites = roster.sites
     if f.min_sites > len(sites):

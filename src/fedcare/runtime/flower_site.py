@@ -341,6 +341,13 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
             sessions = SessionStore(node.protection, context.state, int(header["attempt"]))  # type: ignore[arg-type]
             site = node.site(index, sessions)
             body = from_record(message.content)
+            if not (isinstance(body, tuple) and len(body) == 2 and isinstance(body[0], tuple)):
+                raise ProtocolError("a fedcare message must carry (earlier messages, body).")
+            before, body = body
+            for earlier in before:  # delivered late, in order (their replies are None)
+                if site.exchange(round_number, earlier) is not None:
+                    raise ProtocolError(f"{type(earlier).__name__} was sent ahead but needs "
+                                        "a reply.")
             if kind == "exchange":
                 reply = site.exchange(round_number, body)
             elif kind == "fit":

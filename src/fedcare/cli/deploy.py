@@ -1,0 +1,221 @@
+"""``fedcare certs``, ``fedcare serve`` and ``fedcare site``: a deployment across machines.
+
+Flower is the network engine (`fedcare.runtime.flower_deploy`): ``serve``
+starts Flower's SuperLink with TLS and node authentication, registers the
+sites' node keys and submits the federation's run; ``site`` checks the
+site's certificate and starts Flower's SuperNode with the site's identity
+and node configuration; ``certs`` makes a test deployment's CA and keys.
+docs/deployment.md walks through a three-site deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from fedcare.errors import ConfigError, FedcareError
+
+
+def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``certs``, ``serve`` and ``site`` under `commands`.
+
+    Each sets ``handler`` (``Namespace -> int``, the exit code) on the parsed
+    arguments; a handler raises `fedcare.errors.FedcareError` for a bad input.
+    """
+    certs = commands.add_parser(
+        "certs", help="make a CA, the aggregator's certificate and one key pair per site",
+        description="Write DIR/ca.crt and ca.key (keep the key offline), aggregator.crt and "
+                    "aggregator.key (the SuperLink's TLS), and NAME.crt / NAME.key per site "
+                    "(the site's node identity). For a test deployment; a production one "
+                    "uses the hospitals' own PKI the same way.")
+    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument("--sites", required=True, metavar="A,B,C", help="site names")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                       help="a name or address the aggregator is reached at (repeatable; "
+                            "default localhost and 127.0.0.1)")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+    certs.set_defaults(handler=cmd_certs)
+
+    serve = commands.add_parser(
+        "serve", help="run the aggregator: Flower SuperLink, site registration, the run",
+        description="Start flower-superlink (TLS with DIR/aggregator.crt, SuperNode "
+                    "authentication), register every site whose certificate the CA signed, "
+                    "and run the federation of CONFIG; checkpoints go to RUN_DIR, and "
+                    "running the same command again resumes after the last completed round.")
+    serve.add_argument("config", nargs="?", help="TOML config file (as for fedcare run)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key")
+    serve.add_argument("--certs", metavar="DIR", help="fedcare certs directory (ca.crt, "
+                       "aggregator.crt/.key, NAME.crt per site; site keys are not needed)")
+    serve.add_argument("--sites", required=True, metavar="A,B,C",
+                       help="the federation's sites, in order (fixes their random streams)")
+    serve.add_argument("--run-dir", required=True, help="run directory (resumed if it holds "
+                       "a checkpoint)")
+    serve.add_argument("--address", default="0.0.0.0:9092", metavar="HOST:PORT",
+                       help="where the SuperLink listens (default 0.0.0.0:9092)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="no TLS, no node authentication (loopback tests only)")
+    serve.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                       help="how long to wait for the sites before the first round")
+    serve.add_argument("--message-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="how long a site has to answer one message")
+    serve.set_defaults(handler=cmd_serve)
+
+    site = commands.add_parser(
+        "site", help="run a site: check its certificate, start its Flower SuperNode",
+        description="Check NAME.crt against the federation's CA and NAME.key, then start "
+                    "flower-supernode with that identity. The site's data, its own privacy "
+                    "cap and its CKKS keys stay on this machine: only protected updates "
+                    "leave it.")
+    site.add_argument("--name", required=True, help="this site's name (as in its certificate)")
+    site.add_argument("--aggregator", required=True, metavar="HOST:PORT",
+                      help="the coordinator's SuperLink")
+    site.add_argument("--certs", metavar="DIR",
+                      help="directory with ca.crt, NAME.crt and NAME.key")
+    site.add_argument("--data", default="", metavar="FILE",
+                      help="this site's CSV/Parquet file (default: the bundled dataset's site)")
+    site.add_argument("--epsilon-cap", type=float, default=None, metavar="EPSILON",
+                      help="this site's own cap on its record-level epsilon")
+    site.add_argument("--keys", default="", metavar="DIR", help="directory with site.ckks")
+    site.add_argument("--port", type=int, default=9094,
+                      help="local port of the SuperNode's own runtime API (default 9094)")
+    site.add_argument("--insecure", action="store_true",
+                      help="no TLS, no identity (loopback tests only)")
+    site.set_defaults(handler=cmd_site)
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    files = make_certificates(args.directory, _names(args.sites),
+                              hosts=args.host or ("localhost", "127.0.0.1"),
+                              overwrite=args.overwrite)
+    print(f"Wrote to {args.directory}:")
+    print(f"  {files.ca.name}  the federation's CA: give it to every party "
+          "(ca.key: keep it offline)")
+    print(f"  {files.aggregator[0].name}, {files.aggregator[1].name}  the aggregator's TLS "
+          "certificate and key: for the coordinator only")
+    for site, (cert, key) in files.sites.items():
+        print(f"  {cert.name}, {key.name}  site {site}'s identity: the key to that site only, "
+              f"the certificate to the site and the coordinator")
+    return 0
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address must be HOST:PORT, e.g. 0.0.0.0:9092; got {address!r}.")
+    return host, int(port)
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Block until something listens on (host, port); `ConfigError` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex((target, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise ConfigError(f"the SuperLink did not start listening on {host}:{port} within "
+                      f"{timeout:g} s; see its log.")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedcare.config import RunConfig
+    from fedcare.runtime.flower_deploy import (
+        CA_CERT,
+        check_site_certificate,
+        flower_environment,
+        register_site,
+        run_command,
+        site_files,
+        superlink_command,
+        write_app,
+        write_flower_home,
+    )
+    from fedcare.runtime.flower_server import ServerSettings
+
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    for assignment in args.overrides:
+        config.set(assignment)
+    sites = _names(args.sites)
+    if args.insecure == bool(args.certs):
+        raise ConfigError("fedcare serve needs --certs DIR (TLS and node authentication), or "
+                          "--insecure for a loopback test.")
+    host, port = _split_address(args.address)
+    run_dir = Path(args.run_dir).resolve()
+    work = run_dir / "flower"
+    certs = None if args.insecure else Path(args.certs).resolve()
+    keys = {}
+    if certs is not None:
+        for site in sites:  # refuse before anything starts
+            keys[site] = check_site_certificate(certs / CA_CERT, site_files(certs, site)[0], site)
+    connect = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    home = write_flower_home(work / "home", connect, None if certs is None else certs / CA_CERT)
+    app = write_app(work / "app", config, ServerSettings(
+        run_dir=str(run_dir), roster=tuple(sites), wait_timeout=args.wait,
+        message_timeout=args.message_timeout))
+    env = flower_environment(home)
+    log = (work / "superlink.log").open("a", encoding="utf-8")
+    superlink = subprocess.Popen(superlink_command(host=host, port=port, certs=certs),
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(host, port, timeout=60.0)
+        security = "insecure" if certs is None else "TLS, SuperNode authentication"
+        print(f"SuperLink listening on {args.address} ({security}); log: "
+              f"{work / 'superlink.log'}", flush=True)
+        for site, key in keys.items():
+            register_site(home, key, site)
+            print(f"registered site {site}", flush=True)
+        return subprocess.run(run_command(app), env=env, check=False).returncode
+    finally:
+        superlink.terminate()
+        try:
+            superlink.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            superlink.kill()
+        log.close()
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from fedcare.runtime.flower_deploy import (
+        CA_CERT,
+        check_site_certificate,
+        flower_environment,
+        node_config_text,
+        site_files,
+        supernode_command,
+    )
+
+    if args.insecure == bool(args.certs):
+        raise ConfigError("fedcare site needs --certs DIR (ca.crt, NAME.crt, NAME.key), or "
+                          "--insecure for a loopback test.")
+    ca = key = None
+    if not args.insecure:
+        certs = Path(args.certs)
+        ca = certs / CA_CERT
+        cert, key = site_files(certs, args.name)
+        check_site_certificate(ca, cert, args.name, key)
+        print(f"certificate {cert} is the CA's and names site {args.name}", flush=True)
+    if args.data and not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data} is not a file.")
+    command = supernode_command(
+        superlink=args.aggregator, site=args.name, port=args.port, ca=ca, key=key,
+        node_config=node_config_text(args.name, data_file=args.data,
+                                     epsilon_cap=args.epsilon_cap, keys=args.keys))
+    try:
+        return subprocess.run(command, env=flower_environment(), check=False).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["FedcareError", "add_deploy_parser"]

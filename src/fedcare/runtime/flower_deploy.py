@@ -1,0 +1,365 @@
+"""A real deployment: certificates, the Flower app fedcare runs, and the Flower processes.
+
+fedcare starts Flower's own programs and writes their configuration; it adds
+no network code:
+
+* the coordinator runs ``flower-superlink`` (TLS, ``--enable-supernode-auth``),
+  registers each site's public key under the site's name (``flwr supernode
+  register``) and submits the run (``flwr run``) of the app `write_app` makes:
+  its components are `fedcare.runtime.flower.server_app` and ``client_app``, and
+  its run configuration carries the federation's `RunConfig`;
+* each hospital runs ``flower-supernode`` with the federation's CA (to check
+  the SuperLink's certificate), its own private key (its node identity) and
+  its node configuration (site name, data file, own privacy cap, CKKS keys).
+
+`make_certificates` (``fedcare certs DIR``) makes a test deployment's PKI: a
+CA, the aggregator's TLS certificate, and per site an EC P-384 key pair (the
+Flower node identity) with a certificate binding the site's name to that
+key. `check_site_certificate` refuses, saying why, a certificate that is not
+the CA's, has expired, names another site or does not match the key; the
+coordinator registers only public keys whose certificate passes, so a node
+without one is refused by the SuperLink.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
+from fedcare.runtime.flower_server import ServerSettings
+from fedcare.runtime.flower_site import RUN_CONFIG_KEY
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+AGGREGATOR_CERT, AGGREGATOR_KEY = "aggregator.crt", "aggregator.key"
+CONNECTION = "fedcare"
+"""Name of the SuperLink connection in the coordinator's Flower configuration."""
+_VALIDITY = datetime.timedelta(days=365)
+
+
+def site_files(directory: str | os.PathLike[str], site: str) -> tuple[Path, Path]:
+    """(certificate, private key) of `site` in a `fedcare certs` directory."""
+    return Path(directory) / f"{site}.crt", Path(directory) / f"{site}.key"
+
+
+# --------------------------------------------------------------------------- certificates
+@dataclass(frozen=True)
+class CertificateFiles:
+    ca: Path
+    aggregator: tuple[Path, Path]
+    sites: dict[str, tuple[Path, Path]]
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedcare federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: str, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name,
+                 issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
+                 hosts: Sequence[str] = (), usage: x509.ObjectIdentifier | None = None
+                 ) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + _VALIDITY)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+    if hosts:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA384())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *,
+                      hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+                      overwrite: bool = False) -> CertificateFiles:
+    """Write a test deployment's CA, aggregator certificate and one key pair per site.
+
+    Parameters
+    ----------
+    directory : path
+        Created if missing. Gets ``ca.crt`` / ``ca.key`` (keep the key offline),
+        ``aggregator.crt`` / ``aggregator.key`` (TLS of the SuperLink, valid for
+        `hosts`), and per site ``NAME.crt`` / ``NAME.key`` (the site's node
+        identity: an EC P-384 key in OpenSSH format, as Flower reads it, and
+        the CA's certificate binding it to the site's name). Keys are mode 0600.
+    sites : sequence of str
+        Site names, as in each site's ``--node-config site=...``.
+    hosts : sequence of str
+        DNS names and IP addresses the aggregator is reached at.
+    overwrite : bool
+        Replace existing files.
+    """
+    if not sites or len(set(sites)) != len(sites) or not all(
+            s and s.replace("-", "").replace("_", "").isalnum() for s in sites):
+        raise ConfigError(f"fedcare certs needs distinct site names of letters, digits, '-' "
+                          f"and '_'; got {list(sites)}.")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    targets = [folder / CA_CERT, folder / AGGREGATOR_CERT,
+               *(site_files(folder, s)[0] for s in sites)]
+    existing = [p.name for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{folder} already holds {existing}; pass --overwrite to replace "
+                          "them (every party then needs its new files).")
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = _name("fedcare federation CA")
+    ca = _certificate("fedcare federation CA", ca_key.public_key(), ca_name, ca_key, ca=True)
+    private = serialization.PrivateFormat.PKCS8
+    _write(folder / CA_KEY, ca_key.private_bytes(serialization.Encoding.PEM, private,
+                                                 serialization.NoEncryption()), 0o600)
+    _write(folder / CA_CERT, _pem(ca), 0o644)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = _certificate("fedcare aggregator", server_key.public_key(), ca_name, ca_key,
+                          hosts=hosts, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    _write(folder / AGGREGATOR_KEY, server_key.private_bytes(
+        serialization.Encoding.PEM, private, serialization.NoEncryption()), 0o600)
+    _write(folder / AGGREGATOR_CERT, _pem(server), 0o644)
+    written: dict[str, tuple[Path, Path]] = {}
+    for site in sites:
+        cert_path, key_path = site_files(folder, site)
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = _certificate(site, key.public_key(), ca_name, ca_key,
+                            usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+        _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), 0o600)
+        _write(cert_path, _pem(cert), 0o644)
+        written[site] = (cert_path, key_path)
+    return CertificateFiles(folder / CA_CERT, (folder / AGGREGATOR_CERT,
+                                               folder / AGGREGATOR_KEY), written)
+
+
+def _load_certificate(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist.") from None
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path} is not a PEM certificate ({exc}).") from None
+
+
+def check_site_certificate(ca_path: Path, cert_path: Path, site: str,
+                           key_path: Path | None = None) -> ec.EllipticCurvePublicKey:
+    """The site's public key, if its certificate is valid for `site`; `ConfigError` saying why not.
+
+    Checks: signed by the federation's CA, within its validity period, issued
+    to `site` (common name), holding an EC key, and (with `key_path`) matching
+    the site's private key.
+    """
+    ca = _load_certificate(ca_path, "The federation's CA certificate")
+    cert = _load_certificate(cert_path, f"Site {site!r}'s certificate")
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{ca_path} does not hold an EC CA key.")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"certificate {cert_path} was not issued by the federation's CA "
+                          f"{ca_path} (issuer {cert.issuer.rfc4514_string()!r}); site {site!r} "
+                          "is refused. Ask the coordinator for a certificate made with "
+                          "`fedcare certs`.") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ConfigError(f"certificate {cert_path} is valid from {cert.not_valid_before_utc} "
+                          f"to {cert.not_valid_after_utc}, not now ({now:%Y-%m-%d %H:%M} UTC); "
+                          f"site {site!r} is refused.")
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [site]:
+        raise ConfigError(f"certificate {cert_path} is issued to {names}, not to site "
+                          f"{site!r}; refused.")
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"certificate {cert_path} holds no EC key; Flower node identities "
+                          "are EC keys.")
+    if key_path is not None:
+        try:
+            private = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+        except FileNotFoundError:
+            raise ConfigError(f"site {site!r}'s private key {key_path} does not exist.") from None
+        except ValueError as exc:
+            raise ConfigError(f"{key_path} is not an OpenSSH private key ({exc}).") from None
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or \
+                private.public_key().public_numbers() != public.public_numbers():
+            raise ConfigError(f"private key {key_path} does not belong to certificate "
+                              f"{cert_path}; site {site!r} is refused.")
+    return public
+
+
+def ssh_public_key(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+# --------------------------------------------------------------------------- the Flower app
+def write_app(directory: str | os.PathLike[str], config: RunConfig,
+              settings: ServerSettings) -> Path:
+    """Write the Flower app (``pyproject.toml``) that ``flwr run`` submits; return its folder."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {RUN_CONFIG_KEY: config.to_toml(), **settings.to_run_config()}
+    # JSON strings and numbers are valid TOML values.
+    lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    (folder / "pyproject.toml").write_text(f"""\
+# Written by fedcare serve: the Flower app of one fedcare federation.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedcare-federation"
+version = "1.0.0"
+description = "fedcare: federated training across hospitals"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedcare"
+
+[tool.flwr.app.components]
+serverapp = "fedcare.runtime.flower:server_app"
+clientapp = "fedcare.runtime.flower:client_app"
+
+[tool.flwr.app.config]
+{lines}
+""", encoding="utf-8")
+    return folder
+
+
+def write_flower_home(directory: str | os.PathLike[str], address: str,
+                      ca: Path | None) -> Path:
+    """A Flower configuration home whose default connection is this SuperLink (`CONNECTION`)."""
+    home = Path(directory)
+    home.mkdir(parents=True, exist_ok=True)
+    security = f"root-certificates = {json.dumps(str(ca.resolve()))}" if ca else "insecure = true"
+    (home / "config.toml").write_text(f"""\
+[superlink]
+default = "{CONNECTION}"
+
+[superlink.{CONNECTION}]
+address = "{address}"
+{security}
+""", encoding="utf-8")
+    return home
+
+
+# --------------------------------------------------------------------------- commands
+def flower_program(name: str) -> str:
+    """Path of one of Flower's programs, next to this Python's (a venv need not be on PATH)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{name} was not found; install Flower with `pip install "
+                          "flwr==1.42.0` (fedcare depends on it).")
+    return found
+
+
+def flower_environment(home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: its programs on PATH, quick task polling."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # SuperExec looks for a new task once a second by default; every fedcare message is
+    # one task, so poll faster (still light: a local HTTP call).
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def superlink_command(*, host: str, port: int, certs: Path | None,
+                      database: Path | None = None) -> list[str]:
+    """``flower-superlink`` with TLS and node authentication (or neither, `certs` None)."""
+    command = [flower_program("flower-superlink"), "--host", host, "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(certs / CA_CERT),
+                    "--ssl-certfile", str(certs / AGGREGATOR_CERT),
+                    "--ssl-keyfile", str(certs / AGGREGATOR_KEY), "--enable-supernode-auth"]
+    if database is not None:
+        command += ["--database", str(database)]
+    return command
+
+
+def node_config_text(site: str, *, data_file: str = "", epsilon_cap: float | None = None,
+                     keys: str = "") -> str:
+    parts = [f"site={json.dumps(site)}"]
+    if data_file:
+        parts.append(f"data-file={json.dumps(str(Path(data_file).resolve()))}")
+    if epsilon_cap is not None:
+        parts.append(f"epsilon-cap={float(epsilon_cap)!r}")
+    if keys:
+        parts.append(f"keys={json.dumps(str(Path(keys).resolve()))}")
+    return " ".join(parts)
+
+
+def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
+                      key: Path | None, node_config: str) -> list[str]:
+    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure)."""
+    command = [flower_program("flower-supernode"), "--superlink", superlink,
+               "--port", str(port), "--node-config", node_config]
+    if ca is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(ca)]
+    if key is not None:
+        command += ["--auth-supernode-private-key", str(key)]
+    return command
+
+
+def register_site(home: Path, public_key: ec.EllipticCurvePublicKey, site: str,
+                  timeout: float = 60.0) -> None:
+    """Register a site's node key with the SuperLink under the site's name."""
+    key_file = home / f"{site}.pub"
+    key_file.write_bytes(ssh_public_key(public_key) + b"\n")
+    done = subprocess.run([flower_program("flwr"), "supernode", "register", str(key_file),
+                           CONNECTION, "--name", site], env=flower_environment(home),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
+        raise ConfigError(f"the SuperLink refused to register site {site!r}: "
+                          f"{(done.stderr or done.stdout).strip()[-500:]}")
+
+
+def run_command(app: Path) -> list[str]:
+    """``flwr run`` of the fedcare app on the coordinator's SuperLink, streaming its log."""
+    return [flower_program("flwr"), "run", str(app), CONNECTION, "--stream"]
