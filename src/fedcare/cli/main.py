@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcare import __version__
+from fedcare.cli.audit import add_audit_parser
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.cli.runs import add_runs_parser
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_parser(commands)
     add_keys_parser(commands)
     add_runs_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
-        if hasattr(args, "handler"):  # privacy, keys, verify, report, runs, sweep
+        if hasattr(args, "handler"):  # privacy, keys, verify, report, runs, sweep, audit
             return int(args.handler(args))
     except FedcareError as exc:
         print(f"fedcare: error: {exc}", file=sys.stderr)

@@ -220,7 +220,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _audit_section(audit: Mapping[str, Any]) -> str:
+def audit_section(audit: Mapping[str, Any]) -> str:
     """Whatever ``fedcare audit`` wrote: its findings in words, then its table."""
     parts = ["<h2 id='audit'>What an attacker could learn (privacy audit)</h2>"]
     parts += [f"<p>{escape(str(line))}</p>" for line in audit.get("findings", [])]
@@ -342,7 +342,7 @@ def write_report(run_dir: str | Path) -> Path:
                             x_range=(0.0, 1.0), y_range=(0.0, 1.0), diagonal=True),
                  "</div>"]
     if (run_dir / AUDIT_FILE).is_file():
-        body.append(_audit_section(json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))))
+        body.append(audit_section(json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))))
     body += ["<h2 id='model-card'>Model card</h2>", _markdown_to_html(card)]
     if (run_dir / AUDIT_LOG_FILE).is_file():
         recorded = summary.get("audit_log") or {}
