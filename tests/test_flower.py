@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -210,3 +218,263 @@ def test_flower_simulation_with_ckks_sums_under_encryption(tmp_path: Path) -> No
     # Each decryption is flooded with fresh noise (std 2**-20 on the sum), so the two
     # runs agree only to the flooding's effect on the averaged update.
     assert torch.allclose(result.params, local, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- loopback
+class Loopback:
+    """A SuperLink and SuperNodes as separate processes on 127.0.0.1, stopped by `close`.
+
+    Every process is started in its own session and stopped by its id (the
+    SuperLink's ServerApp and the SuperNodes' ClientApps are its children).
+    """
+
+    def __init__(self, root: Path, sites: list[str], *, tls: bool) -> None:
+        from fedcare.runtime.flower_deploy import (
+            flower_environment,
+            make_certificates,
+            write_flower_home,
+        )
+
+        self.root = root
+        self.sites = sites
+        self.port = _free_port()
+        self.certs = make_certificates(root / "certs", sites) if tls else None
+        self.home = write_flower_home(root / "home", f"127.0.0.1:{self.port}",
+                                      self.certs.ca if self.certs else None)
+        self.env = flower_environment(self.home)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        (root / "logs").mkdir(exist_ok=True)
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / "logs" / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start_superlink(self) -> None:
+        from fedcare.cli.deploy import wait_for_port
+        from fedcare.runtime.flower_deploy import (
+            check_site_certificate,
+            register_site,
+            superlink_command,
+        )
+
+        certs = None if self.certs is None else self.certs.ca.parent
+        self.start("superlink", superlink_command(host="127.0.0.1", port=self.port,
+                                                  certs=certs))
+        wait_for_port("127.0.0.1", self.port, timeout=60)
+        if self.certs is not None:
+            for site in self.sites:
+                cert, key = self.certs.sites[site]
+                register_site(self.home, check_site_certificate(self.certs.ca, cert, site, key),
+                              site)
+
+    def start_site(self, site: str, key: Path | None = None) -> None:
+        from fedcare.runtime.flower_deploy import node_config_text, supernode_command
+
+        ca = None if self.certs is None else self.certs.ca
+        if self.certs is not None and key is None:
+            key = self.certs.sites[site][1]
+        self.start(site, supernode_command(
+            superlink=f"127.0.0.1:{self.port}", site=site, port=_free_port(), ca=ca, key=key,
+            node_config=node_config_text(site)))
+
+    def run(self, config: RunConfig, settings: object, timeout: float
+            ) -> subprocess.Popen[bytes]:
+        from fedcare.runtime.flower_deploy import run_command, write_app
+
+        app = write_app(self.root / "app", config, settings)  # type: ignore[arg-type]
+        return self.start("run", run_command(app))
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def close(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rounds_done(run_dir: Path) -> list[dict[str, object]]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str,
+               loopback: Loopback) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {name}\n{loopback.log(name)[-3000:]}"
+                             for name in loopback.processes)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{logs}")
+        time.sleep(1.0)
+
+
+def three_site_config(scheme: str, rounds: int) -> RunConfig:
+    config = small_config(scheme, rounds)
+    config.data.dataset, config.data.partition = "synthetic", "iid"
+    config.data.sites, config.data.n_patients = 3, 600
+    return config
+
+
+SITES = ["site-0", "site-1", "site-2"]
+
+
+@pytest.fixture
+def loopback_factory(tmp_path: Path) -> Iterator[Callable[..., Loopback]]:
+    made: list[Loopback] = []
+
+    def make(tls: bool, name: str = "deployment") -> Loopback:
+        made.append(Loopback(tmp_path / name, SITES, tls=tls))
+        return made[-1]
+
+    yield make
+    for loopback in made:
+        loopback.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["secagg", "ckks"])
+def test_three_supernodes_with_tls_and_node_authentication(
+        scheme: str, tmp_path: Path, loopback_factory: Callable[..., Loopback]) -> None:
+    """SuperLink + 3 SuperNodes as processes, TLS and node auth; an unregistered node is refused."""
+    from fedcare.runtime.flower_server import ServerSettings
+
+    config = three_site_config(scheme, rounds=2)
+    if scheme == "ckks":
+        from fedcare.protection.ckks import generate_keys
+
+        generate_keys(tmp_path / "keys")
+        config.protection.keys = str(tmp_path / "keys")
+    net = loopback_factory(tls=True)
+    net.start_superlink()
+    for site in SITES:
+        net.start_site(site)
+    # An intruder: a node key the coordinator never registered.
+    intruder = make_certificates_elsewhere(tmp_path / "other", "site-0")
+    net.start_site("intruder", key=intruder)
+    run_dir = tmp_path / "run"
+    run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
+                                         wait_timeout=240, message_timeout=240), 900)
+    wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary.get("error")
+    assert [r["participants"] for r in rounds_done(run_dir)] == [SITES, SITES]
+    final = torch.load(run_dir / "model.pt", weights_only=True)["params"]
+    local = LocalRuntime(build_federation(config.data), config).run()
+    tolerance = 1e-6 if scheme == "secagg" else 1e-5  # ckks decryptions are noise-flooded
+    assert torch.allclose(final, local, atol=tolerance, rtol=0)
+    assert "intruder" not in json.dumps(summary)
+    assert "Activated" not in net.log("intruder")
+
+
+def make_certificates_elsewhere(directory: Path, site: str) -> Path:
+    """A key pair and certificate for `site` from a CA the federation does not know."""
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    return make_certificates(directory, [site]).sites[site][1]
+
+
+def test_a_site_with_a_wrong_certificate_is_refused_and_told_why(tmp_path: Path) -> None:
+    from fedcare.runtime.flower_deploy import check_site_certificate, make_certificates
+
+    ours = make_certificates(tmp_path / "ours", ["site-0", "site-1"])
+    theirs = make_certificates(tmp_path / "theirs", ["site-0"])
+    cert, key = ours.sites["site-0"]
+    assert check_site_certificate(ours.ca, cert, "site-0", key) is not None
+    with pytest.raises(ConfigError, match="not issued by the federation's CA"):
+        check_site_certificate(ours.ca, theirs.sites["site-0"][0], "site-0")
+    with pytest.raises(ConfigError, match="issued to \\['site-0'\\], not to site 'site-1'"):
+        check_site_certificate(ours.ca, cert, "site-1")
+    with pytest.raises(ConfigError, match="does not belong to certificate"):
+        check_site_certificate(ours.ca, cert, "site-0", ours.sites["site-1"][1])
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_site_certificate(ours.ca, tmp_path / "none.crt", "site-0")
+    # The command refuses before starting anything.
+    import argparse
+
+    from fedcare.cli.deploy import add_deploy_parser
+
+    parser = argparse.ArgumentParser()
+    add_deploy_parser(parser.add_subparsers(dest="command"))
+    shutil.copy(theirs.sites["site-0"][0], tmp_path / "ours" / "site-0.crt")
+    args = parser.parse_args(["site", "--name", "site-0", "--aggregator", "127.0.0.1:1",
+                              "--certs", str(tmp_path / "ours")])
+    with pytest.raises(ConfigError, match="not issued by the federation's CA"):
+        args.handler(args)
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_leaves_the_others_to_finish_it(
+        tmp_path: Path, loopback_factory: Callable[..., Loopback]) -> None:
+    from fedcare.runtime.flower_server import ServerSettings
+
+    config = three_site_config("secagg", rounds=3)
+    config.federation.min_sites = 2
+    net = loopback_factory(tls=False)
+    net.start_superlink()
+    for site in SITES:
+        net.start_site(site)
+    run_dir = tmp_path / "run"
+    run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
+                                         wait_timeout=240, message_timeout=45,
+                                         round_retries=1), 900)
+    wait_until(lambda: len(rounds_done(run_dir)) >= 1, 600, "round 1", net)
+    net.stop("site-2")  # SIGKILL, while round 2 is under way
+    wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary.get("error")
+    rounds = rounds_done(run_dir)
+    assert rounds[0]["participants"] == SITES
+    assert rounds[-1]["participants"] == ["site-0", "site-1"]
+    assert "site-2" in rounds[-1]["failures"]  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_an_aggregator_killed_and_restarted_resumes_to_the_same_model(
+        tmp_path: Path, loopback_factory: Callable[..., Loopback]) -> None:
+    from fedcare.runtime.flower_server import ServerSettings
+
+    config = three_site_config("plain", rounds=4)
+    config.privacy.level, config.privacy.secure = "record", False  # seeded noise: comparable
+    net = loopback_factory(tls=False)
+    net.start_superlink()
+    for site in SITES:
+        net.start_site(site)
+    run_dir = tmp_path / "run"
+    settings = ServerSettings(run_dir=str(run_dir), roster=tuple(SITES), wait_timeout=240,
+                              message_timeout=240)
+    net.run(config, settings, 900)
+    wait_until(lambda: len(rounds_done(run_dir)) >= 2, 600, "round 2", net)
+    net.stop("run")
+    net.stop("superlink")  # the aggregator dies (with its ServerApp), mid-run
+    net.start_superlink()
+    run = net.run(config, settings, 900)
+    wait_until(lambda: run.poll() is not None, 900, "the resumed run to finish", net)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary.get("error")
+    final = torch.load(run_dir / "model.pt", weights_only=True)["params"]
+    local = LocalRuntime(build_federation(config.data, private=True), config).run()
+    assert torch.allclose(final, local, atol=1e-6, rtol=0)
+    # Every round's spend is in the ledger once.
+    from fedcare.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(None, delta=config.privacy.delta, accountant="pld", caps={})
+    ledger.resume_from(run_dir / "privacy_ledger.jsonl", 4)
+    for site in SITES:
+        assert sorted(e.round for e in ledger.entries(site)) == [1, 2, 3, 4]

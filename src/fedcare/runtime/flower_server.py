@@ -368,23 +368,21 @@ class Roster:
     def refresh(self, grid: Grid) -> None:
         """Introduce new nodes, forget nodes that left, and point each site at its node."""
         nodes = set(grid.get_node_ids())
-        for node_id in sorted(nodes - set(self.by_node)):
-            try:
-                hello = self.messenger.ask(node_id, "", "hello", None)
-            except FedcareError as exc:
-                self.log(f"node {node_id} refused or failed to introduce itself: {exc}")
-                self.by_node[node_id] = None
-                continue
-            if not isinstance(hello, SiteHello):
+        new = sorted(nodes - set(self.by_node))
+        replies = self.messenger.ask_many([(node_id, "", "hello", None, 0, -1)
+                                           for node_id in new]) if new else {}
+        for node_id in new:
+            hello = replies[str(node_id)]
+            self.by_node[node_id] = None
+            if isinstance(hello, FedcareError):
+                self.log(f"node {node_id} refused or failed to introduce itself: {hello}")
+            elif not isinstance(hello, SiteHello):
                 self.log(f"node {node_id} answered hello with {type(hello).__name__}; ignored")
-                self.by_node[node_id] = None
-                continue
-            if self.settings.roster and hello.site not in self.settings.roster:
+            elif self.settings.roster and hello.site not in self.settings.roster:
                 self.log(f"node {node_id} says it is site {hello.site!r}, which is not in the "
                          f"roster {list(self.settings.roster)}; refused.")
-                self.by_node[node_id] = None
-                continue
-            self.by_node[node_id] = hello
+            else:
+                self.by_node[node_id] = hello
         for gone in set(self.by_node) - nodes:
             del self.by_node[gone]
         self._place()
