@@ -311,6 +311,7 @@ def test_result_is_frozen_and_serialisable() -> None:
     assert back["attacks"]["analytic"]["records_recovered"] == 1.0
     assert back["epsilon"] == "inf" and back["best"] == "analytic"
     assert back["prior"]["n_records"] == 5 and "feature_accuracy" in back["prior"]
+    assert 0 < back["median_update_norm"] < 10 and back["payloads"] == 1
     with pytest.raises(AttributeError):
         result.seed = 1  # type: ignore[misc]
 

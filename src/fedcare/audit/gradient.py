@@ -1246,6 +1246,10 @@ class GradientAuditResult:
         As calibrated for the leakage setup (0 without DP).
     tolerance : float
         Share of a feature's public range within which a numeric value counts as right.
+    median_update_norm : float
+        Median L2 norm of the updates the aggregator read (clipped, noised or
+        summed as they arrived), in parameter units: next to `clip_norm` it
+        shows whether clipping bit.
     attacks : dict of str to AttackOutcome
         Per attack (`ATTACKS` names), its metrics and wall time.
     prior : AttackOutcome
@@ -1272,6 +1276,7 @@ class GradientAuditResult:
     noise_multiplier: float
     clip_norm: float
     tolerance: float
+    median_update_norm: float
     attacks: dict[str, AttackOutcome]
     prior: AttackOutcome
     n_records: int
@@ -1292,6 +1297,7 @@ class GradientAuditResult:
                 "protection": self.protection, "epsilon": _json_float(self.epsilon),
                 "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "clip_norm": self.clip_norm, "tolerance": self.tolerance,
+                "median_update_norm": self.median_update_norm,
                 "attacks": {k: v.to_dict() for k, v in self.attacks.items()},
                 "best": self.best, "prior": self.prior.to_dict(),
                 "n_records": self.n_records, "seed": self.seed, "seconds": self.seconds,
@@ -1393,7 +1399,8 @@ def audit_gradient_leakage(config: RunConfig, *, n_records: int,
         epsilon=config.privacy.epsilon if private else math.inf,
         delta=config.privacy.delta if private else 0.0,
         noise_multiplier=observed.noise_multiplier, clip_norm=observed.clip_norm,
-        tolerance=tolerance, attacks=outcomes, prior=prior, n_records=n_records, seed=seed,
+        tolerance=tolerance, median_update_norm=float(observed.update_norms.median()),
+        attacks=outcomes, prior=prior, n_records=n_records, seed=seed,
         seconds=time.perf_counter() - started, config=config.to_dict())
 
 
