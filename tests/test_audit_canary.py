@@ -33,7 +33,7 @@ from fedcare.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- the bound
 def p_value_by_the_theorem(eps: float, delta: float, m: int, r: int, v: int) -> float:
-    """Theorem 5.2 of Steinke et al. written out term by term (the maximum over i = 1..m)."""
+    """Steinke et al.'s (epsilon, delta) bound written out term by term (max over i = 1..m)."""
     q = math.exp(eps) / (1 + math.exp(eps))
 
     def f(k: int) -> float:  # P[Binomial(r, q) >= k]

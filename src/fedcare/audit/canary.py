@@ -20,7 +20,7 @@ One (1) Training Run")
    guesses, the rest abstain); count the correct guesses ``v``.
 5. If the run were (epsilon, delta)-DP with respect to each canary, ``v``
    could exceed a Binomial(r, e^eps / (1 + e^eps)) count only with a
-   probability bounded through delta (their Theorem 5.2). The lower bound is
+   probability bounded through delta (their bound for approximate DP). The lower bound is
    the largest epsilon for which the observed ``v`` is still too unlikely
    (p-value below ``1 - confidence``): the run is not (epsilon', delta)-DP
    for any smaller epsilon', with that confidence.
@@ -88,7 +88,8 @@ def p_value(*, epsilon: float, delta: float, n_canaries: int, n_guesses: int,
             n_correct: int) -> float:
     """Probability of at least `n_correct` right guesses if the run were (epsilon, delta)-DP.
 
-    Steinke, Nasr and Jagielski (2023), Theorem 5.2: with ``m`` canaries each
+    Steinke, Nasr and Jagielski (2023, arXiv:2305.08846), the bound for
+    approximate DP, as their appendix computes it: with ``m`` canaries each
     included with probability 1/2 and ``r`` guesses, ``P[W >= v] <= f(v) +
     2 m delta max_{i >= 1} (f(v - i) - f(v)) / i``, where ``f(v) = P[Binomial(r,
     q) >= v]`` and ``q = e^eps / (1 + e^eps)``, the accuracy of

@@ -19,12 +19,12 @@ Attacks
   inference attacks from first principles"): train reference (shadow) models
   on random halves of a data pool, with fedcare's own runtime and the
   target's configuration, and model each record's logit margin under models
-  trained with it (IN) and without it (OUT) as two Gaussians (their Sec. IV-B,
-  eq. 4). *Online* scores a record by the likelihood ratio of the target's
-  margin under IN and OUT; *offline* uses OUT alone (a one-sided test of how
-  far above the OUT mean the target's margin lies; their Sec. VI-C). With
-  fewer than about 64 reference models the paper fits one variance shared by
-  all records ("global"), which is the default here.
+  trained with it (IN) and without it (OUT) as two Gaussians. *Online*
+  scores a record by the likelihood ratio of the target's margin under IN
+  and OUT; *offline* uses OUT alone (a one-sided test of how far above the
+  OUT mean the target's margin lies). With few reference
+  models (the paper says fewer than about 64) one variance shared by all
+  records ("global") works better than one per record; it is the default.
 
 Scores are computed in float64 from the float32 logits. For a binary model
 with one logit ``z``, the margin ``z`` (``-z`` for a negative label) is exactly
@@ -284,10 +284,11 @@ class LiRA:
     Parameters
     ----------
     online : bool
-        True: score = ``log N(m; mu_in, s_in) - log N(m; mu_out, s_out)`` (eq. 4,
-        needs reference models trained with and without each record). False
-        (offline): score = ``(m - mu_out) / s_out``, which ranks records as the
-        paper's one-sided p-value does, from models trained without them only.
+        True: score = ``log N(m; mu_in, s_in) - log N(m; mu_out, s_out)``,
+        which needs reference models trained with and without each record.
+        False (offline): score = ``(m - mu_out) / s_out``, which ranks records
+        as the paper's one-sided p-value does, from models trained without
+        them only.
     variance : {"global", "per_record"}
         One standard deviation for all records (IN and OUT each), the paper's
         advice below about 64 reference models; or one per record, which
