@@ -262,7 +262,8 @@ class Loopback:
 
         certs = None if self.certs is None else self.certs.ca.parent
         self.start("superlink", superlink_command(host="127.0.0.1", port=self.port,
-                                                  certs=certs))
+                                                  certs=certs,
+                                                  database=self.root / "superlink.db"))
         wait_for_port("127.0.0.1", self.port, timeout=60)
         if self.certs is not None:
             for site in self.sites:

@@ -166,7 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         message_timeout=args.message_timeout))
     env = flower_environment(home)
     log = (work / "superlink.log").open("a", encoding="utf-8")
-    superlink = subprocess.Popen(superlink_command(host=host, port=port, certs=certs),
+    # A persistent state: SuperNodes keep their node ids when the aggregator is restarted.
+    superlink = subprocess.Popen(superlink_command(host=host, port=port, certs=certs,
+                                                   database=work / "superlink.db"),
                                  env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(host, port, timeout=60.0)

@@ -307,7 +307,12 @@ def flower_environment(home: Path | None = None) -> dict[str, str]:
 
 def superlink_command(*, host: str, port: int, certs: Path | None,
                       database: Path | None = None) -> list[str]:
-    """``flower-superlink`` with TLS and node authentication (or neither, `certs` None)."""
+    """``flower-superlink`` with TLS and node authentication (or neither, `certs` None).
+
+    With `database`, the SuperLink keeps its state (registered nodes, runs) in
+    that SQLite file, so SuperNodes keep their node ids across a restart of the
+    aggregator and reconnect by themselves.
+    """
     command = [flower_program("flower-superlink"), "--host", host, "--port", str(port),
                "--disable-runtime-dependency-installation"]
     if certs is None:
