@@ -41,7 +41,7 @@ from fedcare.models import FlatModel, build_model
 
 MARGIN = 0.05
 """How far above the prior baseline a protected configuration may score (records
-recovered and mean per-feature accuracy); measured gaps are below zero (see BENCHMARKS)."""
+recovered and mean per-feature accuracy); the measured gaps are at most zero."""
 
 
 @pytest.fixture(autouse=True)

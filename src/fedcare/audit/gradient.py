@@ -40,15 +40,16 @@ conditions on its selection (the next round number is tried).
 Attacks (`ATTACKS`, by name)
 ----------------------------
 ``analytic``
-    Phong et al. 2018 (Sec. 3), Geiping et al. 2020 (Sec. 4, "Inverting
-    Gradients"): at batch size 1 a fully connected layer ``h = W x + b`` has
+    Phong et al. 2018 ("Privacy-preserving deep learning via additively
+    homomorphic encryption"), Geiping et al. 2020 ("Inverting gradients"):
+    at batch size 1 a fully connected layer ``h = W x + b`` has
     ``dL/dW_i = (dL/db_i) x`` for every row ``i``, so ``x = dL/dW_i / dL/db_i``
     for any row with ``dL/db_i != 0``. Here the least-squares combination of
     all rows, ``x = sum_i g_i G_i / sum_i g_i^2`` (``g = dL/db``, ``G = dL/dW``),
     which is exact without noise and averages noise over the rows with it.
     Works for logistic regression (the only layer) and an MLP's first layer.
 ``neurons``
-    Pan et al. 2022 ("exclusively activated neurons"): in a *sum* of several
+    After Pan et al. 2022 ("exclusively activated neurons"): in a *sum* of several
     records' gradients, a ReLU unit of the first layer that only one record
     activated still carries that record exactly in its row; the attacker
     finds those rows without knowing the records (`ExclusiveNeurons`). Against
@@ -230,8 +231,9 @@ class RecordDecoder:
         The site's standardisation (``encoded = (value - mean) / std``); public
         to the aggregator (``bounds``: from the schema; ``federated``: it
         computed them).
-    bounds : ndarray of shape (n_numeric, 2) or None
-        Public ranges; decoded values are clipped to them. NaN rows: no bounds.
+    bounds : ndarray of shape (n_numeric, 2)
+        Public ranges (low, high); decoded values are clipped to them. A row of
+        NaN: the column has no bounds.
     """
 
     layout: FeatureLayout
@@ -501,8 +503,8 @@ class AnalyticInversion:
     """Closed-form input of the first fully connected layer at batch size 1.
 
     ``x = sum_i g_i G_i / sum_i g_i^2`` over the first layer's rows, with
-    ``g = dL/db`` and ``G = dL/dW`` (Phong et al. 2018; Geiping et al. 2020,
-    Sec. 4); the label by iDLG. The scale of the observed gradient cancels,
+    ``g = dL/db`` and ``G = dL/dW`` (Phong et al. 2018; Geiping et al.
+    2020); the label by iDLG. The scale of the observed gradient cancels,
     so clipping the update does not change the result.
 
     Attributes (after `fit`)
@@ -538,8 +540,11 @@ class ExclusiveNeurons:
     first layer gives ``G_i / g_i = sum_k g_ik x_k / sum_k g_ik`` over the
     records ``k`` that activate unit ``i`` (ReLU); a unit activated by exactly
     one record gives that record exactly ("exclusively activated neurons",
-    Pan et al. 2022, USENIX Security, Sec. 4). The attacker tells them from
-    mixtures without knowing the records: a candidate ``c = G_i / g_i`` that
+    Pan et al. 2022, "Exploring the security boundary of data reconstruction
+    via neuron exclusivity analysis", USENIX Security 2022, whose own
+    reconstruction algorithm is more elaborate). Here the attacker tells
+    those rows from mixtures without knowing the records by a simpler check
+    of this module's own: a candidate ``c = G_i / g_i`` that
     is a record with label ``y`` must reproduce the unit's own bias gradient,
     ``dL(c, y)/db_i = g_i``, which a mixture does not (to within `rtol`,
     since the update arrives in float32). Candidates that agree (to within
@@ -757,7 +762,7 @@ class TabLeak:
     Parameters
     ----------
     steps, lr, restarts, seed
-        As for `DLG`; `restarts` >= 1 (the paper pools 30; 8 here).
+        As for `DLG`; `restarts` >= 1.
 
     Attributes (after `fit`)
     ------------------------
@@ -1168,9 +1173,10 @@ def observe_updates(config: RunConfig, data: FederatedData, *, site: str, rows: 
         round_sites.append(inside)
         round_inputs.append(torch.cat([round_data.sites[names.index(name)].x_train
                                        for name in inside]))
+        where = (f"the sum revealed in round {round_number}" if summed
+                 else f"site {site!r} in round {round_number}")
         gradients.append(update_to_gradient(observed, spec=model.spec, lr=f.lr,
-                                            payloads=payloads,
-                                            where=f"site {site!r}, round {round_number}"))
+                                            payloads=payloads, where=where))
         norms.append(float(observed[:-1].to(torch.float64).norm()))
     sigma, clip = 0.0, 0.0
     if site_privacy is not None:
