@@ -344,3 +344,13 @@ def test_keys_init_then_a_ckks_run_from_the_command_line(capsys: pytest.CaptureF
     # a second init into the same directory would replace the keys the sites hold
     assert main(["keys", "init", str(keys)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_deployment_commands_are_reachable_from_main(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    assert main(["certs", str(tmp_path / "certs"), "--sites", "a,b"]) == 0
+    assert "site a's identity" in capsys.readouterr().out
+    assert (tmp_path / "certs" / "a.key").stat().st_mode & 0o077 == 0  # the site's key: private
+    assert main(["site", "--name", "c", "--aggregator", "127.0.0.1:9092",
+                 "--certs", str(tmp_path / "certs")]) == 2  # no certificate for site c
+    assert "c.crt does not exist" in capsys.readouterr().err

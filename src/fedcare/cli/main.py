@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedcare import __version__
 from fedcare.cli.audit import add_audit_parser
+from fedcare.cli.deploy import add_deploy_parser
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.cli.runs import add_runs_parser
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(commands)
     add_runs_parser(commands)
     add_audit_parser(commands)
+    add_deploy_parser(commands)
     return parser
 
 
@@ -172,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "schema" and args.schema_command == "infer":
             return cmd_schema_infer(args)
-        if hasattr(args, "handler"):  # privacy, keys, verify, report, runs, sweep, audit
+        if hasattr(args, "handler"):  # every other subcommand
             return int(args.handler(args))
     except FedcareError as exc:
         print(f"fedcare: error: {exc}", file=sys.stderr)
