@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,3 +22,8 @@ def git_state() -> dict[str, Any]:
 
     return {"commit": git("rev-parse", "HEAD"),
             "src_dirty": bool(git("status", "--porcelain", "--", "src"))}
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: how shared the machine was."""
+    return [round(x, 2) for x in os.getloadavg()]

@@ -65,7 +65,7 @@ from fedcare.audit.gradient import ATTACKS, audit_gradient_leakage
 from fedcare.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import git_state  # benchmarks/ is sys.path[0] when a script runs
+from _env import git_state, loadavg  # benchmarks/ is sys.path[0] when a script runs
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "audit_gradient.json"
@@ -97,10 +97,6 @@ def make_config(dataset: str, configuration: str) -> RunConfig:
     for key, value in {**BASE, **DATASETS[dataset], **CONFIGURATIONS[configuration]}.items():
         config.set_value(key, value)
     return config
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def row(dataset: str, configuration: str, n_records: int, seed: int) -> dict[str, Any]:

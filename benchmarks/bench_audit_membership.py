@@ -60,7 +60,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _env import git_state  # benchmarks/ is sys.path[0] when a script runs
+from _env import git_state, loadavg  # benchmarks/ is sys.path[0] when a script runs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "audit_membership.json"
 DELTA = 1e-5
@@ -225,10 +225,6 @@ def markdown(table: Mapping[str, Any]) -> str:
             lines.append(f"| {dataset} | {row} | {claimed} | {aucs} | {bounds} | {right} | "
                          f"{failed} | {cell['canary_summary']['accuracy_mean']:.3f} |")
     return "\n".join(lines)
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,6 +59,7 @@ from fedcare.errors import FedcareError
 from fedcare.experiment import run_experiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import loadavg
 from bench_quality import (
     TEST_SEEDS,
     TUNE_SPLITS,
@@ -267,10 +268,6 @@ def markdown(table: Mapping[str, Any]) -> str:
         lines.append(f"| {key} | {pm(row, 'accuracy')} | {pm(row, 'roc_auc')} | {per_seed} | "
                      f"{spent} |")
     return "\n".join(lines)
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
