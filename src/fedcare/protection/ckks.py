@@ -920,7 +920,11 @@ class CkksSiteSession:
 
 
 class CkksAggregatorSession:
-    """The aggregator's side of one ckks round: checks keys, adds ciphertexts, asks for the sum."""
+    """The aggregator's side of one ckks round: checks keys, adds ciphertexts, asks for the sum.
+
+    The running sum stays parsed in memory (each payload is parsed and checked
+    once, then added in place) and is serialised once, for the decrypting site.
+    """
 
     def __init__(self, context: AggregatorContext, round_number: int, cohort: Sequence[int],
                  length: int) -> None:
@@ -928,8 +932,16 @@ class CkksAggregatorSession:
         self.round_number = round_number
         self.cohort = list(cohort)
         self.length = length
-        self.total: CkksPayload | None = None
+        self._sum: list[Any] | None = None
         self.contributors: list[int] = []
+
+    @property
+    def total(self) -> CkksPayload | None:
+        """The encrypted sum so far, as it travels (None before the first payload)."""
+        if self._sum is None:
+            return None
+        return CkksPayload(fingerprint=self.context.fingerprint, length=self.length,
+                           chunks=tuple(bytes(vector.serialize()) for vector in self._sum))
 
     def setup(self, exchange: Exchange) -> list[int]:
         check = KeyCheck(self.round_number, self.context.fingerprint)
@@ -940,19 +952,26 @@ class CkksAggregatorSession:
         if isinstance(payload, CkksPayload) and payload.length != self.length:
             raise ProtocolError(f"ckks: site {site + 1} encrypted {payload.length} values; the "
                                 f"model's payload has {self.length}.")
-        self.total = add(self.context, self.total, cast(CkksPayload, payload), site=str(site + 1))
+        incoming = _open(self.context, cast(CkksPayload, payload), sender=f"site {site + 1!r}")
+        if self._sum is None:
+            self._sum = incoming
+        else:
+            for partial, addend in zip(self._sum, incoming, strict=True):
+                partial.add_(addend)
         self.contributors.append(site)
 
     def reveal(self, exchange: Exchange) -> torch.Tensor:
-        if self.total is None:
+        total = self.total
+        if total is None:
             raise ProtocolError(f"ckks: round {self.round_number} has no payload to reveal.")
-        request = DecryptRequest(self.round_number, self.total)
+        request = DecryptRequest(self.round_number, total)
         for site in self.contributors:
             reply = exchange({site: request}).get(site)
             if isinstance(reply, torch.Tensor) and reply.shape == (self.length,):
                 return reply
         raise ProtocolError(f"ckks: no site of round {self.round_number} returned the decrypted "
                             "sum; the round is lost.")
+
 
 def _open(keys: _KeyContext, payload: CkksPayload, *, sender: str) -> list[Any]:
     """Parse and check every chunk of `payload`; `ProtocolError` naming `sender` otherwise."""
