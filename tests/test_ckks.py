@@ -25,6 +25,8 @@ from fedcare.privacy.noise import InsecureNoiseWarning, SecureNoise, SeededNoise
 from fedcare.protection.ckks import (
     DEFAULT_FLOODING_STD,
     DEFAULT_GRID,
+    KEY_FILE_MAGIC,
+    KEY_SET_ID_BYTES,
     MAX_ABS_VALUE,
     AggregatorContext,
     CkksParameters,
@@ -200,13 +202,38 @@ def test_aggregator_context_cannot_decrypt(
         decrypt(aggregator, aggregate, noise=seeded)  # type: ignore[arg-type]
 
 
+def test_aggregator_context_cannot_encrypt(aggregator: AggregatorContext) -> None:
+    # Symmetric key sets: without the secret key nobody can make a ciphertext of their choosing.
+    with pytest.raises(ValueError, match="doesn't support encryption"):
+        ts.ckks_vector(aggregator.context, np.ones(SLOTS))
+    with pytest.raises(ConfigError, match="encrypt needs the SiteContext"):
+        encrypt(aggregator, np.ones(3), site="aggregator")  # type: ignore[arg-type]
+
+
+def test_a_public_key_context_is_refused_to_sites_and_aggregator() -> None:
+    context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192,
+                         coeff_mod_bit_sizes=[60, 60, 60])
+    context.global_scale = 2.0**70
+    key_set = bytes(KEY_SET_ID_BYTES)
+    with pytest.raises(ConfigError, match="public-key CKKS context"):
+        SiteContext(context, key_set=key_set)
+    public = ts.context_from(context.serialize(save_public_key=True, save_secret_key=False,
+                                               save_galois_keys=False, save_relin_keys=False))
+    with pytest.raises(ConfigError, match="holds a public key"):
+        AggregatorContext(public, key_set=key_set)
+
+
 def test_key_files_are_0600_and_only_the_site_file_holds_the_secret_key(
         key_files: KeyFiles, site: SiteContext, aggregator: AggregatorContext) -> None:
     for path in (key_files.site, key_files.aggregator):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     public_bytes = key_files.aggregator.read_bytes()
-    assert not ts.context_from(public_bytes).is_private()
-    assert ts.context_from(key_files.site.read_bytes()).is_private()
+    secret_bytes = key_files.site.read_bytes()
+    head = len(KEY_FILE_MAGIC) + KEY_SET_ID_BYTES
+    assert public_bytes[:head] == secret_bytes[:head] == KEY_FILE_MAGIC + site.key_set
+    assert not ts.context_from(public_bytes[head:]).is_private()
+    assert ts.context_from(secret_bytes[head:]).is_private()
+    assert len(public_bytes) < 200  # parameters and id: no key of any kind
     assert (key_files.fingerprint == site.fingerprint == aggregator.fingerprint
             == hashlib.sha256(public_bytes).hexdigest())
     manifest = json.loads(key_files.manifest.read_text())
@@ -225,7 +252,7 @@ def test_generate_keys_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None
     assert load_aggregator_context(first.aggregator).fingerprint == first.fingerprint
 
     second = generate_keys(tmp_path, overwrite=True)
-    assert second.fingerprint != first.fingerprint
+    assert second.fingerprint != first.fingerprint  # same parameters, another key-set id
     assert load_site_context(second.site).fingerprint == second.fingerprint
     assert stat.S_IMODE(second.site.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -237,14 +264,15 @@ def test_a_site_key_is_refused_to_the_aggregator_and_vice_versa(
     with pytest.raises(ConfigError, match="refusing to give the aggregator a secret key"):
         load_aggregator_context(key_files.site)
     with pytest.raises(ConfigError, match="refusing to give the aggregator a secret key"):
-        AggregatorContext(site.context)
+        AggregatorContext(site.context, key_set=site.key_set)
     with pytest.raises(ConfigError, match="holds no secret key"):
         load_site_context(key_files.aggregator)
     assert isinstance(load_context(key_files.site), SiteContext)
     assert isinstance(load_context(key_files.aggregator), AggregatorContext)
 
 
-@pytest.mark.parametrize("content", ["garbage", "empty", "truncated", "bfv", "missing"])
+@pytest.mark.parametrize("content", ["garbage", "empty", "truncated", "bfv", "no-header",
+                                     "missing"])
 def test_bad_key_files_are_refused_naming_the_path(
         tmp_path: Path, key_files: KeyFiles, content: str) -> None:
     path = tmp_path / "aggregator.ckks"
@@ -253,9 +281,12 @@ def test_bad_key_files_are_refused_naming_the_path(
     elif content == "empty":
         path.write_bytes(b"")
     elif content == "truncated":
-        path.write_bytes(key_files.aggregator.read_bytes()[:5000])
+        path.write_bytes(key_files.site.read_bytes()[:5000])
     elif content == "bfv":
-        path.write_bytes(ts.context(ts.SCHEME_TYPE.BFV, 4096, 1032193).serialize())
+        path.write_bytes(KEY_FILE_MAGIC + bytes(KEY_SET_ID_BYTES)
+                         + ts.context(ts.SCHEME_TYPE.BFV, 4096, 1032193).serialize())
+    elif content == "no-header":  # a bare TenSEAL context, as fedcare wrote before key-set ids
+        path.write_bytes(key_files.site.read_bytes()[len(KEY_FILE_MAGIC) + KEY_SET_ID_BYTES:])
     with pytest.raises(ConfigError) as caught:
         load_aggregator_context(path)
     assert str(path) in str(caught.value)
@@ -309,7 +340,8 @@ def test_another_key_sets_ciphertext_with_a_copied_fingerprint_is_refused_at_dec
 
 @pytest.mark.parametrize("damage", ["truncated", "extended", "garbage", "empty", "other-scale"])
 def test_add_refuses_a_damaged_chunk_naming_site_and_chunk(
-        aggregator: AggregatorContext, payloads: list[CkksPayload], damage: str) -> None:
+        site: SiteContext, aggregator: AggregatorContext, payloads: list[CkksPayload],
+        damage: str) -> None:
     chunk = payloads[1].chunks[1]
     if damage == "truncated":
         chunk = chunk[:len(chunk) // 2]
@@ -321,7 +353,7 @@ def test_add_refuses_a_damaged_chunk_naming_site_and_chunk(
         chunk = b""
     else:
         # Same ring and moduli (so the same SEAL parms_id), another scale.
-        context = ts.context_from(aggregator.context.serialize())
+        context = site.context.copy()
         context.global_scale = 2.0**60
         chunk = ts.ckks_vector(context, np.ones(SLOTS)).serialize()
     with pytest.raises(ProtocolError, match=r"site 'st-olav'.*chunk 2 of 4"):

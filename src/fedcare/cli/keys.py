@@ -1,7 +1,7 @@
 """``fedcare keys``: make and check the CKKS key set of a federation.
 
 ``fedcare keys init DIR`` writes ``site.ckks`` (secret key, for the sites),
-``aggregator.ckks`` (public context, for the aggregator) and ``keys.json``
+``aggregator.ckks`` (parameters, no key: for the aggregator) and ``keys.json``
 (parameters and fingerprint); run it on a trusted machine and copy the files
 out of band. ``fedcare keys fingerprint FILE`` prints the fingerprint of
 either key file, to check every party holds the same key set. Both use
@@ -33,7 +33,7 @@ def add_keys_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     init = keys_commands.add_parser(
         "init", help="make a key set in DIR",
         description="Write site.ckks (secret key: copy it to every site, never to the "
-                    "aggregator), aggregator.ckks (public context: for the aggregator) and "
+                    "aggregator), aggregator.ckks (parameters, no key: for the aggregator) and "
                     "keys.json (parameters and fingerprint, no secrets) to DIR. Run it on a "
                     "trusted machine; key files are created with mode 0600.")
     init.add_argument("directory", metavar="DIR", help="directory to write to (created if missing)")
@@ -47,7 +47,7 @@ def add_keys_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     fingerprint = keys_commands.add_parser(
         "fingerprint", help="print the fingerprint of a key file",
         description="Load site.ckks or aggregator.ckks and print its kind, permissions and "
-                    "fingerprint (SHA-256 of the public context); both files of one key set "
+                    "fingerprint (SHA-256 of aggregator.ckks); both files of one key set "
                     "print the same fingerprint.")
     fingerprint.add_argument("file", metavar="FILE", help="site.ckks or aggregator.ckks")
     fingerprint.set_defaults(handler=cmd_keys_fingerprint)
@@ -63,7 +63,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     print(f"Wrote a CKKS key set (poly_modulus_degree {params.poly_modulus_degree}, coefficient "
           f"moduli {moduli} bits, scale 2**{params.global_scale_bits}) to {args.directory}:")
     roles = ((files.site, "secret key: copy to every site, never to the aggregator"),
-             (files.aggregator, "public context: for the aggregator"),
+             (files.aggregator, "parameters and key-set id, no key: for the aggregator"),
              (files.manifest, "parameters and fingerprint, no secrets"))
     width = max(len(str(path)) for path, _ in roles)
     for path, role in roles:

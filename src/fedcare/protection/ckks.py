@@ -1,27 +1,34 @@
 """`ckks`: summing site updates under CKKS homomorphic encryption (TenSEAL / Microsoft SEAL).
 
 Each site encrypts its update under one CKKS key set; the aggregator adds the
-ciphertexts with a public context that cannot decrypt; the sites decrypt the
-sum and release it only noise-flooded. CKKS (Cheon, Kim, Kim, Song;
+ciphertexts with a context that can neither encrypt nor decrypt; the sites
+decrypt the sum and release it only noise-flooded. CKKS (Cheon, Kim, Kim, Song;
 ASIACRYPT 2017) packs ``N/2`` real values into one ciphertext and adds
 ciphertexts slot by slot. This module only ever *adds*, so the modulus chain
 needs no room for multiplications and no relinearisation or Galois (rotation)
-keys are saved or shipped.
+keys are saved or shipped. Key sets are symmetric (secret-key encryption):
+only the sites, which share the secret key, can encrypt; the aggregator holds
+the parameters and no key at all. Secret-key encryption is also about three
+times faster than public-key encryption (1.8 against 5.5 ms a ciphertext
+here) and leaves a smaller decryption error.
 
 Flow
 ----
 1. Once, on a trusted machine: ``fedcare keys init DIR`` (`generate_keys`)
    writes ``site.ckks`` (the context with the secret key), ``aggregator.ckks``
-   (the public context: parameters and public key, no secret key) and
-   ``keys.json`` (parameters and fingerprint, no secrets). Both key files are
-   created with mode 0600. Distribution is out of band: ``site.ckks`` is
+   (the parameters only: no key) and ``keys.json`` (parameters and
+   fingerprint, no secrets). Both key files start with `KEY_FILE_MAGIC` and
+   a random key-set id, then hold TenSEAL's context, so two key sets with
+   the same parameters have different fingerprints. Both are created with
+   mode 0600. Distribution is out of band: ``site.ckks`` is
    copied to every site and only there, ``aggregator.ckks`` to the
    aggregator. The fingerprint is the SHA-256 of ``aggregator.ckks`` (what
    ``sha256sum aggregator.ckks`` prints, and what ``fedcare keys fingerprint``
    prints for either file), so each party can check it has the right key set.
 2. Each site: ``payload = encrypt(site_context, update, site=name)``.
 3. The aggregator: ``total = add(aggregator_context, total, payload, site=name)``
-   for each payload (``total`` starts as None).
+   for each payload (``total`` starts as None), with a context that can
+   neither encrypt nor decrypt.
 4. The sites: ``decrypt(site_context, total, noise=SecureNoise())``.
 
 A vector of ``m`` values travels as ``ceil(m / (N/2))`` ciphertexts
@@ -46,8 +53,8 @@ Measured with the defaults (TenSEAL 0.3.18, SEAL 3.6), the exact CKKS sum
 differs from the float64 sum by
 
 * the encryption noise, independent of the values: standard deviation
-  ``1.2e-18 * sqrt(K)`` for a sum of ``K`` fresh ciphertexts (about
-  ``2**10.4 / Delta`` each), and
+  ``1.8e-19 * sqrt(K)`` for a sum of ``K`` fresh ciphertexts (about
+  ``2**7.7 / Delta`` each; public-key encryption would give ``2**10.4``), and
 * float64 rounding in SEAL's encoder and decoder, about ``3e-16`` times the
   largest magnitude in the vector (so ``3e-13`` for values of ``1e3``).
 
@@ -63,11 +70,12 @@ the grid (at most half of ``grid``, default ``2**-24``).
 
 Threat model
 ------------
-* **Aggregator, honest but curious.** It holds only ``aggregator.ckks``:
-  `load_aggregator_context` refuses a file that holds a secret key, and `add`
-  takes nothing else. It sees every site's ciphertexts and the ciphertext of
-  their sum, which under the RLWE assumption (128-bit parameters, above)
-  reveal nothing about the values but their number. It learns the
+* **Aggregator, honest but curious.** It holds only ``aggregator.ckks``,
+  the parameters without any key: `load_aggregator_context` refuses a file
+  that holds a secret or public key, and `add` takes nothing else. It sees
+  every site's ciphertexts and the ciphertext of their sum, which under the
+  RLWE assumption (128-bit parameters, above) reveal nothing about the
+  values but their number. It learns the
   aggregate only if a site sends the (flooded) decryption back.
 * **One shared secret key.** TenSEAL has no threshold or multi-key CKKS, so
   every site holds the same secret key and can decrypt any ciphertext made
@@ -86,25 +94,26 @@ Threat model
   `~fedcare.privacy.noise.NoiseSource` (`~fedcare.privacy.noise.SecureNoise`
   in production), then rounds to a power-of-two ``grid``.
   With the defaults the flooding noise (``2**-20``, about ``9.5e-7``) is
-  ``2**39.5 / sqrt(K)`` times the key-dependent error of a ``K``-site sum
-  (``2**34.5`` for 1,000 sites). Li, Micciancio, Schultz and Sorrell
+  ``2**42.3 / sqrt(K)`` times the key-dependent error of a ``K``-site sum
+  (``2**37.3`` for 1,000 sites). Li, Micciancio, Schultz and Sorrell
   (CRYPTO 2022) prove ``s`` bits of statistical security for ``q`` released
   decryptions when the flooding standard deviation is at least
   ``sqrt(24 N q) * 2**(s/2)`` times the error bound; taking the bound as 6
-  standard deviations, the defaults give ``s = 30`` for about 83,000
-  released chunk decryptions per key set at 1,000 sites (5.2 million at 16
-  sites; ``s = 40`` for 81 and 5,000). A release is one chunk decryption
+  standard deviations, the defaults give ``s = 30`` for about 3.9 million
+  released chunk decryptions per key set at 1,000 sites (240 million at 16
+  sites; ``s = 40`` for 3,800 and 235,000). A release is one chunk decryption
   that reaches the aggregator or anyone who saw the ciphertexts; every
   `decrypt` draws fresh noise, so ``k`` sites each releasing their
   decryption of the same aggregate count ``k`` times. Count releases and
   re-key (``fedcare keys init --overwrite``) before the allowance. `decrypt`
-  refuses a ``flooding_std`` below ``2**17`` times one fresh ciphertext's
-  error (``2**-42`` with the defaults): it never returns an exact
-  decryption. Caveats, as in `fedcare.privacy.noise`: the proof is for
-  real-valued noise; and it covers the key-dependent error, not SEAL's
-  float64 rounding of the decoded values (``3e-16`` relative), which is a
-  deterministic function of the exact decryption and stays below the
-  flooding noise only while aggregate values stay below about ``3e9``.
+  refuses a ``flooding_std`` below ``2**17`` times an upper estimate of one
+  fresh ciphertext's error (`FRESH_ERROR_UNITS`: ``2**-42`` with the
+  defaults): it never returns an exact decryption. Caveats, as in
+  `fedcare.privacy.noise`: the proof is for real-valued noise; and it
+  covers the key-dependent error, not SEAL's float64 rounding of the
+  decoded values (``3e-16`` relative), which is a deterministic function of
+  the exact decryption and stays below the flooding noise only while
+  aggregate values stay below about ``3e9``.
 * **Tampering and mistakes: what is detected.** `add` (and `decrypt`) refuse,
   with `ProtocolError` naming the site: a payload from another key set
   (fingerprint mismatch: a misconfigured site, not an attacker, who can copy
@@ -126,11 +135,12 @@ Threat model
   The same check catches a ciphertext made under another key set with a
   copied fingerprint, and a sum of too many payloads.
 * **Not detected, and not detectable here.** Nothing authenticates a
-  ciphertext: a site can encrypt any values within the bounds (poisoning),
-  and anyone with the public key, the aggregator included, can encrypt
-  values of its choosing. A per-chunk MAC would not change that: its key
-  would be shared by all sites, and the aggregator could not tag the sum it
-  computes. Integrity in transit is TLS's job; the checks above catch
+  ciphertext: a site can encrypt any values within the bounds (poisoning).
+  Only key holders can encrypt (there is no public key), but the aggregator
+  can still combine the ciphertexts it received (drop, repeat, negate, add
+  them) and pass the result off as the sum. A per-chunk MAC would not change
+  that: its key would be shared by all sites, and the aggregator could not
+  tag the sum it computes. Integrity in transit is TLS's job; the checks above catch
   mistakes and random corruption, not a forger.
 * **Actively malicious aggregator: not covered.** CKKS has no security
   against chosen ciphertexts. An aggregator that gets a site to decrypt a
@@ -142,30 +152,36 @@ Threat model
 
 Cost, measured
 --------------
-``python -m fedcare.protection.ckks`` (2026-11-28) on a 2-vCPU AMD EPYC VM,
-Python 3.11, TenSEAL 0.3.18, lightly loaded; default parameters, 10 sites.
+``python -m fedcare.protection.ckks`` (2026-11-29) on a 2-vCPU AMD EPYC VM,
+Python 3.11, TenSEAL 0.3.18, load average 0.3; default parameters, 10 sites.
 Times are per site (``encrypt_ms``, ``add_ms``: one payload into the running
 total) or per aggregate (``decrypt_ms``, flooding included); ``bytes`` is one
 payload; ``decrypt_ms`` excludes drawing the flooding noise, which
 ``flood_ms`` times alone (`~fedcare.privacy.noise.SecureNoise`);
 ``max_abs_error`` is the exact (unflooded) sum's largest error against numpy
-for updates drawn from N(0, 1e3**2). Key generation takes about 17 ms;
-``site.ckks`` is 590,166 bytes and ``aggregator.ckks`` 393,447.
+for updates drawn from N(0, 1e3**2). Key generation takes about 9 ms;
+``site.ckks`` is 196,866 bytes and ``aggregator.ckks`` 147.
 
 =======  ======  ==========  ======  ==========  ========  =========  =============
 values   chunks  encrypt_ms  add_ms  decrypt_ms  flood_ms      bytes  max_abs_error
 =======  ======  ==========  ======  ==========  ========  =========  =============
- 10,000       3        16.2     3.6         9.6      30.2    786,876        5.5e-12
-100,000      25       184.2    34.0        68.4      95.6  6,557,300        5.5e-12
+ 10,000       3         9.1     2.9         4.7       0.3    786,876        3.6e-12
+100,000      25        58.8    16.8        25.3       1.0  6,557,300        5.5e-12
 =======  ======  ==========  ======  ==========  ========  =========  =============
 
 Reading: a payload is 64 bytes per value (16 times float32), whatever the
 values, since each chunk is two polynomials of 8,192 coefficients modulo two
-60-bit primes, stored as 64-bit words. Encryption (5-7 ms per chunk)
-dominates a site's cost; the aggregator's ``add`` mostly parses and
-re-serializes the running total (about 1.3 ms per chunk). The flooding draw
-is slow for its size because torch's two intra-op threads cost about 30 ms
-per call on this VM (about 1 ms with ``torch.set_num_threads(1)``).
+60-bit primes, stored as 64-bit words. Fewer bytes are out of reach with
+TenSEAL: one 60-bit data prime cannot hold the scale the flooding needs
+(about 2**70) and the sums' range; SEAL's half-size seeded symmetric
+ciphertexts are not exposed; and packing two values into one slot would
+need more than the 53 bits a float64 carries through SEAL's encoder and
+decoder. Encryption (about
+2.3 ms per chunk, public-key encryption took 5-7) still dominates a site's
+cost; the aggregator's ``add`` mostly parses and re-serializes the running
+total (about 0.7 ms per chunk; `CkksAggregatorSession` keeps the sum parsed
+instead). The flooding draw costs about 30 ms when torch's two intra-op
+threads compete with other load, about 1 ms with ``torch.set_num_threads(1)``.
 """
 
 from __future__ import annotations
@@ -224,9 +240,17 @@ DEFAULT_GRID = 2.0**-24
 FRESH_ERROR_UNITS = 2.0**11
 """Upper estimate of one fresh ciphertext's decryption error std at N = 8192, in units of 1/scale.
 
-It grows linearly with N: measured 2**10.4, 2**11.4 and 2**12.4 at N = 8192,
-16384 and 32768 (60-bit special prime).
+Taken as growing linearly with N. Measured for public-key encryption 2**10.4,
+2**11.4 and 2**12.4 at N = 8192, 16384 and 32768 (60-bit special prime); the
+secret-key encryption used here gives 2**7.7 and 2**8.2 at N = 8192 and 16384,
+so the floor `decrypt` enforces keeps 3 bits to spare.
 """
+
+KEY_FILE_MAGIC = b"fedcare-ckks-keyset-1\n"
+"""First bytes of ``site.ckks`` and ``aggregator.ckks``; the key-set id and TenSEAL's follow."""
+
+KEY_SET_ID_BYTES = 32
+"""Length of the random key-set id (`secrets`) that makes each key set's fingerprint unique."""
 
 FLOODING_FLOOR_RATIO = 2.0**17
 """`decrypt` refuses flooding below this multiple of a fresh ciphertext's error.
@@ -348,12 +372,15 @@ class _Layout:
 
 
 class _KeyContext:
-    """A checked TenSEAL CKKS context and the fingerprint of its public part."""
+    """A checked TenSEAL CKKS context, its key-set id and the key set's fingerprint."""
 
-    def __init__(self, context: ts.Context, *, where: str) -> None:
+    def __init__(self, context: ts.Context, *, key_set: bytes, where: str) -> None:
+        if not (isinstance(key_set, bytes) and len(key_set) == KEY_SET_ID_BYTES):
+            raise ConfigError(f"{where}: the key-set id must be {KEY_SET_ID_BYTES} bytes.")
         self._layout = _inspect(context, where)
         self.context = context
-        self.fingerprint = hashlib.sha256(_public_bytes(context)).hexdigest()
+        self.key_set = key_set
+        self.fingerprint = hashlib.sha256(_aggregator_file(key_set, context)).hexdigest()
 
     @property
     def poly_modulus_degree(self) -> int:
@@ -385,22 +412,30 @@ class SiteContext(_KeyContext):
     Parameters
     ----------
     context : tenseal.Context
-        A CKKS context with a secret key, a public key and a global scale.
+        A symmetric CKKS context with a secret key and a global scale.
+    key_set : bytes
+        The key set's random id (`KEY_SET_ID_BYTES`).
     where : str
         Where it came from, for error messages (a path).
 
     Attributes
     ----------
     context : tenseal.Context
+    key_set : bytes
     fingerprint : str
-        SHA-256 hex of the public context (equal to the aggregator's).
+        SHA-256 hex of the key set's ``aggregator.ckks``.
     """
 
-    def __init__(self, context: ts.Context, *, where: str = "the context") -> None:
-        super().__init__(context, where=where)
+    def __init__(self, context: ts.Context, *, key_set: bytes,
+                 where: str = "the context") -> None:
+        super().__init__(context, key_set=key_set, where=where)
         if not context.is_private():
             raise ConfigError(f"{where} holds no secret key; a site needs {SITE_FILE} "
-                              f"(got the public context, as in {AGGREGATOR_FILE}).")
+                              f"(got the parameters only, as in {AGGREGATOR_FILE}).")
+        if _holds_public_key(context):
+            raise ConfigError(f"{where} is a public-key CKKS context; fedcare's key sets are "
+                              "symmetric (only the sites can encrypt): make one with "
+                              "`fedcare keys init`.")
 
     @property
     def flooding_floor(self) -> float:
@@ -409,32 +444,39 @@ class SiteContext(_KeyContext):
         return FLOODING_FLOOR_RATIO * error
 
     def public(self) -> AggregatorContext:
-        """The aggregator's context for this key set: the same parameters, no secret key."""
-        return AggregatorContext(ts.context_from(_public_bytes(self.context)),
-                                 where="the public part of the site context")
+        """The aggregator's context for this key set: the same parameters, no key."""
+        return AggregatorContext(ts.context_from(_parameters_only(self.context)),
+                                 key_set=self.key_set, where="the parameters of the site context")
 
 
 class AggregatorContext(_KeyContext):
-    """The aggregator's key material: the public context, which adds but cannot decrypt.
+    """The aggregator's: parameters and key-set id, no key; adds, cannot encrypt or decrypt.
 
     Parameters
     ----------
     context : tenseal.Context
-        A public CKKS context (no secret key) with a global scale.
+        A CKKS context with a global scale and no secret or public key.
+    key_set : bytes
+        The key set's random id (`KEY_SET_ID_BYTES`).
     where : str
         Where it came from, for error messages (a path).
 
     Raises
     ------
     ConfigError
-        If `context` holds a secret key.
+        If `context` holds a secret key or a public key.
     """
 
-    def __init__(self, context: ts.Context, *, where: str = "the context") -> None:
-        super().__init__(context, where=where)
+    def __init__(self, context: ts.Context, *, key_set: bytes,
+                 where: str = "the context") -> None:
+        super().__init__(context, key_set=key_set, where=where)
         if context.is_private():
             raise ConfigError(f"{where} holds the secret key: refusing to give the aggregator "
                               f"a secret key (it must get {AGGREGATOR_FILE}, never {SITE_FILE}).")
+        if _holds_public_key(context):
+            raise ConfigError(f"{where} holds a public key, with which the aggregator could "
+                              f"encrypt values of its choosing; {AGGREGATOR_FILE} from "
+                              "`fedcare keys init` holds none.")
 
 
 @dataclass(frozen=True)
@@ -446,7 +488,7 @@ class KeyFiles:
     site : Path
         ``site.ckks``: secret context, mode 0600, for every site.
     aggregator : Path
-        ``aggregator.ckks``: public context, mode 0600, for the aggregator.
+        ``aggregator.ckks``: parameters and key-set id, mode 0600, for the aggregator.
     manifest : Path
         ``keys.json``: parameters and fingerprint, no secrets.
     fingerprint : str
@@ -487,15 +529,18 @@ class CkksPayload:
 
 
 def create_site_context(params: CkksParameters = DEFAULT_PARAMETERS) -> SiteContext:
-    """A fresh key set, in memory: the site context (its `SiteContext.public` is the aggregator's).
+    """A fresh symmetric key set in memory: the site's context (``.public()``: the aggregator's).
 
     No Galois keys are generated (they only serve rotations); TenSEAL makes
-    relinearisation keys regardless, which are never saved.
+    relinearisation keys regardless, which are never saved. The key-set id
+    comes from `secrets`.
     """
     context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=params.poly_modulus_degree,
-                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+                         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
     context.global_scale = 2.0**params.global_scale_bits
-    return SiteContext(context, where="the new context")
+    return SiteContext(context, key_set=secrets.token_bytes(KEY_SET_ID_BYTES),
+                       where="the new context")
 
 
 def generate_keys(directory: str | os.PathLike[str],
@@ -508,8 +553,8 @@ def generate_keys(directory: str | os.PathLike[str],
     created with mode 0600 (never wider; the umask may narrow it); the
     directory is created with mode 0700 if missing. Each file is written
     under a temporary name and renamed, so a crash leaves no half-written
-    key. Before anything is written, the public bytes are reloaded and
-    checked to hold no secret key and to give the site's fingerprint.
+    key. Before anything is written, both files' bytes are reloaded and
+    checked: the aggregator's holds no key, and both give the same fingerprint.
 
     Parameters
     ----------
@@ -538,15 +583,18 @@ def generate_keys(directory: str | os.PathLike[str],
                               "Pass overwrite=True (fedcare keys init --overwrite) to replace "
                               f"them; every site then needs the new {SITE_FILE}.")
     site = create_site_context(params)
-    secret_bytes = bytes(site.context.serialize(save_public_key=True, save_secret_key=True,
-                                                save_galois_keys=False, save_relin_keys=False))
-    public_bytes = _public_bytes(site.context)
-    aggregator = AggregatorContext(ts.context_from(public_bytes), where=str(aggregator_path))
-    reloaded = SiteContext(ts.context_from(secret_bytes), where=str(site_path))
+    secret_bytes = KEY_FILE_MAGIC + site.key_set + bytes(site.context.serialize(
+        save_public_key=False, save_secret_key=True, save_galois_keys=False,
+        save_relin_keys=False))
+    public_bytes = _aggregator_file(site.key_set, site.context)
+    aggregator = _parse_key_file(public_bytes, str(aggregator_path))
+    reloaded = _parse_key_file(secret_bytes, str(site_path))
     fingerprint = hashlib.sha256(public_bytes).hexdigest()
-    if not fingerprint == site.fingerprint == aggregator.fingerprint == reloaded.fingerprint:
-        raise RuntimeError("TenSEAL serialized the public context differently after a reload; "
-                           "the fingerprint would not match across files. Nothing was written.")
+    if not (isinstance(aggregator, AggregatorContext) and isinstance(reloaded, SiteContext)
+            and fingerprint == site.fingerprint == aggregator.fingerprint
+            == reloaded.fingerprint):
+        raise RuntimeError("TenSEAL serialized the context differently after a reload; the "
+                           "fingerprint would not match across files. Nothing was written.")
     manifest = {
         "format": _MANIFEST_FORMAT,
         "scheme": "CKKS",
@@ -556,7 +604,8 @@ def generate_keys(directory: str | os.PathLike[str],
         "max_abs_value": MAX_ABS_VALUE,
         "max_summands": MAX_SUMMANDS,
         "fingerprint": fingerprint,
-        "fingerprint_of": f"SHA-256 of {AGGREGATOR_FILE} (the public context)",
+        "fingerprint_of": f"SHA-256 of {AGGREGATOR_FILE} (parameters and key-set id)",
+        "encryption": "symmetric (secret key); the aggregator holds no key",
         "site_file": SITE_FILE,
         "aggregator_file": AGGREGATOR_FILE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -586,14 +635,26 @@ def load_context(path: str | os.PathLike[str]) -> SiteContext | AggregatorContex
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read CKKS key file {where}: {exc.strerror or exc}.") from exc
+    return _parse_key_file(data, where)
+
+
+def _parse_key_file(data: bytes, where: str) -> SiteContext | AggregatorContext:
+    head = len(KEY_FILE_MAGIC) + KEY_SET_ID_BYTES
+    if not data.startswith(KEY_FILE_MAGIC) or len(data) <= head:
+        raise ConfigError(f"{where} is not a fedcare CKKS key file (it does not start with "
+                          f"{KEY_FILE_MAGIC!r}); expected {SITE_FILE} or {AGGREGATOR_FILE} from "
+                          "`fedcare keys init` (key files of fedcare before symmetric key sets "
+                          "must be made again with `fedcare keys init --overwrite`).")
+    key_set = data[len(KEY_FILE_MAGIC):head]
     try:
-        context = ts.context_from(data)
+        context = ts.context_from(data[head:])
     except Exception as exc:  # C++ exceptions reach Python as ValueError, RuntimeError, ...
-        raise ConfigError(f"{where} is not a TenSEAL context ({exc}); expected {SITE_FILE} or "
-                          f"{AGGREGATOR_FILE} from `fedcare keys init`.") from exc
+        raise ConfigError(f"{where} does not hold a TenSEAL context after its header ({exc}); "
+                          f"expected {SITE_FILE} or {AGGREGATOR_FILE} from `fedcare keys "
+                          "init`.") from exc
     if context.is_private():
-        return SiteContext(context, where=where)
-    return AggregatorContext(context, where=where)
+        return SiteContext(context, key_set=key_set, where=where)
+    return AggregatorContext(context, key_set=key_set, where=where)
 
 
 def load_site_context(path: str | os.PathLike[str]) -> SiteContext:
@@ -665,7 +726,7 @@ def encrypt(context: SiteContext, vector: ArrayLike, *, site: str) -> CkksPayloa
 
 def add(context: AggregatorContext, total: CkksPayload | None, payload: CkksPayload, *,
         site: str) -> CkksPayload:
-    """Add one site's payload to the running total, with the public context only.
+    """Add one site's payload to the running total, with the aggregator's context only.
 
     Parameters
     ----------
@@ -1038,7 +1099,6 @@ def _inspect(context: ts.Context, where: str) -> _Layout:
         data_bits = int(top.total_coeff_modulus_bit_count())
         key_bits = int(seal.key_context_data().total_coeff_modulus_bit_count())
         parms_id = tuple(int(word) for word in seal.first_parms_id())
-        has_public_key = bool(context.has_public_key())
     except Exception as exc:  # C++ exceptions reach Python as ValueError, RuntimeError, ...
         raise ConfigError(f"{where} is not a usable TenSEAL context ({exc}).") from exc
     if scheme != ts.SCHEME_TYPE.CKKS.value:
@@ -1046,8 +1106,6 @@ def _inspect(context: ts.Context, where: str) -> _Layout:
     problem = _security_problem(n, key_bits)
     if problem:
         raise ConfigError(f"{where}: {problem}")
-    if not has_public_key:
-        raise ConfigError(f"{where} holds no public key; sites need it to encrypt.")
     try:
         scale = float(context.global_scale)
     except Exception as exc:  # TenSEAL raises ValueError("no global scale")
@@ -1062,10 +1120,23 @@ def _inspect(context: ts.Context, where: str) -> _Layout:
                    parms_id=parms_id)
 
 
-def _public_bytes(context: ts.Context) -> bytes:
-    """The public context (parameters, public key, scale), as ``aggregator.ckks`` holds it."""
-    return bytes(context.serialize(save_public_key=True, save_secret_key=False,
+def _parameters_only(context: ts.Context) -> bytes:
+    """TenSEAL's serialization of `context` without any key: parameters and scale."""
+    return bytes(context.serialize(save_public_key=False, save_secret_key=False,
                                    save_galois_keys=False, save_relin_keys=False))
+
+
+def _aggregator_file(key_set: bytes, context: ts.Context) -> bytes:
+    """``aggregator.ckks`` of a key set: the header, the id, the parameters; its SHA-256 is the
+    fingerprint."""
+    return KEY_FILE_MAGIC + key_set + _parameters_only(context)
+
+
+def _holds_public_key(context: ts.Context) -> bool:
+    try:
+        return bool(context.has_public_key())
+    except ValueError:  # TenSEAL: "has_public_key is not supported for symmetric encryption"
+        return False
 
 
 def _write_file(path: Path, data: bytes, *, mode: int) -> None:
