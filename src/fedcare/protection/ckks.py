@@ -171,17 +171,19 @@ values   chunks  encrypt_ms  add_ms  decrypt_ms  flood_ms      bytes  max_abs_er
 
 Reading: a payload is 64 bytes per value (16 times float32), whatever the
 values, since each chunk is two polynomials of 8,192 coefficients modulo two
-60-bit primes, stored as 64-bit words. Fewer bytes are out of reach with
-TenSEAL: one 60-bit data prime cannot hold the scale the flooding needs
-(about 2**70) and the sums' range; SEAL's half-size seeded symmetric
-ciphertexts are not exposed; and packing two values into one slot would
-need more than the 53 bits a float64 carries through SEAL's encoder and
-decoder. Encryption (about
-2.3 ms per chunk, public-key encryption took 5-7) still dominates a site's
-cost; the aggregator's ``add`` mostly parses and re-serializes the running
-total (about 0.7 ms per chunk; `CkksAggregatorSession` keeps the sum parsed
+60-bit primes, stored as 64-bit words (SEAL's zstd compression finds no
+whole zero bytes to drop). Fewer bytes are out of reach with TenSEAL: a
+chunk costs at least (data modulus bits) / 2 bytes per value, and the scale
+the flooding needs (about 2**70) plus the sums' range take about 118 bits;
+SEAL's half-size seeded symmetric ciphertexts are not exposed; and packing
+two values into one slot would need more than the 53 bits a float64 carries
+through SEAL's encoder and decoder. Encryption (about 2.3 ms per chunk,
+public-key encryption took 5-7) still dominates a site's cost; the
+aggregator's ``add`` mostly parses and re-serializes the running total
+(about 0.7 ms per chunk; `CkksAggregatorSession` keeps the sum parsed
 instead). The flooding draw costs about 30 ms when torch's two intra-op
-threads compete with other load, about 1 ms with ``torch.set_num_threads(1)``.
+threads compete with other load, about 1 ms with
+``torch.set_num_threads(1)``.
 """
 
 from __future__ import annotations
