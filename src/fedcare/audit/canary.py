@@ -62,6 +62,7 @@ from scipy.stats import binom
 
 from fedcare.audit.membership import (
     accountant_epsilon,
+    bool_flags,
     check_finite,
     float64_array,
     json_number,
@@ -508,14 +509,7 @@ def _check_canary_scores(scores: ArrayLike, included: ArrayLike) -> tuple[NDArra
     if s.ndim != 1:
         raise DataError(f"Canary scores must be one score per canary (shape (m,)); got shape "
                         f"{s.shape}.")
-    inside = np.asarray(included)
-    if inside.shape != s.shape:
-        raise DataError(f"included has shape {inside.shape}; expected one coin per canary, "
-                        f"{s.shape}.")
-    if inside.dtype != np.bool_:
-        if inside.size and not np.isin(inside, (0, 1)).all():
-            raise DataError("included must be boolean (or 0/1).")
-        inside = inside.astype(bool)
+    inside = bool_flags(included, s.shape, "included", "one coin per canary")
     check_finite(s, "Canary scores")
     if len(s) < 2:
         raise DataError(f"A one-run audit needs at least 2 canaries; got {len(s)}.")

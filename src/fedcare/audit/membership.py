@@ -337,14 +337,8 @@ class LiRA:
         if z.ndim != 2:
             raise DataError(f"LiRA.fit: reference_logits must have shape (n_reference, n); got "
                             f"shape {z.shape}.")
-        inside = np.asarray(reference_in)
-        if inside.shape != z.shape:
-            raise DataError(f"LiRA.fit: reference_in has shape {inside.shape}; expected the "
-                            f"shape of reference_logits, {z.shape}.")
-        if inside.dtype != np.bool_:
-            if not np.isin(inside, (0, 1)).all():
-                raise DataError("LiRA.fit: reference_in must be boolean (or 0/1).")
-            inside = inside.astype(bool)
+        inside = bool_flags(reference_in, z.shape, "LiRA.fit: reference_in",
+                            "the shape of reference_logits")
         check_finite(z, "LiRA.fit: reference_logits")
         margins = logit_margin(z, labels)
         self.labels_ = _labels(labels, z.shape[1])
@@ -701,6 +695,20 @@ def _labels(labels: ArrayLike, n: int) -> BoolArray:
     return np.asarray(y == 1)
 
 
+def bool_flags(values: ArrayLike, shape: tuple[int, ...], what: str,
+               expected: str) -> BoolArray:
+    """`values` (array-like or tensor) as booleans of `shape`; `DataError` naming `what` else."""
+    flags = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor)
+                       else values)
+    if flags.shape != shape:
+        raise DataError(f"{what} has shape {flags.shape}; expected {expected}, {shape}.")
+    if flags.dtype != np.bool_:
+        if flags.size and not np.isin(flags, (0, 1)).all():
+            raise DataError(f"{what} must be boolean (or 0/1).")
+        flags = flags.astype(bool)
+    return flags
+
+
 def check_finite(values: FloatArray, what: str) -> None:
     """Raise `DataError` naming `what` and the first index holding a NaN or an infinity."""
     bad = np.flatnonzero(~np.isfinite(values.ravel()))
@@ -716,15 +724,7 @@ def _check_scores(scores: ArrayLike, is_member: ArrayLike) -> tuple[FloatArray, 
     if s.ndim != 1:
         raise DataError(f"Membership scores must be one score per record (shape (n,)); got "
                         f"shape {s.shape}.")
-    member = np.asarray(is_member.detach().cpu().numpy() if isinstance(is_member, torch.Tensor)
-                        else is_member)
-    if member.shape != s.shape:
-        raise DataError(f"is_member has shape {member.shape}; expected one flag per score, "
-                        f"{s.shape}.")
-    if member.dtype != np.bool_:
-        if member.size and not np.isin(member, (0, 1)).all():
-            raise DataError("is_member must be boolean (or 0/1).")
-        member = member.astype(bool)
+    member = bool_flags(is_member, s.shape, "is_member", "one flag per score")
     check_finite(s, "Membership scores")
     n_pos = int(member.sum())
     if n_pos == 0 or n_pos == len(member):
