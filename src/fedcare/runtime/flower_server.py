@@ -149,11 +149,18 @@ class Messenger:
     grid : Grid
     timeout : float
         Seconds to wait for the replies of one batch; a node silent by then is left out.
+    poll_interval : float
+        Seconds between two looks for replies. `Grid.send_and_receive` of Flower 1.42
+        looks every 3 s (``flwr/superlink/grid/http_grid.py``): 1.5 s more on average for
+        each of a round's exchanges. Much shorter is no better: a look that finds a reply
+        whose content is still being uploaded waits 1 s before pulling it again
+        (``PULL_INITIAL_BACKOFF``, ``flwr/supercore/constant.py``).
     """
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.5) -> None:
         self.grid = grid
         self.timeout = timeout
+        self.poll_interval = poll_interval
         self.traffic = Traffic()
         self.attempt = 0
 
@@ -171,8 +178,8 @@ class Messenger:
                                                   message_type=message_type,
                                                   group_id=str(round_number)),
                                  wire_bytes(content))
-        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(
-            [m for _, m, _ in messages.values()], timeout=self.timeout)}
+        replies = {reply.metadata.src_node_id: reply for reply in self._send_and_receive(
+            [m for _, m, _ in messages.values()])}
         out: dict[str, object | FedcareError] = {}
         for node_id, ((_, site, kind, _, round_number, _), _, size) in messages.items():
             label = f"site {site!r}" if site else f"node {node_id}"
@@ -202,6 +209,20 @@ class Messenger:
             except ProtocolError as exc:
                 out[key] = exc
         return out
+
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        """`Grid.send_and_receive` (push, then pull until all replied or `timeout`), looking
+        every `poll_interval` seconds."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        replies: list[Message] = []
+        while True:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or time.monotonic() >= deadline:
+                return replies
+            time.sleep(self.poll_interval)
 
     def ask(self, node_id: int, site: str, kind: str, body: object, *, round_number: int = 0,
             index: int = -1) -> object:
