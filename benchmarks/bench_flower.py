@@ -2,7 +2,7 @@
 
 Workload: the default job (bundled Fed-Heart-Disease, its 4 hospitals,
 logistic regression, FedAvg, 1 local epoch, batch 32), no baselines, with
-``plain`` and ``secagg`` protection. Measured:
+``plain``, ``secagg`` and ``ckks`` protection (``--schemes``). Measured:
 
 * per-round wall time of the local runtime (20 rounds), of Flower's
   simulation engine (in-process backend) and of a real multi-process
@@ -11,20 +11,23 @@ logistic regression, FedAvg, 1 local epoch, batch 32), no baselines, with
 * bytes on the wire per round per site, both directions, as Flower
   serialises fedcare's messages (every object of the message, once);
 * time from starting the SuperLink (what ``fedcare serve`` does first) to
-  the end of the first round, and to the first round's start (the sites
-  connected and introduced).
+  the end of the first round;
+* the load average when each deployment starts, and the Flower settings
+  fedcare uses (the SuperExec's task poll interval, the ServerApp's reply
+  poll interval).
 
 The final model of every runtime is compared with the local runtime's.
 
 Run from the repository root (the venv must have flwr==1.42.0)::
 
-    /work/flwr-venv/bin/python benchmarks/bench_flower.py            # ~10-20 minutes
-    /work/flwr-venv/bin/python benchmarks/bench_flower.py --quick    # 1 deployment round
+    /work/venv/bin/python benchmarks/bench_flower.py --rounds 2      # ~10-15 minutes
+    /work/venv/bin/python benchmarks/bench_flower.py --quick         # 1 deployment round
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -55,17 +58,19 @@ from fedcare.runtime.flower_deploy import (
     write_app,
     write_flower_home,
 )
-from fedcare.runtime.flower_server import ServerSettings
+from fedcare.runtime.flower_server import Messenger, ServerSettings
 from fedcare.runtime.local import LocalRuntime
 
 SITES = ["cleveland", "hungarian", "switzerland", "va"]
 
 
-def default_job(scheme: str, rounds: int) -> RunConfig:
+def default_job(scheme: str, rounds: int, keys: Path | None = None) -> RunConfig:
     config = RunConfig()
     config.federation.rounds = rounds
     config.protection.scheme = scheme
     config.baselines.enabled = False
+    if keys is not None:
+        config.protection.keys = str(keys)
     return config
 
 
@@ -147,39 +152,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="deployment rounds")
     parser.add_argument("--quick", action="store_true", help="1 deployment round, plain only")
+    parser.add_argument("--schemes", default="plain,secagg,ckks", metavar="A,B",
+                        help="protection schemes to measure (default plain,secagg,ckks)")
     parser.add_argument("--out", default="benchmarks/results/flower.json")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
+    schemes = ["plain"] if args.quick else [s.strip() for s in args.schemes.split(",")]
+    poll = inspect.signature(Messenger).parameters["poll_interval"].default
     results: dict[str, Any] = {
         "git": git_state(), "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
-        "flwr": "1.42.0", "torch_threads": 1, "schemes": {}}
+        "flwr": "1.42.0", "torch_threads": 1,
+        "flower_settings": {
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL":
+                flower_environment()["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"],
+            "serverapp_reply_poll_interval_s": poll},
+        "schemes": {}}
     torch.set_num_threads(1)
-    for scheme in ["plain"] if args.quick else ["plain", "secagg"]:
-        row: dict[str, Any] = {}
-        local_s, _ = local_rounds(default_job(scheme, 20))
-        row["local_round_s"] = local_s
-        config = default_job(scheme, rounds)
-        _, local_params = local_rounds(config)
-        tic = time.perf_counter()
-        simulated = run_simulation(config, n_sites=len(SITES))
-        row["simulation_round_s"] = statistics.median(simulated.round_seconds)
-        row["simulation_total_s"] = time.perf_counter() - tic
-        row["simulation_max_abs_diff"] = float((simulated.params - local_params).abs().max())
+    for scheme in schemes:
         with tempfile.TemporaryDirectory(prefix="fedcare-bench-") as scratch:
-            deployed = deployment(config, Path(scratch), timeout=3600)
-        seconds = [r["seconds"] for r in deployed["rounds"]]
-        row["deployment_round_s"] = seconds
-        row["deployment_round_s_median"] = statistics.median(seconds)
-        row["deployment_overhead_per_round_s"] = statistics.median(seconds) - local_s
-        row["deployment_max_abs_diff"] = float((deployed["params"] - local_params).abs().max())
-        row["bytes_per_round_per_site"] = per_site_bytes(deployed["summary"]["traffic"])
-        row["serve_to_first_round_end_s"] = deployed["first_round_end_s"]
+            keys = None
+            if scheme == "ckks":
+                from fedcare.protection.ckks import generate_keys
+
+                keys = Path(scratch) / "keys"
+                generate_keys(keys)
+            row = measure(default_job(scheme, 20, keys), default_job(scheme, rounds, keys),
+                          Path(scratch) / "deployment")
         results["schemes"][scheme] = row
         print(scheme, json.dumps(row, indent=1), flush=True)
     results["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
+
+
+def measure(long_job: RunConfig, config: RunConfig, scratch: Path) -> dict[str, Any]:
+    """One scheme: local rounds, simulation, and a loopback deployment of `config`."""
+    row: dict[str, Any] = {}
+    local_s, _ = local_rounds(long_job)
+    row["local_round_s"] = local_s
+    _, local_params = local_rounds(config)
+    tic = time.perf_counter()
+    simulated = run_simulation(config, n_sites=len(SITES))
+    row["simulation_round_s"] = statistics.median(simulated.round_seconds)
+    row["simulation_total_s"] = time.perf_counter() - tic
+    row["simulation_max_abs_diff"] = float((simulated.params - local_params).abs().max())
+    row["load_average_at_deployment"] = os.getloadavg()
+    deployed = deployment(config, scratch, timeout=3600)
+    seconds = [r["seconds"] for r in deployed["rounds"]]
+    row["deployment_round_s"] = seconds
+    row["deployment_round_s_median"] = statistics.median(seconds)
+    row["deployment_overhead_per_round_s"] = statistics.median(seconds) - local_s
+    row["deployment_max_abs_diff"] = float((deployed["params"] - local_params).abs().max())
+    row["bytes_per_round_per_site"] = per_site_bytes(deployed["summary"]["traffic"])
+    row["serve_to_first_round_end_s"] = deployed["first_round_end_s"]
+    return row
 
 
 if __name__ == "__main__":

@@ -293,13 +293,25 @@ def flower_program(name: str) -> str:
     return found
 
 
+SUPEREXEC_TASK_POLL_INTERVAL = 0.25
+"""Seconds between a SuperExec's looks for a new task (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+
+Every fedcare message is one task, so Flower's default (1 s) adds 0.5 s on average
+to each message. Each look is a local HTTP call that costs CPU while the node is
+idle: measured for a SuperLink and 4 SuperNodes on 2 vCPUs, 25 % of one core in
+all at 0.1 s, 10 % at 0.25 s, 4.5 % at 1 s. 0.25 s adds 0.125 s per message and
+leaves the CPU to the ClientApp processes, which are CPU-bound.
+"""
+
+
 def flower_environment(home: Path | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: its programs on PATH, quick task polling."""
+    """Environment for Flower's processes: its programs on PATH, quick task polling.
+
+    A ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` already in the environment is kept.
+    """
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    # SuperExec looks for a new task once a second by default; every fedcare message is
-    # one task, so poll faster (still light: a local HTTP call).
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_TASK_POLL_INTERVAL))
     if home is not None:
         env["FLWR_HOME"] = str(home)
     return env

@@ -15,6 +15,14 @@ from the others' shares). A round below the quorum is retried, after the
 nodes are looked up again, up to ``round_retries`` times; then the run stops
 with the `QuorumError`, the last checkpoint intact.
 
+Privacy. Record level: each site calibrates its DP-SGD under its own cap and
+says so in its `SiteHello`; the ledger charges each site. Site level
+(client-level DP): the aggregator calibrates for the roster's K sites
+(`build_site_level_plan`), checks that every site's own calibration agrees
+(`check_client_level`), draws each round's Poisson cohort once
+(`CohortKeeper`) and charges the federation's budget, exactly as the local
+runtime does with the same `Aggregator`, `Site` and `SitePrivacy`.
+
 Resume. After every round the run directory gets, atomically, the checkpoint
 (model, strategy state, clip norm, round number), and the privacy ledger and
 audit log are appended and flushed. A ServerApp started on a run directory
@@ -29,7 +37,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +58,18 @@ from fedcare.errors import (
 from fedcare.experiment import close_audit_log, log_round_events
 from fedcare.federation.aggregator import Aggregator, RoundReport
 from fedcare.federation.site import FitInstructions, FitResult
-from fedcare.federation.strategy import build_strategy
 from fedcare.federation.training import TrainingPlan
 from fedcare.models import FlatModel, build_model
-from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger
-from fedcare.privacy.plan import noise_factory, record_entry
+from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry
+from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_factory, record_entry
+from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
 from fedcare.protection.base import wire_digest
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
 from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
 from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
-from fedcare.runtime.local import training_plan
+from fedcare.runtime.local import build_aggregator
 from fedcare.seeding import INIT, torch_generator
 
 _ERROR_TYPES: dict[str, type[FedcareError]] = {
@@ -454,6 +462,94 @@ def _wait_for_sites(grid: Grid, roster: Roster, config: RunConfig, settings: Ser
         time.sleep(1.0)
 
 
+class CohortKeeper(Aggregator):
+    """An `Aggregator` that draws each round's cohort once and keeps it.
+
+    `FanOut` asks a round's sites ahead, so it must know the cohort the
+    aggregator drew. Under client-level DP that cohort is a Poisson draw from
+    the secure noise source (`SitePrivacy.select`): drawing again would give
+    another cohort, and sites that were not selected would be asked to train
+    and send an update. A retried round keeps its cohort too: drawing until
+    enough sites answer would condition the sample on its size, which the
+    accountant's Poisson subsampling does not cover.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._drawn: tuple[int, list[int]] | None = None
+
+    def select(self, n_sites: int, round_number: int) -> list[int]:
+        if self._drawn is None or self._drawn[0] != round_number:
+            self._drawn = (round_number, super().select(n_sites, round_number))
+        return list(self._drawn[1])
+
+    def cohort(self, round_number: int) -> list[int]:
+        """The sites drawn for `round_number`, the round under way."""
+        if self._drawn is None or self._drawn[0] != round_number:
+            raise ProtocolError(f"no cohort was drawn for round {round_number}.")
+        return list(self._drawn[1])
+
+
+def _privacy_plan(config: RunConfig, sites: Sequence[RemoteSite]) -> PrivacyPlan | None:
+    """The run's privacy plan from the sites' introductions (None without DP).
+
+    Record level: each site calibrated its DP-SGD itself (`SiteHello.record_privacy`,
+    under its own cap). Site level: the aggregator calibrates client-level DP for the
+    roster's K sites and checks that every site clips and noises as it expects.
+    """
+    p = config.privacy
+    missing = [s.name for s in sites if s.hello is None]
+    if p.level in ("record", "site") and missing:
+        raise ProtocolError(f"site(s) {missing} have not told their DP settings; a private run "
+                            "needs every site (at least once) before it starts.")
+    if p.level == "site":
+        plan = build_site_level_plan(config, [s.name for s in sites])
+        assert plan.site is not None
+        for site in sites:
+            assert site.hello is not None
+            check_client_level(site.name, site.hello.site_privacy, plan.site)
+        return plan
+    if p.level != "record":
+        return None
+    plan = PrivacyPlan("record", p.delta, p.accountant, config.federation.rounds,
+                       config.protection.scheme)
+    for site in sites:
+        assert site.hello is not None
+        if site.hello.record_privacy is None:
+            raise ProtocolError(f"site {site.name!r} has not told its DP-SGD settings; a "
+                                "private run needs every site (at least once) before it "
+                                "starts.")
+        plan.record[site.name] = site.hello.record_privacy
+        plan.caps[site.name] = min(p.epsilon, site.hello.epsilon_cap,
+                                   p.site_epsilon.get(site.name, math.inf))
+    return plan
+
+
+def check_client_level(site: str, told: dict[str, Any] | None, ours: SitePrivacy) -> None:
+    """Refuse to start if `site` would clip or noise its update otherwise than planned."""
+    if told is None:
+        raise ProtocolError(f"site {site!r} has not told its client-level DP settings; it runs "
+                            "another configuration than privacy.level = 'site'.")
+    try:
+        theirs = SitePrivacy(**told)
+    except (TypeError, FedcareError) as exc:
+        raise ProtocolError(f"site {site!r} told unreadable client-level DP settings "
+                            f"({exc}).") from None
+    same = replace(theirs, n_sites=ours.n_sites) == ours and (
+        not ours.adaptive or theirs.update_noise_multiplier == ours.update_noise_multiplier)
+    if same:
+        return
+    hint = ""
+    if ours.adaptive and not ours.count_noise and theirs.n_sites != ours.n_sites:
+        hint = (f" Adaptive clipping's default count noise is the expected cohort / 20, and "
+                f"the site counts {theirs.n_sites} site(s) in the federation instead of "
+                f"{ours.n_sites} (a site with its own data file knows only itself): set "
+                "privacy.count_noise explicitly.")
+    raise ConfigError(f"site {site!r} would clip and noise its update with {theirs}, but the "
+                      f"aggregator plans {ours} for the federation's {ours.n_sites} sites; "
+                      f"every site must run the federation's [privacy] settings.{hint}")
+
+
 def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
           log: Callable[[str], None] = print,
           on_round: Callable[[torch.Tensor, RoundReport], None] | None = None
@@ -463,14 +559,11 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
     f = config.federation
     if f.rounds < 1:
         raise ConfigError(f"federation.rounds must be >= 1; got {f.rounds}.")
-    if config.privacy.level == "site":
-        raise ConfigError("privacy.level = 'site' (client-level DP) is not supported by the "
-                          "Flower runtime yet; use 'record' or run it with `fedcare run`.")
     torch.set_num_threads(config.threads)
     messenger = Messenger(grid, settings.message_timeout)
-    # The cohort of a round, as the aggregator will select it (deterministic without
-    # client-level DP), tells the fan-out whom to ask ahead.
-    fan_out = FanOut(messenger, lambda r: aggregator.select(len(roster.sites), r))
+    # The cohort the aggregator drew for the round tells the fan-out whom to ask ahead
+    # (a random draw under client-level DP: `CohortKeeper`).
+    fan_out = FanOut(messenger, lambda r: aggregator.cohort(r))
     roster = Roster(config, settings, messenger, fan_out, log)
     _wait_for_sites(grid, roster, config, settings, log)
     sites = roster.sites
@@ -484,25 +577,19 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
     model = FlatModel(build_model(config.model, widths.pop()))
     params = model.init_params(torch_generator(config.seed, INIT))
 
-    ledger: PrivacyLedger | None = None
-    noise_for = None
-    if config.privacy.level == "record":
-        caps = {}
-        for site in sites:
-            if site.hello is None or site.hello.record_privacy is None:
-                raise ProtocolError(f"site {site.name!r} has not told its DP-SGD settings; a "
-                                    "private run needs every site (at least once) before it "
-                                    "starts.")
-            cap = min(config.privacy.epsilon, site.hello.epsilon_cap,
-                      config.privacy.site_epsilon.get(site.name, math.inf))
-            caps[site.name] = cap
-        ledger = PrivacyLedger(None, delta=config.privacy.delta,
-                               accountant=config.privacy.accountant, caps=caps)
-        noise_for = noise_factory(config)
-    aggregator = Aggregator(build_strategy(f), model.spec, training_plan(config),
-                            fraction=f.fraction, min_sites=f.min_sites, seed=config.seed,
-                            protection=build_scheme(config.protection), ledger=ledger,
-                            noise_for=noise_for)
+    privacy = _privacy_plan(config, sites)
+    aggregator = build_aggregator(config, model.spec, sites,
+                                  protection=build_scheme(config.protection), privacy=privacy,
+                                  noise_for=None if privacy is None else noise_factory(config),
+                                  kind=CohortKeeper)
+    ledger = aggregator.ledger
+    retries = settings.round_retries
+    if privacy is not None and privacy.site is not None and privacy.site.noise == "distributed" \
+            and config.protection.scheme == "plain":
+        # Each site's noised update is readable here; asking it again in a retry would
+        # give the aggregator a second noisy look that the epsilon against the aggregator
+        # (`PrivacyPlan.guarantee`) does not count.
+        retries = 0
 
     run_dir = Path(settings.run_dir) if settings.run_dir else None
     writer = audit = None
@@ -559,27 +646,27 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                        traffic=traffic_summary(messenger.traffic))
         if error is not None:
             summary["error"] = error
-        if ledger is not None:
-            summary["privacy"] = {party: ledger.spent(party) for party in ledger.parties()}
+        if privacy is not None and ledger is not None:
+            summary["privacy"] = privacy.guarantee(ledger)
         writer.write_summary(summary)
         writer.close()
 
     try:
         for round_number in range(first_round, f.rounds + 1):
             tic = time.perf_counter()
-            for attempt in range(settings.round_retries + 1):
+            for attempt in range(retries + 1):
                 messenger.attempt = attempt
                 try:
                     params, report = aggregator.run_round(round_number, sites, params)
                     break
                 except QuorumError as exc:
-                    if attempt == settings.round_retries:
+                    if attempt == retries:
                         raise QuorumError(f"{exc} Tried {attempt + 1} time(s); the run stops "
                                           f"after round {round_number - 1}, which is "
                                           "checkpointed: start the aggregator again to "
                                           "resume.") from None
                     log(f"round {round_number}: {exc} Retrying in {settings.retry_wait:g} s "
-                        f"(try {attempt + 2} of {settings.round_retries + 1}).")
+                        f"(try {attempt + 2} of {retries + 1}).")
                     time.sleep(settings.retry_wait)
                     roster.refresh(grid)
             if first_round_at is None:
@@ -590,7 +677,7 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                 writer.log_round({"round": report.round, "participants": report.participants,
                                   "failures": report.failures, "train_loss": report.train_loss,
                                   "n_examples": report.n_examples,
-                                  "seconds": seconds[-1]})
+                                  "clip_norm": report.clip_norm, "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
