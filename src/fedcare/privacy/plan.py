@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,50 @@ def _calibrate(target: float, delta: float, q: float, steps: int, accountant: st
 
 def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | None:
     """Validate ``[privacy]`` and calibrate every mechanism; None when level = "none"."""
+    plan = _validated_plan(config, [s.name for s in data.sites])
+    if plan is None or plan.level == "site":
+        return plan
+    p, f = config.privacy, config.federation
+    if p.clipping not in CLIPPING_METHODS:
+        raise ConfigError(f"privacy.clipping must be one of {list(CLIPPING_METHODS)}; got "
+                          f"{p.clipping!r}.")
+    for site in data.sites:
+        cap = min(p.epsilon, p.site_epsilon.get(site.name, math.inf))
+        if not cap > 0:
+            raise ConfigError(f"privacy.site_epsilon.{site.name} must be > 0; got {cap}.")
+        q, per_epoch = RecordPrivacy.sampling(site.n_train, f.batch_size)
+        steps = f.rounds * f.local_epochs * per_epoch
+        sigma = p.noise_multiplier or _calibrate(cap, p.delta, q, steps, p.accountant)
+        plan.record[site.name] = RecordPrivacy(p.clip_norm, sigma, q, per_epoch)
+        plan.caps[site.name] = cap
+    return plan
+
+
+def build_site_level_plan(config: RunConfig, sites: Sequence[str]) -> PrivacyPlan:
+    """The client-level plan of ``privacy.level = "site"`` from the sites' names alone.
+
+    What an aggregator that never holds the sites' data can calibrate: client-level
+    DP needs only the number of sites K (no site's size, which the guarantee
+    protects). Same validation and calibration as `build_privacy_plan`.
+
+    Parameters
+    ----------
+    config : RunConfig
+        With ``privacy.level = "site"``.
+    sites : sequence of str
+        Every site of the federation, selected or not (K is its length).
+    """
+    if config.privacy.level != "site":
+        raise ConfigError(f"a client-level plan needs privacy.level = 'site'; got "
+                          f"{config.privacy.level!r}.")
+    plan = _validated_plan(config, list(sites))
+    assert plan is not None and plan.site is not None
+    return plan
+
+
+def _validated_plan(config: RunConfig, names: list[str]) -> PrivacyPlan | None:
+    """The checks every level shares; the whole plan at site level, an empty one at record
+    level (its mechanisms need each site's size), None at level "none"."""
     p, f = config.privacy, config.federation
     if p.level not in LEVELS:
         raise ConfigError(f"privacy.level must be one of {list(LEVELS)}; got {p.level!r}.")
@@ -171,7 +215,6 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
     if p.noise_multiplier < 0:
         raise ConfigError(f"privacy.noise_multiplier must be >= 0 (0: calibrate from epsilon); "
                           f"got {p.noise_multiplier}.")
-    names = [s.name for s in data.sites]
     unknown = sorted(set(p.site_epsilon) - set(names))
     if unknown:
         raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
@@ -180,28 +223,14 @@ def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | 
     if p.target_quantile and p.level != "site":
         raise ConfigError("privacy.target_quantile (adaptive clipping) applies to "
                           "privacy.level = 'site' only.")
-
     if p.level == "record":
-        if p.clipping not in CLIPPING_METHODS:
-            raise ConfigError(f"privacy.clipping must be one of {list(CLIPPING_METHODS)}; got "
-                              f"{p.clipping!r}.")
-        for site in data.sites:
-            cap = min(p.epsilon, p.site_epsilon.get(site.name, math.inf))
-            if not cap > 0:
-                raise ConfigError(f"privacy.site_epsilon.{site.name} must be > 0; got {cap}.")
-            q, per_epoch = RecordPrivacy.sampling(site.n_train, f.batch_size)
-            steps = f.rounds * f.local_epochs * per_epoch
-            sigma = p.noise_multiplier or _calibrate(cap, p.delta, q, steps, p.accountant)
-            plan.record[site.name] = RecordPrivacy(p.clip_norm, sigma, q, per_epoch)
-            plan.caps[site.name] = cap
         return plan
-
     if p.site_epsilon:
         raise ConfigError("privacy.site_epsilon caps a site's record-level budget; with "
                           "privacy.level = 'site' there is one budget for the federation.")
     sigma = p.noise_multiplier or _calibrate(p.epsilon, p.delta, f.fraction, f.rounds,
                                              p.accountant)
-    plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(data.sites), p.noise,
+    plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(names), p.noise,
                             p.dropout_tolerance, p.target_quantile, p.clip_lr, p.count_noise)
     plan.caps[FEDERATION] = p.epsilon
     return plan

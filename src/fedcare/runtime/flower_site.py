@@ -23,7 +23,7 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ from fedcare.federation.site import FitInstructions, Site
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel, build_model
 from fedcare.privacy.dpsgd import RecordPrivacy
-from fedcare.privacy.plan import build_privacy_plan, noise_factory
+from fedcare.privacy.plan import build_privacy_plan, build_site_level_plan, noise_factory
+from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import build_scheme
 from fedcare.protection.base import AggregatorSession, Scheme, SiteSession
 from fedcare.runtime.flower_wire import from_record, to_record
@@ -159,12 +160,17 @@ class SiteHello:
         which the aggregator's ledger plans each round's spend.
     epsilon_cap : float
         The site's cap (``inf``: only ``privacy.epsilon``).
+    site_privacy : dict or None
+        Client-level DP settings the site calibrated for itself (the fields of
+        `SitePrivacy`), with which it clips and noises its update; the
+        aggregator checks them against its own before the first round.
     """
 
     site: str
     n_features: int
     record_privacy: RecordPrivacy | None
     epsilon_cap: float
+    site_privacy: dict[str, Any] | None = None
 
 
 class SiteNode:
@@ -178,9 +184,6 @@ class SiteNode:
     """
 
     def __init__(self, config: RunConfig, settings: NodeSettings) -> None:
-        if config.privacy.level == "site":
-            raise ConfigError("privacy.level = 'site' (client-level DP) is not supported by the "
-                              "Flower runtime yet; use 'record' or run it with `fedcare run`.")
         self.settings = settings
         self.config = local = settings.apply(config)
         torch.set_num_threads(local.threads)
@@ -203,8 +206,12 @@ class SiteNode:
         self.trainer = LocalTrainer(FlatModel(build_model(local.model, data.n_features)),
                                     local.privacy.clipping)
         self.record_privacy: RecordPrivacy | None = None
+        self.site_privacy: SitePrivacy | None = None
         self.noise_for = None
-        if private:
+        if local.privacy.level == "site":
+            self.site_privacy = self._client_level(local, names, settings)
+            self.noise_for = noise_factory(local)
+        elif private:
             own = dict(local.privacy.site_epsilon)
             cap = min(own.get(self.name, math.inf), settings.epsilon_cap)
             local.privacy.site_epsilon = {} if math.isinf(cap) else {self.name: cap}
@@ -216,13 +223,34 @@ class SiteNode:
                                settings.epsilon_cap)
         self.protection = build_scheme(local.protection)
 
+    def _client_level(self, config: RunConfig, names: list[str],
+                      settings: NodeSettings) -> SitePrivacy:
+        """This site's client-level DP settings, calibrated here from the federation's config.
+
+        The sites the node's data hold stand for the federation (K sites); a node with
+        its own data file knows only itself, which matters only where K does
+        (adaptive clipping's default count noise): the aggregator compares every
+        site's settings with its own before the first round (`SiteHello`).
+        """
+        if settings.epsilon_cap < config.privacy.epsilon:
+            raise ConfigError(
+                f"this site caps its epsilon at {settings.epsilon_cap:g} (node config "
+                f"'epsilon-cap'), but with privacy.level = 'site' one budget covers the "
+                f"whole federation, privacy.epsilon = {config.privacy.epsilon:g}; this site "
+                "refuses to take part. Lower privacy.epsilon to the cap, or raise the cap.")
+        plan = build_site_level_plan(config, names)
+        assert plan.site is not None
+        return plan.site
+
     def hello(self) -> SiteHello:
-        return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap)
+        client_level = None if self.site_privacy is None else asdict(self.site_privacy)
+        return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap,
+                         client_level)
 
     def site(self, index: int, protection: Scheme) -> Site:
         return Site(self.data, self.trainer, index=index, seed=self.config.seed,
                     protection=protection, record_privacy=self.record_privacy,
-                    noise_for=self.noise_for)
+                    site_privacy=self.site_privacy, noise_for=self.noise_for)
 
 
 # --------------------------------------------------------------------------- session state

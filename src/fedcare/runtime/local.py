@@ -8,28 +8,79 @@ vector whatever the number of sites, and makes runs deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from fedcare.config import RunConfig
 from fedcare.data.site_data import FederatedData
 from fedcare.errors import ConfigError
-from fedcare.federation.aggregator import Aggregator, RoundReport
-from fedcare.federation.site import Site
+from fedcare.federation.aggregator import Aggregator, RoundReport, SiteClient
+from fedcare.federation.site import NoiseFor, Site
 from fedcare.federation.strategy import build_strategy
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, build_model
+from fedcare.models.params import ParamSpec
 from fedcare.privacy.ledger import PrivacyLedger
-from fedcare.privacy.plan import FEDERATION, build_privacy_plan, noise_factory, site_entry
+from fedcare.privacy.plan import (
+    FEDERATION,
+    PrivacyPlan,
+    build_privacy_plan,
+    noise_factory,
+    site_entry,
+)
 from fedcare.protection import build_scheme
+from fedcare.protection.base import Scheme
 from fedcare.seeding import INIT, torch_generator
+
+AggregatorT = TypeVar("AggregatorT", bound=Aggregator)
 
 
 def training_plan(config: RunConfig) -> TrainingPlan:
     f = config.federation
     return TrainingPlan(epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
                         momentum=f.momentum)
+
+
+def build_aggregator(config: RunConfig, spec: ParamSpec, sites: Sequence[SiteClient], *,
+                     protection: Scheme, privacy: PrivacyPlan | None,
+                     noise_for: NoiseFor | None, kind: type[AggregatorT]) -> AggregatorT:
+    """The aggregator of `config`, as every runtime builds it, with its privacy ledger.
+
+    Parameters
+    ----------
+    config : RunConfig
+    spec : ParamSpec
+        Layout of the global parameters.
+    sites : sequence of SiteClient
+        The federation's sites, in index order (their planned spends are shown to the ledger).
+    protection : Scheme
+    privacy : PrivacyPlan or None
+        The calibrated mechanisms and caps (None: no DP, no ledger).
+    noise_for : callable or None
+        Noise source of the run (`noise_factory`); required with `privacy`.
+    kind : type
+        `Aggregator`, or a subclass taking the same arguments.
+    """
+    f = config.federation
+    ledger = None
+    site_privacy = None if privacy is None else privacy.site
+    if privacy is not None:
+        ledger = PrivacyLedger(None, delta=privacy.delta, accountant=privacy.accountant,
+                               caps=privacy.caps)
+        # Calibration made the whole plan fit; showing it once per party here lets
+        # every per-round check hit the ledger's cache instead of the accountant.
+        plan = training_plan(config)
+        for site in sites:
+            ledger.fits(site.name, [e for r in range(1, f.rounds + 1)
+                                    for e in site.planned_spend(r, plan)])
+        if site_privacy is not None:
+            ledger.fits(FEDERATION, [site_entry(r, site_privacy)
+                                     for r in range(1, f.rounds + 1)])
+    return kind(build_strategy(f), spec, training_plan(config), fraction=f.fraction,
+                min_sites=f.min_sites, seed=config.seed, protection=protection,
+                site_privacy=site_privacy, ledger=ledger, noise_for=noise_for)
 
 
 class LocalRuntime:
@@ -47,13 +98,9 @@ class LocalRuntime:
         self.model = FlatModel(build_model(config.model, data.n_features))
         self.trainer = LocalTrainer(self.model, config.privacy.clipping)
         self.privacy = build_privacy_plan(config, data)
-        self.ledger: PrivacyLedger | None = None
         noise_for = None
         record, site_privacy = {}, None
         if self.privacy is not None:
-            self.ledger = PrivacyLedger(None, delta=self.privacy.delta,
-                                        accountant=self.privacy.accountant,
-                                        caps=self.privacy.caps)
             noise_for = noise_factory(config)
             record, site_privacy = self.privacy.record, self.privacy.site
         protection = build_scheme(config.protection)
@@ -67,21 +114,10 @@ class LocalRuntime:
         if f.min_sites > len(self.sites):
             raise ConfigError(f"federation.min_sites is {f.min_sites} but the federation has "
                               f"{len(self.sites)} site(s).")
-        if self.ledger is not None and self.privacy is not None:
-            # Calibration made the whole plan fit; showing it once per party here lets
-            # every per-round check hit the ledger's cache instead of the accountant.
-            plan = training_plan(config)
-            for site in self.sites:
-                self.ledger.fits(site.name, [e for r in range(1, f.rounds + 1)
-                                             for e in site.planned_spend(r, plan)])
-            if site_privacy is not None:
-                self.ledger.fits(FEDERATION, [site_entry(r, site_privacy)
-                                              for r in range(1, f.rounds + 1)])
-        self.aggregator = Aggregator(build_strategy(f), self.model.spec, training_plan(config),
-                                     fraction=f.fraction, min_sites=f.min_sites,
-                                     seed=config.seed, protection=protection,
-                                     site_privacy=site_privacy, ledger=self.ledger,
-                                     noise_for=noise_for)
+        self.aggregator = build_aggregator(config, self.model.spec, self.sites,
+                                           protection=protection, privacy=self.privacy,
+                                           noise_for=noise_for, kind=Aggregator)
+        self.ledger: PrivacyLedger | None = self.aggregator.ledger
 
     def initial_params(self) -> torch.Tensor:
         return self.model.init_params(torch_generator(self.config.seed, INIT))
