@@ -3,6 +3,7 @@ the aggregator's random cohort, the ledger across a resume, the summary, refusal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections import Counter
@@ -17,14 +18,28 @@ pytest.importorskip("flwr")
 
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
-from fedcare.errors import ConfigError, ProtocolError
+from fedcare.errors import ConfigError, ProtocolError, QuorumError
+from fedcare.federation.aggregator import Aggregator
+from fedcare.models.params import ParamSpec
 from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedcare.privacy.plan import FEDERATION, build_site_level_plan
+from fedcare.privacy.plan import (
+    FEDERATION,
+    PrivacyPlan,
+    build_site_level_plan,
+    noise_factory,
+)
 from fedcare.privacy.site_level import SitePrivacy
+from fedcare.protection.plain import PlainSum
 from fedcare.report import rundir
-from fedcare.runtime.flower_server import check_client_level
+from fedcare.report.auditlog import AUDIT_LOG_FILE
+from fedcare.runtime.flower_server import (
+    CohortKeeper,
+    ServerSettings,
+    check_client_level,
+    round_retries,
+)
 from fedcare.runtime.flower_site import NodeSettings, SiteNode
-from fedcare.runtime.local import LocalRuntime
+from fedcare.runtime.local import LocalRuntime, build_aggregator
 
 SITES = ["cleveland", "hungarian", "switzerland", "va"]
 
@@ -111,6 +126,60 @@ def test_flower_simulation_reaches_the_local_runtimes_model_with_client_level_dp
     assert 0 < summary["privacy"]["epsilon"] <= config.privacy.epsilon
     assert summary["privacy"]["sentence"] == expected["sentence"]
     assert ledger_rounds(tmp_path / "run", 3) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_with_the_secure_noise_source_each_round_draws_its_cohort_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production noise (CSPRNG): a second draw would differ, so only one may be made."""
+    from fedcare.runtime.flower import run_simulation
+
+    config = client_level_config("distributed", "secagg", rounds=2)
+    config.privacy.secure = True
+    draws = count_draws(monkeypatch)
+    run_dir = tmp_path / "run"
+    with contextlib.suppress(QuorumError):  # all four left out of a round: 1/256 a round
+        run_simulation(config, n_sites=4, run_dir=run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    audit = [json.loads(line) for line in (run_dir / AUDIT_LOG_FILE).read_text().splitlines()]
+    selected = {e["round"]: e["selected"] for e in audit if e["event"] == "round"}
+    assert selected and set(draws.values()) == {1}
+    for round_number, sites in selected.items():
+        asked = {site for site, rounds in summary["traffic"].items() if str(round_number) in rounds}
+        assert asked == set(sites)
+    assert ledger_rounds(run_dir, 2) == sorted(selected)
+    if summary["status"] == "completed":
+        assert 0 < summary["privacy"]["epsilon"] <= config.privacy.epsilon
+
+
+def test_a_kept_cohort_is_the_one_drawn_even_when_a_new_draw_would_differ() -> None:
+    config = client_level_config(fraction=0.5, privacy__noise_multiplier=1.0)
+    config.privacy.secure = True
+    names = [f"site-{i}" for i in range(40)]
+    plan = build_site_level_plan(config, names)
+    keeper = build_aggregator(config, ParamSpec(("w",), ((3,),)), [], protection=PlainSum(),
+                              privacy=plan, noise_for=noise_factory(config), kind=CohortKeeper)
+    first = keeper.select(40, 1)
+    assert keeper.select(40, 1) == first == keeper.cohort(1)  # a retry keeps it
+    assert Aggregator.select(keeper, 40, 1) != first  # what a second draw gives
+    assert keeper.select(40, 2) != first
+    with pytest.raises(ProtocolError, match="no cohort was drawn for round 1"):
+        keeper.cohort(1)
+
+
+def test_distributed_noise_under_plain_protection_is_never_retried() -> None:
+    settings = ServerSettings(round_retries=2)
+    sites = ["a", "b", "c"]
+
+    def plan(noise: str, scheme: str) -> PrivacyPlan:
+        config = client_level_config(noise, scheme, privacy__noise_multiplier=1.0)
+        return build_site_level_plan(config, sites)
+
+    plain = plan("distributed", "plain")
+    assert round_retries(settings, plain) == 0
+    secagg, central = plan("distributed", "secagg"), plan("central", "plain")
+    assert round_retries(settings, secagg) == round_retries(settings, central) == 2
+    assert round_retries(settings, None) == 2
 
 
 # ----------------------------------------------------------------------------- resume

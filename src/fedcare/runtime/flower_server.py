@@ -550,6 +550,20 @@ def check_client_level(site: str, told: dict[str, Any] | None, ours: SitePrivacy
                       f"every site must run the federation's [privacy] settings.{hint}")
 
 
+def round_retries(settings: ServerSettings, privacy: PrivacyPlan | None) -> int:
+    """How often a round below the quorum is tried again.
+
+    Never with distributed client-level noise under plain protection: each
+    site's noised update is readable by the aggregator, and asking it again
+    would give a second noisy look that the epsilon against the aggregator
+    (`PrivacyPlan.guarantee`) does not count.
+    """
+    if privacy is not None and privacy.site is not None and \
+            privacy.site.noise == "distributed" and privacy.protection == "plain":
+        return 0
+    return settings.round_retries
+
+
 def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
           log: Callable[[str], None] = print,
           on_round: Callable[[torch.Tensor, RoundReport], None] | None = None
@@ -583,13 +597,10 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                                   noise_for=None if privacy is None else noise_factory(config),
                                   kind=CohortKeeper)
     ledger = aggregator.ledger
-    retries = settings.round_retries
-    if privacy is not None and privacy.site is not None and privacy.site.noise == "distributed" \
-            and config.protection.scheme == "plain":
-        # Each site's noised update is readable here; asking it again in a retry would
-        # give the aggregator a second noisy look that the epsilon against the aggregator
-        # (`PrivacyPlan.guarantee`) does not count.
-        retries = 0
+    retries = round_retries(settings, privacy)
+    if retries < settings.round_retries:
+        log("a round below the quorum is not retried: with distributed noise and plain "
+            "protection the aggregator would read each site's noised update twice.")
 
     run_dir = Path(settings.run_dir) if settings.run_dir else None
     writer = audit = None
