@@ -134,16 +134,18 @@ def test_with_the_secure_noise_source_each_round_draws_its_cohort_once(
     """Production noise (CSPRNG): a second draw would differ, so only one may be made."""
     from fedcare.runtime.flower import run_simulation
 
-    config = client_level_config("distributed", "secagg", rounds=2)
+    config = client_level_config("distributed", "plain", rounds=2)
     config.privacy.secure = True
     draws = count_draws(monkeypatch)
     run_dir = tmp_path / "run"
-    with contextlib.suppress(QuorumError):  # all four left out of a round: 1/256 a round
+    # All four sites left out of a round (chance 1/256) stops the run, as locally; the
+    # rounds before it are still checked.
+    with contextlib.suppress(QuorumError):
         run_simulation(config, n_sites=4, run_dir=run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     audit = [json.loads(line) for line in (run_dir / AUDIT_LOG_FILE).read_text().splitlines()]
     selected = {e["round"]: e["selected"] for e in audit if e["event"] == "round"}
-    assert selected and set(draws.values()) == {1}
+    assert draws and set(draws.values()) == {1}
     for round_number, sites in selected.items():
         asked = {site for site, rounds in summary["traffic"].items() if str(round_number) in rounds}
         assert asked == set(sites)
