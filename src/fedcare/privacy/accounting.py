@@ -40,12 +40,15 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import TYPE_CHECKING
 
 from fedcare.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting
+# dp-accounting (and the scipy it pulls in) takes about 1 s of CPU to import; it is imported
+# where an epsilon is computed, so that a run or a Flower ClientApp process without DP never
+# pays for it.
 
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 """Valid accountant names; ``pld`` (tight) is the default."""
@@ -270,6 +273,8 @@ def _epsilon_merged(merged: dict[tuple[float, float], int], delta: float,
     """Epsilon of validated, merged events (`_merge`)."""
     event = _tree(_without_sampling_as_one(merged))
     if accountant == "rdp":
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         rdp = rdp_privacy_accountant.RdpAccountant(orders=list(_RDP_ORDERS))
         with _quiet_fractional_orders():
             rdp.compose(event)
@@ -320,6 +325,8 @@ def _merge(events: Sequence[GaussianEvent]) -> dict[tuple[float, float], int]:
 
 
 def _tree(merged: dict[tuple[float, float], int]) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     parts: list[dp_accounting.DpEvent] = []
     for (sigma, q), count in merged.items():
         mechanism: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier=sigma)
@@ -331,6 +338,8 @@ def _tree(merged: dict[tuple[float, float], int]) -> dp_accounting.DpEvent:
 
 
 def _pld_epsilon(event: dp_accounting.DpEvent, delta: float, interval: float) -> float:
+    from dp_accounting.pld import pld_privacy_accountant
+
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     pld.compose(event)
     return max(0.0, float(pld.get_epsilon(delta)))

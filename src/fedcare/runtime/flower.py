@@ -9,8 +9,10 @@ objects as in the local runtime do the work:
 * `server_app` (`build_server_app`): the main loop is
   `fedcare.runtime.flower_server.serve`, which calls ``Aggregator.run_round``
   with one `~fedcare.runtime.flower_server.RemoteSite` per site;
-* `client_app` (`build_client_app`): every message is answered by one
-  `Site` built from the node's configuration (`fedcare.runtime.flower_site`).
+* `client_app` (`build_client_app`, in `fedcare.runtime.flower_client`, which
+  a deployment's ClientApp processes import alone): every message is
+  answered by one `Site` built from the node's configuration
+  (`fedcare.runtime.flower_site`).
 
 Both read the federation's `RunConfig` from the Flower run configuration key
 ``fedcare-config`` (`fedcare serve` writes it), or take it as an argument.
@@ -38,53 +40,12 @@ from flwr.serverapp import ServerApp
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.runtime.flower_client import build_client_app, client_app
 from fedcare.runtime.flower_server import FlowerRunResult, ServerSettings, server_main
-from fedcare.runtime.flower_site import (
-    RUN_CONFIG_KEY,
-    NodeSettings,
-    SiteNode,
-    answer,
-    error_reply,
-    run_config_of,
-)
+from fedcare.runtime.flower_site import RUN_CONFIG_KEY
 
 __all__ = ["RUN_CONFIG_KEY", "FlowerRunResult", "ServerSettings", "build_client_app",
            "build_server_app", "client_app", "run_simulation", "server_app"]
-
-_NODES: dict[tuple[str, NodeSettings], SiteNode] = {}
-"""Site nodes built in this process (a simulation answers every message in one process)."""
-
-
-def site_node(config: RunConfig, settings: NodeSettings) -> SiteNode:
-    key = (config.to_toml(), settings)
-    if key not in _NODES:
-        _NODES[key] = SiteNode(config, settings)
-    return _NODES[key]
-
-
-def build_client_app(config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp hosting one site (the node's ``site`` / ``partition-id``).
-
-    Parameters
-    ----------
-    config : RunConfig, optional
-        The federation's configuration; default: the run configuration's ``fedcare-config``.
-    """
-    app = ClientApp()
-
-    def handle(message: Message, context: Context) -> Message:
-        try:
-            node = site_node(run_config_of(context, config),
-                             NodeSettings.from_node_config(dict(context.node_config)))
-        except FedcareError as exc:
-            return error_reply(message, exc)
-        return answer(message, context, node)
-
-    app.train()(handle)
-    app.query("fedcare_hello")(handle)
-    app.query("fedcare_exchange")(handle)
-    return app
-
 
 def build_server_app(config: RunConfig | None = None,
                      on_finish: Callable[[FlowerRunResult], None] | None = None) -> ServerApp:
@@ -104,8 +65,6 @@ def build_server_app(config: RunConfig | None = None,
 
 server_app = build_server_app()
 """The ServerApp of a deployment (``fedcare.runtime.flower:server_app``)."""
-client_app = build_client_app()
-"""The ClientApp of a deployment (``fedcare.runtime.flower:client_app``)."""
 
 
 # --------------------------------------------------------------------------- simulation

@@ -6,7 +6,8 @@ no network code:
 * the coordinator runs ``flower-superlink`` (TLS, ``--enable-supernode-auth``),
   registers each site's public key under the site's name (``flwr supernode
   register``) and submits the run (``flwr run``) of the app `write_app` makes:
-  its components are `fedcare.runtime.flower.server_app` and ``client_app``, and
+  its components are `fedcare.runtime.flower.server_app` and
+  `fedcare.runtime.flower_client.client_app`, and
   its run configuration carries the federation's `RunConfig`;
 * each hospital runs ``flower-supernode`` with the federation's CA (to check
   the SuperLink's certificate), its own private key (its node identity) and
@@ -257,7 +258,7 @@ publisher = "fedcare"
 
 [tool.flwr.app.components]
 serverapp = "fedcare.runtime.flower:server_app"
-clientapp = "fedcare.runtime.flower:client_app"
+clientapp = "fedcare.runtime.flower_client:client_app"
 
 [tool.flwr.app.config]
 {lines}
