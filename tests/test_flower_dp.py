@@ -129,6 +129,28 @@ def test_flower_simulation_reaches_the_local_runtimes_model_with_client_level_dp
 
 
 @pytest.mark.slow
+def test_client_level_dp_under_ckks_matches_the_local_runtime_within_the_flooding(
+        tmp_path: Path) -> None:
+    from fedcare.protection.ckks import generate_keys
+    from fedcare.runtime.flower import run_simulation
+
+    generate_keys(tmp_path / "keys")  # one key set for every node (in memory, each makes its own)
+    config = client_level_config("distributed", "ckks", protection__keys=str(tmp_path / "keys"))
+    local, runtime, local_cohorts = local_run(config)
+    result = run_simulation(config, n_sites=4, run_dir=tmp_path / "run")
+    assert result.rounds_completed == 3
+    assert [r.selected for r in result.reports] == local_cohorts
+    # The DP noise is the same seeded draw in both runtimes; each decryption adds fresh
+    # flooding noise (std 2**-20 on the sum, from the CSPRNG), so the models agree to that.
+    assert torch.allclose(result.params, local, atol=1e-5, rtol=0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert runtime.privacy is not None and runtime.ledger is not None
+    expected = runtime.privacy.guarantee(runtime.ledger)
+    assert summary["privacy"]["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-12)
+    assert summary["privacy"]["sentence"] == expected["sentence"]
+
+
+@pytest.mark.slow
 def test_with_the_secure_noise_source_each_round_draws_its_cohort_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Production noise (CSPRNG): a second draw would differ, so only one may be made."""
