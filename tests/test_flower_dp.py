@@ -297,3 +297,47 @@ def test_per_site_caps_are_refused_under_client_level_dp() -> None:
     config = client_level_config(privacy__site_epsilon={"cleveland": 1.0})
     with pytest.raises(ConfigError, match="one budget for the federation"):
         build_site_level_plan(config, SITES)
+
+
+# ----------------------------------------------------------------------------- calibration
+@pytest.mark.parametrize("level", ["record", "site"])
+def test_a_site_calibrates_once_per_run_not_once_per_message(
+        level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode answers each message in a new process: the node state carries the
+    noise multipliers, so the accountant (1-5 s a calibration) is asked only once."""
+    from flwr.app import RecordDict
+
+    from fedcare.privacy import plan
+    from fedcare.runtime import flower_client
+
+    config = client_level_config("distributed")
+    config.privacy.level = level
+    settings = NodeSettings.from_node_config({"partition-id": 1})
+    state = RecordDict()
+
+    def new_process() -> SiteNode:
+        monkeypatch.setattr(plan, "_CALIBRATED", {})
+        monkeypatch.setattr(flower_client, "_NODES", {})
+        flower_client.recall_calibrations(state)
+        node = flower_client.site_node(config, settings)
+        flower_client.keep_calibrations(state)
+        return node
+
+    first = new_process()
+    assert flower_client.CALIBRATIONS in state.config_records
+
+    def no_accountant(**kwargs: Any) -> float:
+        raise AssertionError(f"calibrated again: {kwargs}")
+
+    monkeypatch.setattr(plan, "noise_multiplier", no_accountant)
+    assert new_process().hello() == first.hello()
+
+
+def test_an_unreadable_calibration_record_is_refused_naming_it() -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedcare.runtime import flower_client
+
+    state = RecordDict({flower_client.CALIBRATIONS: ConfigRecord({"entries": "[[1, 2]]"})})
+    with pytest.raises(ProtocolError, match="fedcare-calibrations"):
+        flower_client.recall_calibrations(state)

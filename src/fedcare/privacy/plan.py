@@ -7,7 +7,6 @@ part in fewer, and its ledger then shows less spent than its cap.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,10 +148,42 @@ def _record_dict(p: RecordPrivacy) -> dict[str, float]:
             "sample_rate": p.sample_rate, "steps_per_epoch": p.steps_per_epoch}
 
 
-@functools.lru_cache(maxsize=4096)
+Calibration = tuple[float, float, float, int, str]
+"""What a noise multiplier is calibrated for: (epsilon, delta, sample rate, steps, accountant)."""
+
+_CALIBRATED: dict[Calibration, float] = {}
+"""Noise multipliers calibrated in this process (each costs the accountant 1-5 s)."""
+
+
 def _calibrate(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return noise_multiplier(epsilon=target, delta=delta, sample_rate=q, steps=steps,
-                            accountant=accountant)
+    key = (target, delta, q, steps, accountant)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = noise_multiplier(epsilon=target, delta=delta, sample_rate=q,
+                                            steps=steps, accountant=accountant)
+    return _CALIBRATED[key]
+
+
+def calibrations() -> dict[Calibration, float]:
+    """The noise multipliers calibrated so far in this process, to be kept elsewhere.
+
+    A Flower SuperNode answers every message in a new process; it keeps these in
+    its node state (`fedcare.runtime.flower_client`) so that a site calibrates
+    each mechanism once per run, not once per message.
+    """
+    return dict(_CALIBRATED)
+
+
+def remember_calibrations(known: dict[Calibration, float]) -> None:
+    """Take noise multipliers calibrated earlier (`calibrations`) as already computed.
+
+    Only a node's own earlier results belong here: a wrong value would set the
+    noise of a mechanism, so each must be a finite number > 0.
+    """
+    for key, sigma in known.items():
+        if not (isinstance(sigma, float) and math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"a remembered noise multiplier for {key} is {sigma!r}; "
+                              "expected a finite number > 0.")
+        _CALIBRATED[key] = sigma
 
 
 def build_privacy_plan(config: RunConfig, data: FederatedData) -> PrivacyPlan | None:

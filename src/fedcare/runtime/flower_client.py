@@ -9,11 +9,14 @@ deployment's app names ``fedcare.runtime.flower_client:client_app``.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import json
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcare.config import RunConfig
-from fedcare.errors import FedcareError
+from fedcare.errors import FedcareError, ProtocolError
+from fedcare.privacy.plan import calibrations, remember_calibrations
 from fedcare.runtime.flower_site import (
     NodeSettings,
     SiteNode,
@@ -21,6 +24,14 @@ from fedcare.runtime.flower_site import (
     error_reply,
     run_config_of,
 )
+
+CALIBRATIONS = "fedcare-calibrations"
+"""Context state record: the noise multipliers this site calibrated for earlier messages.
+
+Every message is answered in a new process, and calibrating a DP mechanism
+takes the accountant 1-5 s; the node state (in the SuperNode's memory on the
+site's machine, never sent to the SuperLink) keeps them for the run.
+"""
 
 _NODES: dict[tuple[str, NodeSettings], SiteNode] = {}
 """Site nodes built in this process (a simulation answers every message in one process)."""
@@ -45,8 +56,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
 
     def handle(message: Message, context: Context) -> Message:
         try:
+            recall_calibrations(context.state)
             node = site_node(run_config_of(context, config),
                              NodeSettings.from_node_config(dict(context.node_config)))
+            keep_calibrations(context.state)
         except FedcareError as exc:
             return error_reply(message, exc)
         return answer(message, context, node)
@@ -55,6 +68,29 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     app.query("fedcare_hello")(handle)
     app.query("fedcare_exchange")(handle)
     return app
+
+
+def recall_calibrations(state: RecordDict) -> None:
+    """Take the noise multipliers `keep_calibrations` left in the node state as computed."""
+    record = state.config_records.get(CALIBRATIONS)
+    if record is None:
+        return
+    try:
+        entries = json.loads(str(record["entries"]))
+        known = {(float(target), float(delta), float(q), int(steps), str(accountant)):
+                 float(sigma) for target, delta, q, steps, accountant, sigma in entries}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"the node state's {CALIBRATIONS!r} record is unreadable ({exc}); "
+                            "restart the SuperNode to clear it.") from None
+    remember_calibrations(known)
+
+
+def keep_calibrations(state: RecordDict) -> None:
+    """Leave this process's calibrated noise multipliers in the node state (if any)."""
+    known = calibrations()
+    if known:
+        state[CALIBRATIONS] = ConfigRecord(
+            {"entries": json.dumps([[*key, sigma] for key, sigma in known.items()])})
 
 
 client_app = build_client_app()
