@@ -271,7 +271,8 @@ class Loopback:
                 register_site(self.home, check_site_certificate(self.certs.ca, cert, site, key),
                               site)
 
-    def start_site(self, site: str, key: Path | None = None) -> None:
+    def start_site(self, site: str, key: Path | None = None, policy: Path | None = None
+                   ) -> None:
         from fedcare.runtime.flower_deploy import node_config_text, supernode_command
 
         ca = None if self.certs is None else self.certs.ca
@@ -279,7 +280,7 @@ class Loopback:
             key = self.certs.sites[site][1]
         self.start(site, supernode_command(
             superlink=f"127.0.0.1:{self.port}", site=site, port=_free_port(), ca=ca, key=key,
-            node_config=node_config_text(site)))
+            node_config=node_config_text(site, policy="" if policy is None else str(policy))))
 
     def run(self, config: RunConfig, settings: object, timeout: float
             ) -> subprocess.Popen[bytes]:
@@ -457,8 +458,12 @@ def test_an_aggregator_killed_and_restarted_resumes_to_the_same_model(
     config.privacy.level, config.privacy.secure = "record", False  # seeded noise: comparable
     net = loopback_factory(tls=False)
     net.start_superlink()
-    for site in SITES:
-        net.start_site(site)
+    policies = {}
+    for site in SITES:  # each hospital's own ledger; seeded noise only in this loopback test
+        policies[site] = tmp_path / site / "policy.toml"
+        policies[site].parent.mkdir()
+        policies[site].write_text('seeded_noise = true\nledger = "ledger.jsonl"\n')
+        net.start_site(site, policy=policies[site])
     run_dir = tmp_path / "run"
     settings = ServerSettings(run_dir=str(run_dir), roster=tuple(SITES), wait_timeout=240,
                               message_timeout=240)
@@ -481,3 +486,8 @@ def test_an_aggregator_killed_and_restarted_resumes_to_the_same_model(
     ledger.resume_from(run_dir / "privacy_ledger.jsonl", 4)
     for site in SITES:
         assert sorted(e.round for e in ledger.entries(site)) == [1, 2, 3, 4]
+        # The hospital's own ledger holds every round it released, a round the restarted
+        # aggregator asked again included: the aggregator saw both.
+        released = [json.loads(line)["round"] for line in
+                    (tmp_path / site / "ledger.jsonl").read_text().splitlines()]
+        assert set(released) == {1, 2, 3, 4} and len(released) >= 4

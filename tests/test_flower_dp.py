@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
-from fedcare.errors import ConfigError, ProtocolError, QuorumError
+from fedcare.errors import BudgetExceeded, ConfigError, ProtocolError, QuorumError
 from fedcare.federation.aggregator import Aggregator
 from fedcare.models.params import ParamSpec
 from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
@@ -288,9 +288,9 @@ def test_adaptive_clipping_with_a_site_that_counts_other_sites_says_set_count_no
 
 
 def test_a_site_with_a_lower_epsilon_cap_refuses_client_level_dp() -> None:
-    with pytest.raises(ConfigError, match="one budget covers the whole federation"):
-        site_node(client_level_config(), epsilon_cap=1.0)  # privacy.epsilon is 4
-    assert site_node(client_level_config(), epsilon_cap=4.0).site_privacy is not None
+    with pytest.raises(BudgetExceeded, match="caps one job at epsilon 1"):
+        site_node(client_level_config(), epsilon_cap=1.0).hello()  # privacy.epsilon is 4
+    assert site_node(client_level_config(), epsilon_cap=4.0).hello().site_privacy is not None
 
 
 def test_per_site_caps_are_refused_under_client_level_dp() -> None:

@@ -14,9 +14,11 @@ import argparse
 import socket
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from fedcare.errors import ConfigError, FedcareError
+from fedcare.privacy.policy import SitePolicy
 
 
 def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -71,14 +73,29 @@ def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
                     "cap and its CKKS keys stay on this machine: only protected updates "
                     "leave it.")
     site.add_argument("--name", required=True, help="this site's name (as in its certificate)")
-    site.add_argument("--aggregator", required=True, metavar="HOST:PORT",
-                      help="the coordinator's SuperLink")
+    site.add_argument("--aggregator", metavar="HOST:PORT",
+                      help="the coordinator's SuperLink (not needed with --budget)")
     site.add_argument("--certs", metavar="DIR",
                       help="directory with ca.crt, NAME.crt and NAME.key")
     site.add_argument("--data", default="", metavar="FILE",
                       help="this site's CSV/Parquet file (default: the bundled dataset's site)")
+    site.add_argument("--policy", metavar="FILE",
+                      help="this hospital's privacy policy (TOML, fedcare.privacy.policy): "
+                           "minimum privacy level, epsilon caps, delta, limits, ledger; "
+                           "the flags below override its keys")
+    site.add_argument("--min-privacy", choices=("none", "record", "site"), default=None,
+                      help="the weakest privacy.level this site runs (policy min_level; "
+                           "default none)")
     site.add_argument("--epsilon-cap", type=float, default=None, metavar="EPSILON",
-                      help="this site's own cap on its record-level epsilon")
+                      help="the most one job may spend at this site (policy epsilon)")
+    site.add_argument("--lifetime-epsilon", type=float, default=None, metavar="EPSILON",
+                      help="the most every job together may spend at this site, ever "
+                           "(policy lifetime_epsilon)")
+    site.add_argument("--state", default="", metavar="DIR",
+                      help="where the site keeps its resolved policy and, unless the policy "
+                           "names one, its ledger (default ./fedcare-site-NAME)")
+    site.add_argument("--budget", action="store_true",
+                      help="print what this site's ledger has spent and what is left, then exit")
     site.add_argument("--keys", default="", metavar="DIR", help="directory with site.ckks")
     site.add_argument("--port", type=int, default=9094,
                       help="local port of the SuperNode's own runtime API (default 9094)")
@@ -198,9 +215,23 @@ def cmd_site(args: argparse.Namespace) -> int:
         supernode_command,
     )
 
+    policy_file = site_policy_file(args)
+    if args.budget:
+        return print_budget(SitePolicy.load(policy_file))
+    if not args.aggregator:
+        raise ConfigError("fedcare site needs --aggregator HOST:PORT (the coordinator's "
+                          "SuperLink).")
     if args.insecure == bool(args.certs):
         raise ConfigError("fedcare site needs --certs DIR (ca.crt, NAME.crt, NAME.key), or "
                           "--insecure for a loopback test.")
+    policy = SitePolicy.load(policy_file)
+    if policy.seeded_noise and not args.insecure:
+        raise ConfigError("the site policy allows seeded noise (seeded_noise = true), which "
+                          "the coordinator can regenerate and subtract; only a loopback test "
+                          "(--insecure) may run it. Remove it from the policy.")
+    print(f"site {args.name}: {policy.describe()}", flush=True)
+    print(f"privacy ledger: {policy.ledger} (`fedcare site --name {args.name} --budget` shows "
+          "what is spent)", flush=True)
     ca = key = None
     if not args.insecure:
         certs = Path(args.certs)
@@ -212,12 +243,56 @@ def cmd_site(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data {args.data} is not a file.")
     command = supernode_command(
         superlink=args.aggregator, site=args.name, port=args.port, ca=ca, key=key,
-        node_config=node_config_text(args.name, data_file=args.data,
-                                     epsilon_cap=args.epsilon_cap, keys=args.keys))
+        node_config=node_config_text(args.name, data_file=args.data, keys=args.keys,
+                                     policy=str(policy_file)))
     try:
         return subprocess.run(command, env=flower_environment(), check=False).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def site_policy_file(args: argparse.Namespace) -> Path:
+    """The site's resolved policy (file plus flags), written to its state folder (0600).
+
+    The SuperNode's ClientApp processes read this file for every job; the ledger
+    defaults to ``ledger.jsonl`` beside it.
+    """
+    from fedcare.privacy.policy import SitePolicy
+
+    state = Path(args.state or f"fedcare-site-{args.name}").resolve()
+    policy = SitePolicy.load(args.policy) if args.policy else SitePolicy()
+    flags = {"min_level": args.min_privacy, "epsilon": args.epsilon_cap,
+             "lifetime_epsilon": args.lifetime_epsilon}
+    changes = {key: value for key, value in flags.items() if value is not None}
+    if not policy.ledger:
+        changes["ledger"] = str(state / "ledger.jsonl")
+    policy = SitePolicy.from_dict({**asdict(policy), **changes},
+                                  source="fedcare site flags")
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state / "policy.toml"
+    path.touch(mode=0o600)
+    path.write_text(policy.to_toml(), encoding="utf-8")
+    return path
+
+
+def print_budget(policy: SitePolicy) -> int:
+    """``fedcare site --budget``: the site ledger's spend per job and over its lifetime."""
+    from fedcare.privacy.site_ledger import SiteLedger
+
+    summary = SiteLedger(Path(policy.ledger), policy).summary()
+    print(f"site ledger {policy.ledger} (epsilon at delta {summary['delta']:g}, "
+          f"{summary['accountant']})")
+    for job in summary["jobs"]:
+        print(f"  job {job['job']}: {job['releases']} release(s), epsilon {job['epsilon']:.4g} "
+              f"({job['first']} .. {job['last']})")
+    if not summary["jobs"]:
+        print("  nothing released yet")
+    cap = summary["lifetime_cap"]
+    left = "no lifetime cap" if summary["left"] is None else (
+        f"cap {cap:g}, left {summary['left']:.4g}")
+    print(f"lifetime: epsilon {summary['lifetime_epsilon']:.4g} spent; {left}; one job at "
+          f"most {summary['job_cap']:g}")
+    return 0
 
 
 __all__ = ["FedcareError", "add_deploy_parser"]

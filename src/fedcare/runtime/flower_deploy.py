@@ -340,8 +340,11 @@ def superlink_command(*, host: str, port: int, certs: Path | None,
 
 
 def node_config_text(site: str, *, data_file: str = "", epsilon_cap: float | None = None,
-                     keys: str = "") -> str:
+                     keys: str = "", policy: str = "") -> str:
+    """The SuperNode's ``--node-config`` (`fedcare.runtime.flower_site.NodeSettings`)."""
     parts = [f"site={json.dumps(site)}"]
+    if policy:
+        parts.append(f"policy={json.dumps(str(Path(policy).resolve()))}")
     if data_file:
         parts.append(f"data-file={json.dumps(str(Path(data_file).resolve()))}")
     if epsilon_cap is not None:

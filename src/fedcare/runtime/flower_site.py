@@ -19,11 +19,13 @@ SuperLink.
 from __future__ import annotations
 
 import copyreg
+import hashlib
 import io
 import math
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,13 +34,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
-from fedcare.data.site_data import SiteData
+from fedcare.data.site_data import FederatedData, SiteData
 from fedcare.errors import ConfigError, FedcareError, ProtocolError
 from fedcare.federation.site import FitInstructions, Site
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel, build_model
 from fedcare.privacy.dpsgd import RecordPrivacy
 from fedcare.privacy.plan import build_privacy_plan, build_site_level_plan, noise_factory
+from fedcare.privacy.policy import PolicyRefused, SitePolicy
+from fedcare.privacy.site_ledger import Release, SiteLedger, training_release
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import build_scheme
 from fedcare.protection.base import AggregatorSession, Scheme, SiteSession
@@ -54,6 +58,10 @@ SESSION = "fedcare-session"
 """Context state record holding this site's protection session between messages."""
 
 HELLO, EXCHANGE, FIT = "query.fedcare_hello", "query.fedcare_exchange", "train"
+
+SIMULATION_POLICY = SitePolicy(seeded_noise=True, central_noise=True)
+"""The policy of a node in Flower's simulation engine: no hospital, no caps of its own, any
+noise the configuration asks for (the local runtime's behaviour), a ledger in memory."""
 
 
 # --------------------------------------------------------------------------- node config
@@ -77,6 +85,11 @@ class NodeSettings:
         Directory holding ``site.ckks`` (``keys=...``), for ``protection.scheme = "ckks"``.
     partition : int
         Simulation only: Flower's ``partition-id``.
+    policy : str
+        The hospital's privacy policy file (``policy=...``, `SitePolicy`), which
+        names the site ledger; ``fedcare site`` writes it. Empty: in Flower's
+        simulation engine `SIMULATION_POLICY`; in a deployment the default
+        `SitePolicy` with no ledger, which refuses every private job.
     """
 
     site: str = ""
@@ -84,6 +97,7 @@ class NodeSettings:
     epsilon_cap: float = math.inf
     keys: str = ""
     partition: int = -1
+    policy: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
@@ -101,11 +115,24 @@ class NodeSettings:
         if not isinstance(partition, int):
             raise ConfigError(f"node config 'partition-id' must be an integer; found "
                               f"{partition!r}.")
-        settings = cls(text("site"), text("data-file"), float(cap), text("keys"), partition)
+        settings = cls(text("site"), text("data-file"), float(cap), text("keys"), partition,
+                       text("policy"))
         if not settings.site and settings.partition < 0:
             raise ConfigError("this SuperNode's node config names no site: start it with "
                               "--node-config 'site=\"NAME\" ...' (fedcare site does this).")
         return settings
+
+    def site_policy(self) -> SitePolicy:
+        """The hospital's policy, with the node's ``epsilon-cap`` folded into its job cap."""
+        if self.policy:
+            policy = SitePolicy.load(self.policy)
+        elif self.site:
+            policy = SitePolicy()
+        else:
+            policy = SIMULATION_POLICY
+        if self.epsilon_cap < policy.epsilon:
+            policy = replace(policy, epsilon=self.epsilon_cap)
+        return policy
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The federation's config as this site runs it: its data, keys and cap."""
@@ -174,20 +201,38 @@ class SiteHello:
 
 
 class SiteNode:
-    """What a site process builds once: its data, model, trainer, privacy and protection.
+    """What a site process builds once: its policy, data, model, trainer, privacy and protection.
+
+    The federation's configuration is the coordinator's; the site runs it only as
+    far as its own `SitePolicy` allows (`SitePolicy.admit`), calibrates its own
+    noise from its own cap, and charges each release to its own `SiteLedger`
+    before computing it (`charge`).
 
     Parameters
     ----------
     config : RunConfig
         The federation's configuration (as the aggregator sent it).
     settings : NodeSettings
+
+    Raises
+    ------
+    PolicyRefused
+        If the job would weaken the site's policy.
     """
 
     def __init__(self, config: RunConfig, settings: NodeSettings) -> None:
         self.settings = settings
-        self.config = local = settings.apply(config)
-        torch.set_num_threads(local.threads)
+        self.policy = policy = settings.site_policy()
+        self.job = job_id(config)
+        self.ledger = SiteLedger(Path(policy.ledger) if policy.ledger else None, policy)
+        self.config = local = settings.apply(policy.admit(config))
         private = local.privacy.level != "none"
+        if private and settings.site and self.ledger.path is None:
+            raise PolicyRefused(
+                "the job is private, but this site keeps no ledger of what it releases: start "
+                "it with `fedcare site` (or give its SuperNode --node-config policy=FILE, a "
+                "site policy naming a ledger).")
+        torch.set_num_threads(local.threads)
         data = build_federation(local.data, private=private)
         names = [s.name for s in data.sites]
         if settings.site:
@@ -209,48 +254,82 @@ class SiteNode:
         self.site_privacy: SitePrivacy | None = None
         self.noise_for = None
         if local.privacy.level == "site":
-            self.site_privacy = self._client_level(local, names, settings)
+            plan = build_site_level_plan(local, names)
+            assert plan.site is not None
+            self.site_privacy = plan.site
             self.noise_for = noise_factory(local)
         elif private:
-            own = dict(local.privacy.site_epsilon)
-            cap = min(own.get(self.name, math.inf), settings.epsilon_cap)
-            local.privacy.site_epsilon = {} if math.isinf(cap) else {self.name: cap}
-            plan = build_privacy_plan(local, replace(data, sites=[self.data]))
-            assert plan is not None
-            self.record_privacy = plan.record[self.name]
+            self.record_privacy = self._record_level(local, data)
             self.noise_for = noise_factory(local)
-        self.epsilon_cap = min(local.privacy.site_epsilon.get(self.name, math.inf),
-                               settings.epsilon_cap)
+        self.epsilon_cap = min(local.privacy.epsilon,
+                               local.privacy.site_epsilon.get(self.name, math.inf))
         self.protection = build_scheme(local.protection)
 
-    def _client_level(self, config: RunConfig, names: list[str],
-                      settings: NodeSettings) -> SitePrivacy:
-        """This site's client-level DP settings, calibrated here from the federation's config.
+    def _record_level(self, config: RunConfig, data: FederatedData) -> RecordPrivacy:
+        """This site's DP-SGD, calibrated here to its own cap (`SitePolicy.admit` lowered it).
 
-        The sites the node's data hold stand for the federation (K sites); a node with
-        its own data file knows only itself, which matters only where K does
-        (adaptive clipping's default count noise): the aggregator compares every
-        site's settings with its own before the first round (`SiteHello`).
+        A ``privacy.noise_multiplier`` in the job is taken only if it is larger than the
+        site's own calibration: more noise never weakens the site's guarantee.
         """
-        if settings.epsilon_cap < config.privacy.epsilon:
-            raise ConfigError(
-                f"this site caps its epsilon at {settings.epsilon_cap:g} (node config "
-                f"'epsilon-cap'), but with privacy.level = 'site' one budget covers the "
-                f"whole federation, privacy.epsilon = {config.privacy.epsilon:g}; this site "
-                "refuses to take part. Lower privacy.epsilon to the cap, or raise the cap.")
-        plan = build_site_level_plan(config, names)
-        assert plan.site is not None
-        return plan.site
+        asked = config.privacy.noise_multiplier
+        own = RunConfig.from_dict(config.to_dict())
+        own.privacy.noise_multiplier = 0.0
+        cap = min(own.privacy.epsilon, own.privacy.site_epsilon.get(self.name, math.inf))
+        own.privacy.site_epsilon = {self.name: cap}
+        plan = build_privacy_plan(own, replace(data, sites=[self.data]))
+        assert plan is not None
+        calibrated = plan.record[self.name]
+        if asked > calibrated.noise_multiplier:
+            return replace(calibrated, noise_multiplier=asked)
+        return calibrated
+
+    def release(self, round_number: int, *, local_epochs: int,
+                cohort: int) -> Release | None:
+        """What a round of training releases from this site (`training_release`)."""
+        return training_release(self.job, round_number, record=self.record_privacy,
+                                site=self.site_privacy, local_epochs=local_epochs,
+                                cohort=cohort, protection=self.config.protection.scheme)
 
     def hello(self) -> SiteHello:
+        """The site's introduction, once the whole job is shown to fit its policy's caps."""
+        f = self.config.federation
+        worst_cohort = self.site_privacy.n_sites if self.site_privacy is not None else 0
+        planned = [self.release(r, local_epochs=f.local_epochs, cohort=worst_cohort)
+                   for r in range(1, f.rounds + 1)]
+        self.ledger.check_job(self.job, [r for r in planned if r is not None])
         client_level = None if self.site_privacy is None else asdict(self.site_privacy)
         return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap,
                          client_level)
+
+    def charge(self, instructions: FitInstructions) -> None:
+        """Charge a round to the site ledger before training; refuse what the policy forbids."""
+        policy = self.policy
+        if policy.max_rounds and instructions.round > policy.max_rounds:
+            raise PolicyRefused(f"round {instructions.round} was asked; this site's policy "
+                                f"allows at most {policy.max_rounds} (max_rounds).")
+        if policy.max_local_epochs and instructions.plan.epochs > policy.max_local_epochs:
+            raise PolicyRefused(f"round {instructions.round} asks for "
+                                f"{instructions.plan.epochs} local epochs; this site's policy "
+                                f"allows at most {policy.max_local_epochs} (max_local_epochs).")
+        release = self.release(instructions.round, local_epochs=instructions.plan.epochs,
+                               cohort=instructions.cohort)
+        if release is not None:
+            self.ledger.charge([release])
 
     def site(self, index: int, protection: Scheme) -> Site:
         return Site(self.data, self.trainer, index=index, seed=self.config.seed,
                     protection=protection, record_privacy=self.record_privacy,
                     site_privacy=self.site_privacy, noise_for=self.noise_for)
+
+
+def job_id(config: RunConfig) -> str:
+    """The job's identity at a site: a digest of the coordinator's configuration.
+
+    The same job restarted by the coordinator keeps it, so the policy's per-job cap
+    spans every attempt; a changed configuration is another job, bounded by the
+    site's lifetime cap.
+    """
+    return hashlib.sha256(config.to_toml().encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- session state
@@ -388,6 +467,7 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
                 if instructions.round != round_number:
                     raise ProtocolError(f"fit instructions of round {instructions.round} "
                                         f"arrived in round {round_number}.")
+                node.charge(instructions)
                 reply = site.fit(params, instructions)
             else:
                 raise ProtocolError(f"unknown fedcare message kind {kind!r}.")
