@@ -303,3 +303,37 @@ def test_fedcare_site_runs_seeded_noise_only_in_a_loopback_test(
     assert main(["site", "--name", "va", "--aggregator", "127.0.0.1:9092", "--certs",
                  str(tmp_path), "--policy", str(policy), "--state", str(tmp_path / "s")]) == 2
     assert "only a loopback test (--insecure) may run it" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what a refusal says
+def test_a_sites_data_error_reaches_the_coordinator_as_its_category_only(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A bad cell's value and the file's path stay at the site, in its own log."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcare.runtime.flower_client import build_client_app
+    from fedcare.runtime.flower_wire import to_record
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    schema = tmp_path / "schema.toml"
+    schema.write_text('target = "outcome"\npositive = ["1"]\n[numeric]\ncolumns = ["age", '
+                      '"cholesterol"]\n[categorical]\n')
+    data = tmp_path / "exports" / "va-2026.csv"
+    data.parent.mkdir()
+    data.write_text("age,cholesterol,outcome\n63,233,1\n41,204,0\n57,9x41,1\n")
+    config = RunConfig()
+    config.data.schema, config.data.standardize = str(schema), "bounds"
+    message = Message(to_record(None), dst_node_id=1, message_type="query.fedcare_hello")
+    message.content["fedcare-header"] = ConfigRecord({"kind": "hello", "site": ""})
+    context = Context(run_id=1, node_id=1, node_config={"site": "va", "data-file": str(data)},
+                      state=RecordDict(), run_config={})
+    reply = build_client_app(config)(message, context)
+    refusal = reply.content.config_records["fedcare-error"]
+    told = str(refusal["message"])
+    assert refusal["type"] == "SchemaError"
+    assert "site 'va': its data do not match the federation's schema" in told
+    for secret in ("9x41", "va-2026", str(tmp_path), "row"):
+        assert secret not in told
+    site_log = capfd.readouterr().err
+    assert "9x41" in site_log and str(data) in site_log  # the operator sees what to fix

@@ -12,6 +12,13 @@ import math
 class FedcareError(Exception):
     """Base class of every error fedcare raises on purpose."""
 
+    public = False
+    """Whether the message may travel to another party (a site's refusal to the
+    coordinator): True only for error types whose messages are built from the job's
+    configuration, the protocol and the site's policy, never from records, file
+    contents or local paths. Any other error reaches another party as its category only
+    (`fedcare.runtime.flower_site.error_reply`)."""
+
 
 class ConfigError(FedcareError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
@@ -29,12 +36,26 @@ class ProtocolError(FedcareError):
     """A site or the aggregator sent something the protocol does not allow."""
 
 
+class MessageRefused(ProtocolError):
+    """A site refuses a message of the coordinator's for its form (a message about it only)."""
+
+    public = True
+
+
 class QuorumError(FedcareError):
     """Too few sites took part in a round for it to be aggregated."""
 
 
 class BudgetExceeded(FedcareError):
     """A privacy budget would be overspent; nothing was run."""
+
+    public = True
+
+
+class JobRefused(ConfigError):
+    """A site cannot run the job's configuration as given (a message about the job only)."""
+
+    public = True
 
 
 def check_positive(key: str, value: float) -> None:

@@ -44,6 +44,8 @@ record of a site at that epsilon too (a record is part of the site's data)."""
 class PolicyRefused(FedcareError):
     """A job or a release would break a site's own privacy policy; nothing was computed."""
 
+    public = True
+
 
 @dataclass(frozen=True)
 class SitePolicy:

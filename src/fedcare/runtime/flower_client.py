@@ -61,7 +61,8 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
                              NodeSettings.from_node_config(dict(context.node_config)))
             keep_calibrations(context.state)
         except FedcareError as exc:
-            return error_reply(message, exc)
+            site = context.node_config.get("site", "")
+            return error_reply(message, exc, site if isinstance(site, str) else "")
         return answer(message, context, node)
 
     app.train()(handle)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import math
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,7 +36,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
 from fedcare.data.site_data import FederatedData, SiteData
-from fedcare.errors import ConfigError, FedcareError, ProtocolError
+from fedcare.errors import (
+    ConfigError,
+    DataError,
+    FedcareError,
+    JobRefused,
+    MessageRefused,
+    ProtocolError,
+    SchemaError,
+)
 from fedcare.federation.site import FitInstructions, Site
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel, build_model
@@ -143,7 +152,7 @@ class NodeSettings:
             standardize = local.data.standardize
             if standardize == "federated" or (standardize == "auto"
                                               and local.privacy.level == "none"):
-                raise ConfigError(
+                raise JobRefused(
                     "data.standardize = \"federated\" (the default without privacy) sums "
                     "every site's column moments, which the Flower runtime does not do yet; "
                     "with one data file per node set data.standardize = \"bounds\" (the "
@@ -158,18 +167,18 @@ def run_config_of(context: Context, default: RunConfig | None) -> RunConfig:
     text = context.run_config.get(RUN_CONFIG_KEY)
     if text is None:
         if default is None:
-            raise ConfigError(f"the Flower run configuration holds no {RUN_CONFIG_KEY!r}; "
+            raise JobRefused(f"the Flower run configuration holds no {RUN_CONFIG_KEY!r}; "
                               "start the run with `fedcare serve` (it writes it).")
         return default
     if not isinstance(text, str):
-        raise ConfigError(f"run config {RUN_CONFIG_KEY!r} must be the TOML text of a fedcare "
+        raise JobRefused(f"run config {RUN_CONFIG_KEY!r} must be the TOML text of a fedcare "
                           "config.")
     import tomllib
 
     try:
         return RunConfig.from_dict(tomllib.loads(text), source=f"run config {RUN_CONFIG_KEY}")
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"run config {RUN_CONFIG_KEY!r} is not valid TOML: {exc}.") from None
+        raise JobRefused(f"run config {RUN_CONFIG_KEY!r} is not valid TOML: {exc}.") from None
 
 
 # --------------------------------------------------------------------------- the site node
@@ -424,9 +433,29 @@ class SessionStore:
 
 
 # --------------------------------------------------------------------------- answering
-def error_reply(message: Message, exc: FedcareError) -> Message:
-    content = RecordDict({ERROR: ConfigRecord({"type": type(exc).__name__,
-                                                "message": str(exc)})})
+CATEGORIES: tuple[tuple[type[FedcareError], str], ...] = (
+    (SchemaError, "its data do not match the federation's schema"),
+    (DataError, "its data cannot be used as given"),
+    (ConfigError, "it cannot run the job with its local setup"),
+    (ProtocolError, "a protocol check failed at the site"),
+)
+"""What the coordinator is told of a site's error that is not `FedcareError.public`."""
+
+
+def error_reply(message: Message, exc: FedcareError, site: str = "") -> Message:
+    """The site's refusal: the whole message in its own log, to the coordinator only what
+    is public (a bad cell's value, an overflow's coordinate or a file's path is not)."""
+    where = f"site {site!r}" if site else "the site"
+    if exc.public:
+        text = str(exc)
+    else:
+        category = next((words for kind, words in CATEGORIES if isinstance(exc, kind)),
+                        "it refused the message")
+        text = (f"{where}: {category} ({type(exc).__name__}); the details, which may name "
+                "its records or files, are in the site's own log.")
+    print(f"fedcare: {where} refused a {message.metadata.message_type} message: "
+          f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    content = RecordDict({ERROR: ConfigRecord({"type": type(exc).__name__, "message": text})})
     return Message(content, reply_to=message)
 
 
@@ -435,10 +464,10 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
     header = message.content.config_records.get(HEADER)
     try:
         if header is None:
-            raise ProtocolError("a message without a fedcare header arrived; refused.")
+            raise MessageRefused("a message without a fedcare header arrived; refused.")
         addressed = str(header["site"])
         if addressed and addressed != node.name:
-            raise ProtocolError(f"this node is site {node.name!r}, but the message was "
+            raise MessageRefused(f"this node is site {node.name!r}, but the message was "
                                 f"addressed to site {addressed!r}; refused.")
         kind = str(header["kind"])
         if kind == "hello":
@@ -449,11 +478,11 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
             site = node.site(index, sessions)
             body = from_record(message.content)
             if not (isinstance(body, tuple) and len(body) == 2 and isinstance(body[0], tuple)):
-                raise ProtocolError("a fedcare message must carry (earlier messages, body).")
+                raise MessageRefused("a fedcare message must carry (earlier messages, body).")
             before, body = body
             for earlier in before:  # delivered late, in order (their replies are None)
                 if site.exchange(round_number, earlier) is not None:
-                    raise ProtocolError(f"{type(earlier).__name__} was sent ahead but needs "
+                    raise MessageRefused(f"{type(earlier).__name__} was sent ahead but needs "
                                         "a reply.")
             if kind == "exchange":
                 reply = site.exchange(round_number, body)
@@ -461,18 +490,18 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
                 if not (isinstance(body, tuple) and len(body) == 2
                         and isinstance(body[0], torch.Tensor)
                         and isinstance(body[1], FitInstructions)):
-                    raise ProtocolError("a fit message must carry (global parameters, "
+                    raise MessageRefused("a fit message must carry (global parameters, "
                                         "FitInstructions).")
                 params, instructions = body
                 if instructions.round != round_number:
-                    raise ProtocolError(f"fit instructions of round {instructions.round} "
+                    raise MessageRefused(f"fit instructions of round {instructions.round} "
                                         f"arrived in round {round_number}.")
                 node.charge(instructions)
                 reply = site.fit(params, instructions)
             else:
-                raise ProtocolError(f"unknown fedcare message kind {kind!r}.")
+                raise MessageRefused(f"unknown fedcare message kind {kind!r}.")
             sessions.save()
     except FedcareError as exc:
-        return error_reply(message, exc)
+        return error_reply(message, exc, node.name)
     content = to_record(reply)
     return Message(content, reply_to=message)
