@@ -282,6 +282,15 @@ class Loopback:
             superlink=f"127.0.0.1:{self.port}", site=site, port=_free_port(), ca=ca, key=key,
             node_config=node_config_text(site, policy="" if policy is None else str(policy))))
 
+    def node_keys(self) -> tuple[tuple[str, str], ...]:
+        """Each site's certified node key, as `fedcare serve` binds names to keys."""
+        from fedcare.runtime.flower_deploy import check_site_certificate
+        from fedcare.runtime.flower_server import node_key_fingerprint
+
+        assert self.certs is not None
+        return tuple((site, node_key_fingerprint(check_site_certificate(
+            self.certs.ca, self.certs.sites[site][0], site))) for site in self.sites)
+
     def run(self, config: RunConfig, settings: object, timeout: float
             ) -> subprocess.Popen[bytes]:
         from fedcare.runtime.flower_deploy import run_command, write_app
@@ -372,7 +381,8 @@ def test_three_supernodes_with_tls_and_node_authentication(
     net.start_site("intruder", key=intruder)
     run_dir = tmp_path / "run"
     run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
-                                         wait_timeout=240, message_timeout=240), 900)
+                                         wait_timeout=240, message_timeout=240,
+                                         node_keys=net.node_keys()), 900)
     wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("error")

@@ -337,3 +337,54 @@ def test_a_sites_data_error_reaches_the_coordinator_as_its_category_only(
         assert secret not in told
     site_log = capfd.readouterr().err
     assert "9x41" in site_log and str(data) in site_log  # the operator sees what to fix
+
+
+# ----------------------------------------------------------------------------- identity
+def test_a_registered_hospital_cannot_take_another_sites_identity() -> None:
+    """The roster binds a site's name to the node key of its CA-signed certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from fedcare.runtime.flower_server import (
+        FanOut,
+        Roster,
+        ServerSettings,
+        node_key_fingerprint,
+    )
+    from fedcare.runtime.flower_site import SiteHello
+
+    keys = {site: ec.generate_private_key(ec.SECP384R1()).public_key()
+            for site in ("cleveland", "va")}
+
+    def pem(site: str) -> bytes:
+        return keys[site].public_bytes(serialization.Encoding.PEM,
+                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    class Grid:  # what Flower's SuperLink tells the ServerApp of its authenticated nodes
+        def __init__(self, nodes: dict[int, bytes]) -> None:
+            self.nodes = nodes
+
+        def get_nodes(self) -> list[Any]:
+            return [NodeInfo(node_id=i, public_key=key) for i, key in self.nodes.items()]
+
+    class Messenger:  # every node says it is cleveland
+        def ask_many(self, requests: list[Any]) -> dict[str, object]:
+            return {str(r[0]): SiteHello("cleveland", 13, None, math.inf) for r in requests}
+
+    settings = ServerSettings(roster=("cleveland", "va"), node_keys=tuple(
+        (site, node_key_fingerprint(key)) for site, key in keys.items()))
+    assert ServerSettings.from_run_config(settings.to_run_config()) == settings
+    logged: list[str] = []
+    fan_out = FanOut(Messenger(), lambda round_number: [])  # type: ignore[arg-type]
+    roster = Roster(RunConfig(), settings, Messenger(), fan_out,  # type: ignore[arg-type]
+                    logged.append)
+    # va's node (registered, authenticated with va's key) claims to be cleveland: refused.
+    roster.refresh(Grid({7: pem("va")}))  # type: ignore[arg-type]
+    assert roster.connected() == []
+    assert "node 7 says it is site 'cleveland', but it did not authenticate with the node key " \
+           "of 'cleveland'" in logged[-1]
+    # Cleveland's own node is let in.
+    roster.refresh(Grid({7: pem("va"), 9: pem("cleveland")}))  # type: ignore[arg-type]
+    assert roster.connected() == ["cleveland"]
+    assert next(s for s in roster.sites if s.name == "cleveland").node_id == 9

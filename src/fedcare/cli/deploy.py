@@ -159,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         write_app,
         write_flower_home,
     )
-    from fedcare.runtime.flower_server import ServerSettings
+    from fedcare.runtime.flower_server import ServerSettings, node_key_fingerprint
 
     config = RunConfig.load(args.config) if args.config else RunConfig()
     for assignment in args.overrides:
@@ -180,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home = write_flower_home(work / "home", connect, None if certs is None else certs / CA_CERT)
     app = write_app(work / "app", config, ServerSettings(
         run_dir=str(run_dir), roster=tuple(sites), wait_timeout=args.wait,
-        message_timeout=args.message_timeout))
+        message_timeout=args.message_timeout,
+        node_keys=tuple((site, node_key_fingerprint(key)) for site, key in keys.items())))
     env = flower_environment(home)
     log = (work / "superlink.log").open("a", encoding="utf-8")
     # A persistent state: SuperNodes keep their node ids when the aggregator is restarted.

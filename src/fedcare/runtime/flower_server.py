@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
@@ -100,6 +102,11 @@ class ServerSettings:
         Times a round below the quorum is tried again before the run stops.
     retry_wait : float
         Seconds between tries (for a dropped site to come back).
+    node_keys : tuple of (str, str)
+        Site -> fingerprint of the node key in its CA-signed certificate
+        (`node_key_fingerprint`): a node may say it is site X only if it
+        authenticated with X's key. Empty (no node authentication: insecure
+        loopback tests, the simulation engine): a node's word is taken.
     """
 
     run_dir: str = ""
@@ -109,6 +116,7 @@ class ServerSettings:
     message_timeout: float = 120.0
     round_retries: int = 2
     retry_wait: float = 5.0
+    node_keys: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
@@ -121,6 +129,9 @@ class ServerSettings:
             message_timeout=float(run_config.get("fedcare-message-timeout", 120.0)),
             round_retries=int(run_config.get("fedcare-round-retries", 2)),
             retry_wait=float(run_config.get("fedcare-retry-wait", 5.0)),
+            node_keys=tuple((site, key) for site, _, key in (
+                pair.partition("=") for pair in
+                str(run_config.get("fedcare-node-keys", "")).split(",") if pair)),
         )
 
     def to_run_config(self) -> dict[str, str | int | float]:
@@ -129,7 +140,18 @@ class ServerSettings:
                 "fedcare-wait-timeout": self.wait_timeout,
                 "fedcare-message-timeout": self.message_timeout,
                 "fedcare-round-retries": self.round_retries,
-                "fedcare-retry-wait": self.retry_wait}
+                "fedcare-retry-wait": self.retry_wait,
+                "fedcare-node-keys": ",".join(f"{site}={key}" for site, key in self.node_keys)}
+
+
+def node_key_fingerprint(public_key: bytes | ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 (hex) of a node key's DER SubjectPublicKeyInfo; `public_key` may be the PEM
+    bytes Flower's SuperLink keeps for a registered node."""
+    key = (serialization.load_pem_public_key(public_key) if isinstance(public_key, bytes)
+           else public_key)
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+                          ).hexdigest()
 
 
 @dataclass
@@ -396,7 +418,8 @@ class Roster:
 
     def refresh(self, grid: Grid) -> None:
         """Introduce new nodes, forget nodes that left, and point each site at its node."""
-        nodes = set(grid.get_node_ids())
+        infos = {info.node_id: info for info in grid.get_nodes()}
+        nodes = set(infos)
         new = sorted(nodes - set(self.by_node))
         replies = self.messenger.ask_many([(node_id, "", "hello", None, 0, -1)
                                            for node_id in new]) if new else {}
@@ -410,11 +433,26 @@ class Roster:
             elif self.settings.roster and hello.site not in self.settings.roster:
                 self.log(f"node {node_id} says it is site {hello.site!r}, which is not in the "
                          f"roster {list(self.settings.roster)}; refused.")
+            elif not self._authenticated_as(hello.site, infos[node_id].public_key):
+                self.log(f"node {node_id} says it is site {hello.site!r}, but it did not "
+                         f"authenticate with the node key of {hello.site!r}'s certificate; "
+                         "refused.")
             else:
                 self.by_node[node_id] = hello
         for gone in set(self.by_node) - nodes:
             del self.by_node[gone]
         self._place()
+
+    def _authenticated_as(self, site: str, public_key: bytes) -> bool:
+        """Whether a node that authenticated with `public_key` may be `site`."""
+        if not self.settings.node_keys:
+            return True
+        expected = dict(self.settings.node_keys).get(site)
+        try:
+            return expected is not None and bool(public_key) and \
+                node_key_fingerprint(public_key) == expected
+        except ValueError:  # not a PEM key
+            return False
 
     def _place(self) -> None:
         claims: dict[str, list[int]] = {}
