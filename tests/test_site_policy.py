@@ -384,6 +384,7 @@ def test_a_registered_hospital_cannot_take_another_sites_identity() -> None:
     assert roster.connected() == []
     assert "node 7 says it is site 'cleveland', but it did not authenticate with the node key " \
            "of 'cleveland'" in logged[-1]
+    assert roster.refusals[7] == logged[-1]  # the QuorumError at the deadline says it
     # Cleveland's own node is let in.
     roster.refresh(Grid({7: pem("va"), 9: pem("cleveland")}))  # type: ignore[arg-type]
     assert roster.connected() == ["cleveland"]

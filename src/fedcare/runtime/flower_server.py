@@ -415,6 +415,8 @@ class Roster:
         self.log = log
         self.by_node: dict[int, SiteHello | None] = {}
         self.sites: list[RemoteSite] = []
+        self.refusals: dict[int, str] = {}
+        """Node -> why it was not let in (its own refusal, or ours), for the operator."""
 
     def refresh(self, grid: Grid) -> None:
         """Introduce new nodes, forget nodes that left, and point each site at its node."""
@@ -427,20 +429,24 @@ class Roster:
             hello = replies[str(node_id)]
             self.by_node[node_id] = None
             if isinstance(hello, FedcareError):
-                self.log(f"node {node_id} refused or failed to introduce itself: {hello}")
+                refusal = f"node {node_id} refused or failed to introduce itself: {hello}"
             elif not isinstance(hello, SiteHello):
-                self.log(f"node {node_id} answered hello with {type(hello).__name__}; ignored")
+                refusal = f"node {node_id} answered hello with {type(hello).__name__}; ignored"
             elif self.settings.roster and hello.site not in self.settings.roster:
-                self.log(f"node {node_id} says it is site {hello.site!r}, which is not in the "
-                         f"roster {list(self.settings.roster)}; refused.")
+                refusal = (f"node {node_id} says it is site {hello.site!r}, which is not in "
+                           f"the roster {list(self.settings.roster)}; refused.")
             elif not self._authenticated_as(hello.site, infos[node_id].public_key):
-                self.log(f"node {node_id} says it is site {hello.site!r}, but it did not "
-                         f"authenticate with the node key of {hello.site!r}'s certificate; "
-                         "refused.")
+                refusal = (f"node {node_id} says it is site {hello.site!r}, but it did not "
+                           f"authenticate with the node key of {hello.site!r}'s certificate; "
+                           "refused.")
             else:
                 self.by_node[node_id] = hello
+                continue
+            self.refusals[node_id] = refusal
+            self.log(refusal)
         for gone in set(self.by_node) - nodes:
             del self.by_node[gone]
+            self.refusals.pop(gone, None)
         self._place()
 
     def _authenticated_as(self, site: str, public_key: bytes) -> bool:
@@ -495,7 +501,9 @@ def _wait_for_sites(grid: Grid, roster: Roster, config: RunConfig, settings: Ser
                 f"{settings.wait_timeout:g} s; the federation needs {wanted}"
                 + (f" (missing: {missing})" if missing else "")
                 + f" and at least federation.min_sites = {config.federation.min_sites}. "
-                "Check that each site's `fedcare site` is running, that it reaches the "
+                + (f"Refused: {' '.join(roster.refusals.values())} " if roster.refusals
+                   else "")
+                + "Check that each site's `fedcare site` is running, that it reaches the "
                 "aggregator, and that its certificate and node key are registered.")
         time.sleep(1.0)
 
