@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from fedcare.data.preprocess import (
     Standardize,
     federated_mean_std,
     impute,
+    keyed_split,
     prepare_sites,
     resolve_standardize,
+    split_key,
     split_rows,
 )
 from fedcare.data.schema import Schema
@@ -310,3 +313,84 @@ def test_auto_standardisation_depends_on_privacy() -> None:
     assert resolve_standardize(Standardize.AUTO, private=True) is Standardize.BOUNDS
     assert resolve_standardize(Standardize.AUTO, private=False) is Standardize.FEDERATED
     assert resolve_standardize(Standardize.NONE, private=True) is Standardize.NONE
+
+
+# ----------------------------------------------------------------------------- keyed split
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.integers(0, 10**6), min_size=1, max_size=200, unique=True),
+       drop=st.integers(0, 199), test_fraction=st.floats(0.0, 0.9))
+def test_a_keyed_split_decides_each_record_by_itself(rows: list[int], drop: int,
+                                                     test_fraction: float) -> None:
+    """Removing any other record (or changing its label: labels are not read) moves nobody."""
+    key = split_key(3, "va")
+    everyone = np.array(rows)
+    train, test = keyed_split(everyone, test_fraction, key=key)
+    assert sorted([*train, *test]) == list(range(len(rows)))
+    held_out = set(everyone[test].tolist())
+    fewer = np.delete(everyone, drop % len(rows))
+    _, test_fewer = keyed_split(fewer, test_fraction, key=key)
+    assert set(fewer[test_fewer].tolist()) == held_out - {int(everyone[drop % len(rows)])}
+
+
+def test_a_keyed_split_holds_out_the_fraction_and_depends_on_the_key() -> None:
+    rows = np.arange(20_000)
+    _, test = keyed_split(rows, 0.34, key=split_key(0, "cleveland"))
+    assert abs(len(test) / len(rows) - 0.34) < 0.015  # binomial: sd 0.0033
+    _, other = keyed_split(rows, 0.34, key=split_key(1, "cleveland"))
+    _, elsewhere = keyed_split(rows, 0.34, key=split_key(0, "va"))
+    assert not np.array_equal(test, other) and not np.array_equal(test, elsewhere)
+    assert len(keyed_split(rows, 0.0, key=split_key(0, "va"))[1]) == 0
+
+
+def test_one_changed_label_moves_no_other_patient_in_a_private_run(tmp_path: Path) -> None:
+    """The attack: under a stratified split, flipping one training label reshuffles the
+    test set, so exact test metrics of a private model depend on that label."""
+    from fedcare.config import DataConfig
+    from fedcare.data.datasets import build_federation
+
+    rng = np.random.default_rng(0)
+    ages, labels = rng.integers(30, 80, 300), rng.integers(0, 2, 300)
+    schema = tmp_path / "schema.toml"
+    schema.write_text('target = "y"\npositive = ["1"]\n[numeric]\ncolumns = ["age"]\n'
+                      "[categorical]\n[bounds]\nage = [0, 120]\n")
+
+    def test_ages(flip: int | None, private: bool) -> list[tuple[int, float]]:
+        flipped = labels.copy()
+        if flip is not None:
+            flipped[flip] = 1 - flipped[flip]
+        folder = tmp_path / f"{flip}-{private}"
+        folder.mkdir()
+        (folder / "va.csv").write_text("age,y\n" + "".join(
+            f"{a},{y}\n" for a, y in zip(ages, flipped, strict=True)))
+        data = build_federation(DataConfig(data_dir=str(folder), schema=str(schema),
+                                           standardize="none"), private=private)
+        site = data.sites[0]
+        return sorted(zip(site.x_test[:, 0].tolist(), site.y_test.tolist(), strict=True))
+
+    for private in (False, True):
+        before = test_ages(None, private)
+        training_row = next(i for i in range(300) if (ages[i], labels[i]) not in
+                            {(round(a), round(y)) for a, y in before})
+        after = test_ages(training_row, private)
+        moved = len(set(before) ^ set(after))
+        if private:
+            assert moved == 0
+        else:
+            assert moved > 10  # what the keyed split removes
+
+
+def test_data_split_keyed_gives_a_run_without_dp_the_private_runs_test_patients() -> None:
+    from fedcare.config import DataConfig
+    from fedcare.data.datasets import build_federation
+
+    private = build_federation(DataConfig(), private=True)
+    keyed = build_federation(DataConfig(split="keyed"), private=False)
+    stratified = build_federation(DataConfig(), private=False)
+    assert [s.n_train for s in keyed.sites] == [s.n_train for s in private.sites]
+    for a, b in zip(private.sites, keyed.sites, strict=True):
+        assert torch.equal(a.y_test, b.y_test)
+    assert [s.n_train for s in stratified.sites] != [s.n_train for s in private.sites]
+    with pytest.raises(ConfigError, match=r"stratified.*refused in a private run"):
+        build_federation(DataConfig(split="stratified"), private=True)
+    with pytest.raises(ConfigError, match=r"data.split must be one of"):
+        build_federation(DataConfig(split="random"))

@@ -43,6 +43,10 @@ class DataConfig:
     """Share of each site's rows held out for testing (negative: dataset default)."""
     split_seed: int = 0
     """Seed of the train/test split and the partition, kept apart from the training seed."""
+    split: str = "auto"
+    """auto | stratified | keyed. keyed: each record to train or test by a keyed hash of its
+    own row (independent of other records); stratified: a seeded stratified shuffle per
+    site. auto: keyed in a private run, stratified otherwise."""
     missing: str = "drop"
     """drop | impute | fail: what to do with missing feature values."""
     standardize: str = "auto"

@@ -28,8 +28,10 @@ from fedcare.data.partition import Partition, assign_rows, check_nonempty, site_
 from fedcare.data.preprocess import (
     Standardize,
     SumVectors,
+    keyed_split,
     prepare_sites,
     resolve_standardize,
+    split_key,
     split_rows,
 )
 from fedcare.data.schema import Schema
@@ -213,12 +215,17 @@ def _enum(kind: type[E], value: str, key: str) -> E:
             from None
 
 
+SPLITS = ("auto", "stratified", "keyed")
+"""``data.split``: see `fedcare.config.DataConfig.split` and `keyed_split`."""
+
+
 def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, *,
                      private: bool = False) -> FederatedData:
     """Load, validate, split, partition and encode the data the config names.
 
     `private` (a differentially private run) makes preprocessing independent
-    of the data: see `fedcare.data.preprocess`.
+    of the data (see `fedcare.data.preprocess`) and splits each record into
+    train or test by itself (`keyed_split`), not by a stratified shuffle.
     """
     dataset = config.dataset_name
     if dataset not in DATASETS:
@@ -235,6 +242,20 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in [0, 1); got {test_fraction}.")
     rng = np.random.default_rng(config.split_seed)
+    if config.split not in SPLITS:
+        raise ConfigError(f"data.split must be one of {list(SPLITS)}; got {config.split!r}.")
+    if private and config.split == "stratified":
+        raise ConfigError("data.split = \"stratified\" is refused in a private run: it moves "
+                          "other patients between train and test when one label changes, so "
+                          "exact test metrics would reveal training labels. Use \"keyed\" "
+                          "(the default, \"auto\").")
+    keyed = config.split == "keyed" or (config.split == "auto" and private)
+
+    def split(table: SiteTable) -> tuple[np.ndarray, np.ndarray]:
+        if keyed:
+            return keyed_split(table.rows, test_fraction,
+                               key=split_key(config.split_seed, table.name))
+        return split_rows(table.target, test_fraction, rng)
 
     if partition is Partition.NATURAL:
         if not source.natural_sites:
@@ -246,7 +267,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
                               "partition.")
         splits = []
         for table in source.tables:
-            train, test = split_rows(table.target, test_fraction, rng)
+            train, test = split(table)
             if len(train) == 0:
                 raise DataError(f"{table.source}: site {table.name!r} has no training rows left "
                                 f"after holding out {test_fraction:.0%} for testing.")
@@ -254,7 +275,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
     else:
         n_sites = config.sites or source.default_sites
         pooled = _concat(source.tables, dataset)
-        train, test = split_rows(pooled.target, test_fraction, rng)
+        train, test = split(pooled)
         proportions = site_proportions(partition, n_sites, 2, config.alpha, rng)
         width = len(str(n_sites - 1))
         names = [f"site-{i:0{width}d}" for i in range(n_sites)]

@@ -21,6 +21,7 @@ that ε ≈ 0.4 buys is a quarter of the count, for a result bounds give free.)
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -75,6 +76,40 @@ def split_rows(labels: np.ndarray, test_fraction: float,
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_rows] = False
     return np.flatnonzero(train_mask), test_rows
+
+
+def keyed_split(rows: np.ndarray, test_fraction: float, *,
+                key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions into (train, test), each record by a keyed hash of its own row number.
+
+    A record is held out when ``BLAKE2b(key, row) / 2^64 < test_fraction``: its side
+    depends on nothing but its own position in its site's source and the key, never on
+    another record's label, value or presence. A stratified split (`split_rows`) does:
+    flipping one training patient's label there moves other patients between train and
+    test, so exact test metrics of a private model would reveal that label. The test set's
+    size is binomial, not exactly ``test_fraction`` of the rows.
+
+    Parameters
+    ----------
+    rows : ndarray of int
+        Each record's row number in its source (`SiteTable.rows`).
+    test_fraction : float
+        Probability that a record is held out, in [0, 1).
+    key : bytes
+        Up to 64 bytes (`split_key`): the same key splits the same rows the same way
+        wherever the site runs.
+    """
+    threshold = int(test_fraction * 2**64)
+    test_mask = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(int(row).to_bytes(8, "little"), key=key,
+                                        digest_size=8).digest(), "little") < threshold
+         for row in rows), dtype=bool, count=len(rows))
+    return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+
+
+def split_key(split_seed: int, site: str) -> bytes:
+    """The key of a site's `keyed_split`: its name and ``data.split_seed``, nothing else."""
+    return hashlib.sha256(f"fedcare-split/{split_seed}/{site}".encode()).digest()
 
 
 def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema, *,
