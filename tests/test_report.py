@@ -48,9 +48,9 @@ def test_the_report_holds_the_plots_and_headline_numbers(private_run: Path) -> N
                       "Accuracy of the global model", "ROC AUC of the global model",
                       "ROC curve", "Calibration (10 risk bins)"]
     lines = [chart.count("<polyline") for chart in page.split("<svg ")[1:]]
-    # a line per hospital in the budget chart, per hospital and pooled in the others, but
-    # switzerland's 15 test patients are all one class: no ROC curve, no AUC
-    assert lines == [4, 5, 4, 4, 5]
+    # a line per hospital in the budget chart, per hospital and pooled in the others (the
+    # private run's keyed split leaves switzerland's 10 test patients with both classes)
+    assert lines == [4, 5, 5, 5, 5]
     assert html.escape(summary["privacy"]["sentence"]) in page  # type: ignore[index]
     assert "Protection of the updates: <code>plain</code>" in page
     assert "is intact: " in page  # the audit log, checked when the report was written
