@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tenseal as ts
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +154,22 @@ def test_decrypt_adds_flooding_of_the_stated_std_and_rounds_to_the_grid(
     assert abs(deviation.mean()) < 5 * DEFAULT_FLOODING_STD / math.sqrt(LENGTH)
     assert np.abs(deviation).max() < 6 * DEFAULT_FLOODING_STD + DEFAULT_GRID / 2
     assert np.array_equal(np.rint(out / DEFAULT_GRID) * DEFAULT_GRID, out)
+
+
+def test_decrypt_draws_its_flooding_in_float64(site: SiteContext,
+                                               aggregate: CkksPayload) -> None:
+    asked: list[torch.dtype] = []
+
+    class Recorder:
+        secure = True
+
+        def gaussian(self, n: int, std: float, *, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+            asked.append(dtype)
+            return SecureNoise().gaussian(n, std, dtype=dtype)
+
+    decrypt(site, aggregate, noise=Recorder())  # type: ignore[arg-type]
+    assert asked == [torch.float64]
 
 
 def test_decrypt_honours_flooding_std_and_grid(

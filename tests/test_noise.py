@@ -277,3 +277,13 @@ def test_bad_probability_raises(source: NoiseSource, p: float) -> None:
 def test_negative_count_raises(source: NoiseSource, call: object) -> None:
     with pytest.raises(ConfigError, match=r"^n must be >= 0; got -1\.$"):
         call(source)  # type: ignore[operator]
+
+
+def test_float64_gaussian_noise_is_not_on_float32s_grid() -> None:
+    """CKKS flooding draws in float64: float32 would put noise of std 2**-20 on a 2**-44 grid."""
+    draws = SecureNoise().gaussian(10_000, 2.0**-20, dtype=torch.float64)
+    assert draws.dtype == torch.float64
+    assert not torch.equal(draws, draws.float().double())
+    assert abs(float(draws.std()) / 2.0**-20 - 1) < 0.05
+    with pytest.raises(ValueError, match="float32 or float64"):
+        SecureNoise().gaussian(3, 1.0, dtype=torch.int64)

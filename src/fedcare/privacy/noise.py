@@ -100,8 +100,10 @@ class NoiseSource(Protocol):
 
     secure: bool
 
-    def gaussian(self, n: int, std: float) -> torch.Tensor:
-        """``n`` independent N(0, std**2) draws, float32, shape ``(n,)``; ``std >= 0``."""
+    def gaussian(self, n: int, std: float, *, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor:
+        """``n`` independent N(0, std**2) draws, shape ``(n,)``; ``std >= 0``; float32 unless
+        `dtype` is ``torch.float64`` (CKKS flooding: see `fedcare.protection.ckks.decrypt`)."""
         ...
 
     def laplace(self, n: int, scale: float) -> torch.Tensor:
@@ -141,8 +143,9 @@ class _WordNoise:
         _check_count(n)
         return _to_uniform(self._words(n))
 
-    def gaussian(self, n: int, std: float) -> torch.Tensor:
-        """``n`` independent N(0, std**2) draws by Box--Muller.
+    def gaussian(self, n: int, std: float, *, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor:
+        """``n`` independent N(0, std**2) draws by Box--Muller, computed in float64.
 
         Parameters
         ----------
@@ -152,14 +155,19 @@ class _WordNoise:
             Standard deviation, finite and >= 0 (in the units of the values the
             noise is added to); 0 gives zeros and uses no random bits.
 
+        dtype : torch.dtype
+            ``torch.float32`` (model updates) or ``torch.float64``.
+
         Returns
         -------
-        Tensor of float32, shape (n,)
+        Tensor of `dtype`, shape (n,)
         """
         _check_count(n)
         _check_spread("std", std)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"gaussian noise is float32 or float64; got {dtype}.")
         if std == 0 or n == 0:
-            return torch.zeros(n, dtype=torch.float32)
+            return torch.zeros(n, dtype=dtype)
         pairs = (n + 1) // 2
         # numpy turns bits into uniforms; torch's vectorised float64 log, cos and
         # sin (SLEEF, 1 ulp) are about 4x faster than numpy's on this CPU.
@@ -167,7 +175,7 @@ class _WordNoise:
         radius = u[:pairs].log_().mul_(-2.0).sqrt_().mul_(std)
         angle = u[pairs:].mul_(2.0 * math.pi)
         out = torch.cat([torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)])
-        return out[:n].float()
+        return out[:n].to(dtype)
 
     def laplace(self, n: int, scale: float) -> torch.Tensor:
         """``n`` independent Laplace(0, scale) draws by the inverse CDF.

@@ -831,7 +831,9 @@ def decrypt(context: SiteContext, aggregate: CkksPayload, *, noise: NoiseSource,
     # the bare key-dependent error, and must not stay reachable through `.base`.
     values = slots[:aggregate.length].copy()
     del slots
-    values += noise.gaussian(values.size, flooding_std).double().numpy()
+    # Drawn in float64: float32 noise would sit on a grid of about 2**-44 here, coarse next
+    # to the key-dependent error it has to hide (2**-62 a ciphertext).
+    values += noise.gaussian(values.size, flooding_std, dtype=torch.float64).numpy()
     values /= grid  # exact: grid is a power of two
     np.rint(values, out=values)
     values *= grid
@@ -1172,8 +1174,9 @@ def _benchmark(sizes: tuple[int, ...] = (10_000, 100_000), sites: int = 10) -> N
 
         secure = False
 
-        def gaussian(self, n: int, std: float) -> torch.Tensor:
-            return torch.zeros(n)
+        def gaussian(self, n: int, std: float, *, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype)
 
     def median_ms(seconds: list[float]) -> float:
         return 1e3 * float(np.median(seconds))
