@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import fields
@@ -301,20 +302,65 @@ def test_ckks_site_decrypts_once_and_never_its_own_ciphertext() -> None:
     assert site.handle(check) == check
     own = site.protect(torch.ones(5, dtype=torch.float64))
     with pytest.raises(ProtocolError, match="own ciphertext"):
-        site.handle(DecryptRequest(1, own))
+        site.handle(DecryptRequest(1, own, (0, 1)))
     aggregator.add(0, own)
     aggregator.add(1, own)
     assert aggregator.total is not None
-    revealed = site.handle(DecryptRequest(1, aggregator.total))
+    # What the decrypting site can check of the sum: at least 2 distinct contributors,
+    # itself among them (it cannot check the ciphertext is their sum).
+    for contributors in [(), (0,), (0, 0), (1, 2)]:
+        with pytest.raises(ProtocolError, match="decrypts only a sum of at least 2 distinct"):
+            site.handle(DecryptRequest(1, aggregator.total, contributors))
+    assert scheme.site_context is not None and scheme.site_context.releases.released() == 0
+    revealed = site.handle(DecryptRequest(1, aggregator.total, (0, 1)))
+    assert scheme.site_context.releases.released() == 1
     assert isinstance(revealed, torch.Tensor)
     torch.testing.assert_close(revealed, torch.full((5,), 2.0, dtype=torch.float64),
                                rtol=0, atol=1e-5)
     with pytest.raises(ProtocolError, match="second time"):
-        site.handle(DecryptRequest(1, aggregator.total))
+        site.handle(DecryptRequest(1, aggregator.total, (0, 1)))
     with pytest.raises(ProtocolError, match="round 2 arrived in round 1"):
         site.handle(KeyCheck(2, check.fingerprint))
     with pytest.raises(ProtocolError, match="encrypted 4 values"):
         aggregator.add(1, site.protect(torch.ones(4, dtype=torch.float64)))
+
+
+def test_a_ckks_site_stops_releasing_decryptions_before_the_key_sets_allowance(
+        tmp_path: Path) -> None:
+    from fedcare.protection.ckks import RELEASES_SUFFIX, load_site_context, release_allowance
+
+    files = generate_keys(tmp_path / "keys")
+    context = load_site_context(files.site)
+    # Li-Micciancio-Schultz-Sorrell: sigma >= sqrt(24 N q) 2**(s/2) B, B = 6 sqrt(K) e.
+    n, e = 8192, 2.0**11 / 2.0**70
+    for sites in (2, 4, 1000):
+        expected = (2.0**-20 / (6 * e * math.sqrt(sites))) ** 2 / (24 * n) / 2.0**30
+        assert release_allowance(context, summands=sites) == int(expected)
+    assert release_allowance(context, summands=4) > 9_000_000
+    assert 30_000 < release_allowance(context, summands=1000) < 40_000
+
+    scheme = CkksScheme(context, context.public())
+
+    def one_round(round_number: int) -> object:
+        aggregator = scheme.aggregator_session(round_number, [0, 1], 5)
+        sites = [scheme.site_session(round_number, i) for i in (0, 1)]
+        check = KeyCheck(round_number, aggregator.context.fingerprint)
+        for i, site in enumerate(sites):
+            site.handle(check)
+            aggregator.add(i, site.protect(torch.ones(5, dtype=torch.float64)))
+        assert aggregator.total is not None
+        return sites[0].handle(DecryptRequest(round_number, aggregator.total, (0, 1)))
+
+    one_round(1)
+    counter = Path(str(files.site) + RELEASES_SUFFIX)
+    assert counter.read_text() == "1\n" and counter.stat().st_mode & 0o777 == 0o600
+    # A site that restarts reads its count back; at the allowance it refuses, nothing counted.
+    counter.write_text(f"{release_allowance(context, summands=2)}\n")
+    again = load_site_context(files.site)
+    scheme = CkksScheme(again, again.public())
+    with pytest.raises(ProtocolError, match="renew the key set"):
+        one_round(2)
+    assert again.releases.released() == release_allowance(context, summands=2)
 
 
 def test_ckks_reads_keys_from_the_directory_of_keys_init(tmp_path: Path) -> None:

@@ -188,6 +188,7 @@ threads compete with other load, about 1 ms with
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -259,6 +260,12 @@ FLOODING_FLOOR_RATIO = 2.0**17
 
 OpenFHE's rule ``sqrt(12 q) * 2**(s/2)`` for s = 30 bits and q = 1 release is 2**16.8.
 """
+
+RELEASE_SECURITY_BITS = 30
+"""Bits of statistical security against key recovery a site keeps (`release_allowance`)."""
+
+RELEASES_SUFFIX = ".released"
+"""Beside ``site.ckks``: how many chunk decryptions this site has released under it."""
 
 SITE_FILE = "site.ckks"
 AGGREGATOR_FILE = "aggregator.ckks"
@@ -431,6 +438,8 @@ class SiteContext(_KeyContext):
     def __init__(self, context: ts.Context, *, key_set: bytes,
                  where: str = "the context") -> None:
         super().__init__(context, key_set=key_set, where=where)
+        self.releases = ReleaseCounter(None)
+        """Chunk decryptions released under this key set (`load_site_context`: a file)."""
         if not context.is_private():
             raise ConfigError(f"{where} holds no secret key; a site needs {SITE_FILE} "
                               f"(got the parameters only, as in {AGGREGATOR_FILE}).")
@@ -449,6 +458,87 @@ class SiteContext(_KeyContext):
         """The aggregator's context for this key set: the same parameters, no key."""
         return AggregatorContext(ts.context_from(_parameters_only(self.context)),
                                  key_set=self.key_set, where="the parameters of the site context")
+
+
+def release_allowance(context: SiteContext, *, summands: int,
+                      flooding_std: float = DEFAULT_FLOODING_STD,
+                      security_bits: int = RELEASE_SECURITY_BITS) -> int:
+    """Chunk decryptions of `summands`-payload sums a key set may release and keep its key.
+
+    Li, Micciancio, Schultz and Sorrell (CRYPTO 2022) give ``s`` bits of statistical
+    security for ``q`` released decryptions when ``flooding_std >= sqrt(24 N q) 2**(s/2)
+    B``; B is taken as 6 standard deviations of the sum's key-dependent error, with
+    `FRESH_ERROR_UNITS` (an upper estimate, about 2**3.3 above the measured error of the
+    symmetric encryption used here) per payload, growing as ``sqrt(summands)``. So the
+    allowance is about a hundred times below what the measured error would allow (the
+    module docstring's 3.9 million at 1,000 sites is 38,000 here).
+    """
+    if summands < 1:
+        raise ConfigError(f"a sum has at least one payload; got {summands}.")
+    n = context.poly_modulus_degree
+    bound = 6 * FRESH_ERROR_UNITS * n / 8192 / context._layout.scale * math.sqrt(summands)
+    return int((flooding_std / bound) ** 2 / (24 * n) / 2.0**security_bits)
+
+
+class ReleaseCounter:
+    """How many chunk decryptions a site released under one key set; refuses past an allowance.
+
+    Kept in a file beside ``site.ckks`` (``site.ckks.released``, read and rewritten under
+    an exclusive lock, flushed before the decryption is released) or, for a key set made
+    in memory, in memory: there every simulated site shares one counter, the key set's
+    true total.
+
+    Parameters
+    ----------
+    path : Path or None
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._count = 0
+
+    def released(self) -> int:
+        if self.path is None:
+            return self._count
+        if not self.path.exists():
+            return 0
+        return self._parse(self.path.read_text(encoding="ascii"))
+
+    def charge(self, chunks: int, allowance: int, *, site: str) -> None:
+        """Count `chunks` more releases, or `ProtocolError` (nothing counted) past `allowance`."""
+        if self.path is None:
+            self._count = self._checked(self._count, chunks, allowance, site)
+            return
+        self.path.touch(mode=0o600, exist_ok=True)
+        with self.path.open("r+", encoding="ascii") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                count = self._checked(self._parse(f.read()), chunks, allowance, site)
+                f.seek(0)
+                f.truncate()
+                f.write(f"{count}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _parse(self, text: str) -> int:
+        try:
+            return int(text.strip() or 0)
+        except ValueError:
+            raise ConfigError(f"{self.path} is not a count of released decryptions; this site "
+                              "refuses to decrypt until it is repaired (or the key set is "
+                              "renewed).") from None
+
+    @staticmethod
+    def _checked(count: int, chunks: int, allowance: int, site: str) -> int:
+        if count + chunks > allowance:
+            raise ProtocolError(
+                f"ckks site {site}: this key set has released {count} chunk decryptions here; "
+                f"{chunks} more would pass the {allowance} it may release and keep "
+                f"{RELEASE_SECURITY_BITS} bits of security against key recovery (Li-"
+                "Micciancio). Refused: renew the key set (`fedcare keys init --overwrite`).")
+        return count + chunks
 
 
 class AggregatorContext(_KeyContext):
@@ -665,6 +755,7 @@ def load_site_context(path: str | os.PathLike[str]) -> SiteContext:
     if not isinstance(context, SiteContext):
         raise ConfigError(f"{path} holds no secret key; a site needs {SITE_FILE} "
                           f"(this looks like {AGGREGATOR_FILE}).")
+    context.releases = ReleaseCounter(Path(str(path) + RELEASES_SUFFIX))
     return context
 
 
@@ -854,10 +945,19 @@ class KeyCheck:
 
 @dataclass(frozen=True)
 class DecryptRequest:
-    """Reveal message: the summed ciphertext, sent to one site that contributed to it."""
+    """Reveal message: the summed ciphertext, sent to one site that contributed to it.
+
+    ``contributors`` are the indices of the sites whose payloads the aggregator added.
+    """
 
     round_number: int
     aggregate: CkksPayload
+    contributors: tuple[int, ...] = ()
+
+
+MIN_DECRYPT_CONTRIBUTORS = 2
+"""Fewest distinct sites a sum must hold for a site to decrypt it: one site's payload
+decrypted is that site's update."""
 
 
 class CkksScheme:
@@ -958,7 +1058,7 @@ class CkksSiteSession:
             self._checked = True
             return KeyCheck(self.round_number, self.context.fingerprint)
         if isinstance(message, DecryptRequest):
-            return torch.from_numpy(self._decrypt(message.aggregate))
+            return torch.from_numpy(self._decrypt(message))
         raise ProtocolError(f"ckks site {self.site}: unexpected message "
                             f"{type(message).__name__}.")
 
@@ -969,7 +1069,20 @@ class CkksSiteSession:
         self._sent = encrypted.chunks
         return encrypted
 
-    def _decrypt(self, aggregate: CkksPayload) -> NDArray[np.float64]:
+    def _decrypt(self, request: DecryptRequest) -> NDArray[np.float64]:
+        """The flooded decryption of a sum, after every check this site can make.
+
+        It checks: it contributed this round; it has not decrypted this round; the
+        ciphertext is not its own payload; the aggregator says the sum holds at least
+        `MIN_DECRYPT_CONTRIBUTORS` distinct sites, itself among them; the key set's
+        release allowance for a sum of that many payloads (`release_allowance`) is not
+        passed by the releases this site has counted. It cannot check that the
+        ciphertext really is the sum of those sites' payloads (CKKS has no integrity: an
+        aggregator that deviates from the protocol can send another site's payload), nor
+        count the decryptions other sites released under the same key set.
+        """
+        aggregate = request.aggregate
+        contributors = request.contributors
         if self._sent is None:
             raise ProtocolError(f"ckks site {self.site}: asked to decrypt a sum it did not "
                                 "contribute to.")
@@ -980,6 +1093,19 @@ class CkksSiteSession:
         if isinstance(aggregate, CkksPayload) and aggregate.chunks == self._sent:
             raise ProtocolError(f"ckks site {self.site}: the aggregate is this site's own "
                                 "ciphertext, not a sum; refused.")
+        me = int(self.site) - 1
+        if not (isinstance(contributors, tuple) and all(_is_int(c) for c in contributors)
+                and len(set(contributors)) == len(contributors)
+                and len(contributors) >= MIN_DECRYPT_CONTRIBUTORS and me in contributors):
+            raise ProtocolError(
+                f"ckks site {self.site}: asked to decrypt a sum of sites {contributors!r}; it "
+                f"decrypts only a sum of at least {MIN_DECRYPT_CONTRIBUTORS} distinct sites' "
+                "payloads that includes its own. Refused.")
+        if not isinstance(aggregate, CkksPayload):
+            raise ProtocolError(f"ckks site {self.site}: asked to decrypt a "
+                                f"{type(aggregate).__name__}; expected a CkksPayload.")
+        allowance = release_allowance(self.context, summands=len(contributors))
+        self.context.releases.charge(len(aggregate.chunks), allowance, site=self.site)
         self._decrypted = True
         return decrypt(self.context, aggregate, noise=SecureNoise())
 
@@ -1029,7 +1155,7 @@ class CkksAggregatorSession:
         total = self.total
         if total is None:
             raise ProtocolError(f"ckks: round {self.round_number} has no payload to reveal.")
-        request = DecryptRequest(self.round_number, total)
+        request = DecryptRequest(self.round_number, total, tuple(self.contributors))
         for site in self.contributors:
             reply = exchange({site: request}).get(site)
             if isinstance(reply, torch.Tensor) and reply.shape == (self.length,):
