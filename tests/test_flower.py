@@ -276,11 +276,14 @@ class Loopback:
         from fedcare.runtime.flower_deploy import node_config_text, supernode_command
 
         ca = None if self.certs is None else self.certs.ca
+        identity = None
         if self.certs is not None and key is None:
             key = self.certs.sites[site][1]
+            identity = (self.certs.ca, *self.certs.sites[site])  # signs its secagg keys
         self.start(site, supernode_command(
             superlink=f"127.0.0.1:{self.port}", site=site, port=_free_port(), ca=ca, key=key,
-            node_config=node_config_text(site, policy="" if policy is None else str(policy))))
+            node_config=node_config_text(site, policy="" if policy is None else str(policy),
+                                         identity=identity)))
 
     def node_keys(self) -> tuple[tuple[str, str], ...]:
         """Each site's certified node key, as `fedcare serve` binds names to keys."""

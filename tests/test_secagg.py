@@ -695,3 +695,105 @@ def test_secagg_plus_falls_to_an_aggregator_that_lies_about_dropouts() -> None:
                            setup.vector_length)
         y = y - mask if u < v else y + mask
     np.testing.assert_array_equal(y, setup.encoding.encode(r.updates[u], site=str(u)))
+
+
+# ----------------------------------------------------------------------------- signed keys
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Three certified sites of one federation, and a site certified by another CA."""
+    from fedcare.protection.identity import SiteIdentity
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    ours = make_certificates(tmp_path_factory.mktemp("pki"), ["a", "b", "c"])
+    theirs = make_certificates(tmp_path_factory.mktemp("other"), ["d"])
+    made: dict[str, object] = {
+        name: SiteIdentity.load(ca=ours.ca, certificate=cert, key=key)
+        for name, (cert, key) in ours.sites.items()}
+    made["outsider"] = SiteIdentity.load(ca=theirs.ca, certificate=theirs.sites["d"][0],
+                                         key=theirs.sites["d"][1])
+    made["aggregator"] = ours.aggregator
+    made["ca"] = ours.ca
+    return made
+
+
+def _signed_sites(identities: dict[str, object], setup: RoundSetup) -> dict[int, SecAggSite]:
+    from fedcare.protection.identity import SiteIdentity
+
+    names = ("a", "b", "c")  # sites 1-3; a fourth id, if any, is left to the aggregator
+    return {i: SecAggSite(i, setup, identity=identities[name])  # type: ignore[arg-type]
+            for i, name in zip(setup.site_ids[:3], names, strict=True)
+            if isinstance(identities[name], SiteIdentity)}
+
+
+def test_signed_keys_give_the_same_sum(identities: dict[str, object]) -> None:
+    setup = RoundSetup(round_number=1, site_ids=(1, 2, 3), threshold=2, vector_length=5)
+    sites = _signed_sites(identities, setup)
+    aggregator = SecAggAggregator(setup)
+    roster = aggregator.collect_keys([s.advertise_keys() for s in sites.values()])
+    assert all(k.signature and k.certificate for k in roster.keys)
+    inboxes = aggregator.collect_shares([s.share_keys(roster) for s in sites.values()])
+    updates = _updates(setup)
+    request = aggregator.collect_masked_inputs(
+        [sites[i].mask_input(inboxes[i], updates[i]) for i in sites])
+    total = aggregator.collect_unmask_responses([sites[i].unmask(request) for i in sites])
+    np.testing.assert_array_equal(total.fixed_point, _plain_sum(setup, updates, (1, 2, 3)))
+
+
+def test_an_aggregator_that_substitutes_or_invents_keys_is_detected(
+        identities: dict[str, object]) -> None:
+    """Bonawitz et al.'s malicious-model PKI: each site's keys are signed by its certificate."""
+    from fedcare.protection.identity import SiteIdentity
+
+    setup = RoundSetup(round_number=7, site_ids=(1, 2, 3, 4), threshold=3, vector_length=5)
+    sites = _signed_sites(identities, setup)
+    honest = [sites[i].advertise_keys() for i in (1, 2, 3)]
+    mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+    def refused(roster: list[KeyAdvertisement], match: str) -> None:
+        site = SecAggSite(1, setup, identity=identities["a"])  # type: ignore[arg-type]
+        own = site.advertise_keys()
+        with pytest.raises(ProtocolError, match=match):
+            site.share_keys(KeyRoster((own, *roster[1:])))
+
+    # Key substitution: site 2's encryption key replaced by the aggregator's own.
+    swapped = dataclasses.replace(honest[1], encryption_public_key=mine)
+    refused([honest[0], swapped, honest[2]],
+            "the keys of site 2 in round 7: the signature does not match site 'b'")
+    # A Sybil: a fourth "site" whose keys are not signed at all...
+    fake = KeyAdvertisement(4, mine, X25519PrivateKey.generate().public_key()
+                            .public_bytes_raw(), b"\0" * 32)
+    refused([*honest, fake], "the keys of site 4 in round 7 are not signed")
+    # ...signed with a certificate from another CA...
+    outsider = identities["outsider"]
+    assert isinstance(outsider, SiteIdentity)
+    from fedcare.protection.secagg import signed_keys
+
+    forged = dataclasses.replace(fake, certificate=outsider.certificate,
+                                 signature=outsider.sign(signed_keys(fake, setup.context)))
+    refused([*honest, forged], "site 4 in round 7: the certificate was not issued by the "
+                               "federation's CA")
+    # ...or with a real site's certificate and key under a second id: one site counted twice.
+    b = identities["b"]
+    assert isinstance(b, SiteIdentity)
+    twice = dataclasses.replace(fake, certificate=b.certificate,
+                                signature=b.sign(signed_keys(fake, setup.context)))
+    refused([*honest, twice], "site 'b' signed the keys of both site 2 and site 4")
+    # A signature of another round does not carry over.
+    earlier = RoundSetup(round_number=6, site_ids=(1, 2, 3, 4), threshold=3, vector_length=5)
+    replayed = _signed_sites(identities, earlier)[2].advertise_keys()
+    refused([honest[0], replayed, honest[2]], "the signature does not match site 'b'")
+
+
+def test_the_aggregators_own_certificate_is_not_a_site(identities: dict[str, object]) -> None:
+    from fedcare.protection.identity import SiteIdentity
+
+    a = identities["a"]
+    assert isinstance(a, SiteIdentity)
+    cert_path, _ = identities["aggregator"]  # type: ignore[misc]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    with pytest.raises(ProtocolError, match="not a site's"):
+        a.verify_certificate(der, where="the aggregator")

@@ -389,3 +389,23 @@ def test_a_registered_hospital_cannot_take_another_sites_identity() -> None:
     roster.refresh(Grid({7: pem("va"), 9: pem("cleveland")}))  # type: ignore[arg-type]
     assert roster.connected() == ["cleveland"]
     assert next(s for s in roster.sites if s.name == "cleveland").node_id == 9
+
+
+def test_a_node_signs_with_its_own_certificate_only(tmp_path: Path) -> None:
+    from fedcare.protection.secagg import SecAggScheme
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    pki = make_certificates(tmp_path / "pki", ["cleveland", "va"])
+    with pytest.raises(ConfigError, match="go together"):
+        NodeSettings.from_node_config({"site": "va", "ca": str(pki.ca)})
+    cert, key = pki.sites["cleveland"]
+    wrong = NodeSettings(site="va", ca=str(pki.ca), certificate=str(cert), identity_key=str(key))
+    with pytest.raises(ConfigError, match="names site 'cleveland'; this node is site 'va'"):
+        wrong.identity()
+    right = NodeSettings(site="cleveland", ca=str(pki.ca), certificate=str(cert),
+                         identity_key=str(key))
+    config = RunConfig()
+    config.protection.scheme = "secagg"
+    scheme = SiteNode(config, right).protection
+    assert isinstance(scheme, SecAggScheme) and scheme.identity is not None
+    assert scheme.identity.name == "cleveland"

@@ -234,18 +234,20 @@ def cmd_site(args: argparse.Namespace) -> int:
     print(f"privacy ledger: {policy.ledger} (`fedcare site --name {args.name} --budget` shows "
           "what is spent)", flush=True)
     ca = key = None
+    identity = None
     if not args.insecure:
         certs = Path(args.certs)
         ca = certs / CA_CERT
         cert, key = site_files(certs, args.name)
         check_site_certificate(ca, cert, args.name, key)
+        identity = (ca, cert, key)
         print(f"certificate {cert} is the CA's and names site {args.name}", flush=True)
     if args.data and not Path(args.data).is_file():
         raise ConfigError(f"--data {args.data} is not a file.")
     command = supernode_command(
         superlink=args.aggregator, site=args.name, port=args.port, ca=ca, key=key,
         node_config=node_config_text(args.name, data_file=args.data, keys=args.keys,
-                                     policy=str(policy_file)))
+                                     policy=str(policy_file), identity=identity))
     try:
         return subprocess.run(command, env=flower_environment(), check=False).returncode
     except KeyboardInterrupt:

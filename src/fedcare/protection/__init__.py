@@ -14,6 +14,7 @@ import math
 from fedcare.config import ProtectionConfig
 from fedcare.errors import ConfigError
 from fedcare.protection.base import Scheme
+from fedcare.protection.identity import SiteIdentity
 from fedcare.protection.plain import PlainSum
 
 SCHEMES = ("plain", "secagg", "ckks")
@@ -43,14 +44,19 @@ def who_sees_what(config: ProtectionConfig) -> str:
     return WHO_SEES_WHAT[config.scheme]
 
 
-def build_scheme(config: ProtectionConfig) -> Scheme:
-    """The scheme ``[protection]`` names, validated."""
+def build_scheme(config: ProtectionConfig, identity: SiteIdentity | None = None) -> Scheme:
+    """The scheme ``[protection]`` names, validated.
+
+    `identity`: a deployed site's certified identity, with which ``secagg`` signs its
+    keys and checks the other sites' (`fedcare.protection.identity`).
+    """
     if config.scheme == "plain":
         return PlainSum()
     if config.scheme == "secagg":
         from fedcare.protection.secagg import SecAggScheme
 
-        return SecAggScheme(threshold=config.threshold, neighbours=config.neighbours)
+        return SecAggScheme(threshold=config.threshold, neighbours=config.neighbours,
+                            identity=identity)
     if config.scheme == "ckks":
         from fedcare.protection.ckks import CkksScheme  # TenSEAL takes 0.3 s to import
 

@@ -245,7 +245,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import cached_property, partial
 from typing import TypeVar
@@ -264,6 +264,7 @@ from fedcare.errors import ConfigError, ProtocolError, QuorumError
 from fedcare.protection import shamir
 from fedcare.protection.base import Exchange, wire_size
 from fedcare.protection.fixedpoint import FixedPoint
+from fedcare.protection.identity import SiteIdentity, signed_message
 
 _DOMAIN = b"fedcare secagg v1"
 _KEY_BYTES = 32
@@ -418,12 +419,25 @@ class RoundSetup:
 
 @dataclass(frozen=True)
 class KeyAdvertisement:
-    """Site -> aggregator, phase 0: public keys (32 bytes each) and a commitment to ``b_u``."""
+    """Site -> aggregator, phase 0: public keys (32 bytes each) and a commitment to ``b_u``.
+
+    A site with a certified identity (`fedcare.protection.identity`) adds its certificate
+    (DER) and its signature of the rest, bound to the round (`signed_keys`).
+    """
 
     site: int
     encryption_public_key: bytes
     mask_public_key: bytes
     self_mask_commitment: bytes
+    certificate: bytes = b""
+    signature: bytes = b""
+
+
+def signed_keys(advertisement: KeyAdvertisement, context: bytes) -> bytes:
+    """What a site signs of its advertisement: its id and keys, in this round's context."""
+    return signed_message(b"fedcare secagg keys", (
+        context, _ID.pack(advertisement.site), advertisement.encryption_public_key,
+        advertisement.mask_public_key, advertisement.self_mask_commitment))
 
 
 @dataclass(frozen=True)
@@ -567,15 +581,23 @@ class SecAggSite:
     setup : RoundSetup
     name : str, optional
         Named in error messages (default ``"site <id>"``).
+    identity : SiteIdentity, optional
+        This site's certified identity: it signs its keys, and it shares nothing
+        unless every site of the key roster signed its own keys with a distinct site
+        certificate of the federation's CA (no substituted keys, no invented sites).
+        Without it (simulation, insecure loopback tests) the roster is taken as relayed.
     """
 
-    def __init__(self, site_id: int, setup: RoundSetup, *, name: str | None = None) -> None:
+    def __init__(self, site_id: int, setup: RoundSetup, *, name: str | None = None,
+                 identity: SiteIdentity | None = None) -> None:
         if site_id not in setup.site_ids:
             raise ConfigError(f"secagg site id {site_id} is not in the round's site_ids "
                               f"{setup.site_ids}.")
         self.site_id = site_id
         self.setup = setup
         self.name = name or f"site {site_id}"
+        self.identity = identity
+        self._advertised: KeyAdvertisement | None = None
         self._phase = Phase.ADVERTISE_KEYS
         self._encryption_key = X25519PrivateKey.generate()
         self._mask_key = X25519PrivateKey.generate()
@@ -616,6 +638,8 @@ class SecAggSite:
                        for p in (k.encryption_public_key, k.mask_public_key)]
         if len(set(public_keys)) != len(public_keys):
             raise ProtocolError(f"{self.name}: the key roster repeats a public key.")
+        if self.identity is not None:
+            self._check_signatures(roster)
         if len(roster_ids) < setup.threshold:
             raise QuorumError(f"{self.name}: {len(roster_ids)} sites advertised keys in round "
                               f"{setup.round_number}; the threshold is {setup.threshold}.")
@@ -759,10 +783,36 @@ class SecAggSite:
                   for v in sorted(dropped)))
 
     def _advertisement(self) -> KeyAdvertisement:
-        return KeyAdvertisement(
-            self.site_id, self._encryption_key.public_key().public_bytes_raw(),
-            self._mask_key.public_key().public_bytes_raw(),
-            _commit(self._self_mask, self.setup.context, self.site_id))
+        if self._advertised is None:  # made once: an ECDSA signature differs at every call
+            keys = KeyAdvertisement(
+                self.site_id, self._encryption_key.public_key().public_bytes_raw(),
+                self._mask_key.public_key().public_bytes_raw(),
+                _commit(self._self_mask, self.setup.context, self.site_id))
+            if self.identity is not None:
+                keys = replace(keys, certificate=self.identity.certificate,
+                               signature=self.identity.sign(signed_keys(keys,
+                                                                        self.setup.context)))
+            self._advertised = keys
+        return self._advertised
+
+    def _check_signatures(self, roster: KeyRoster) -> None:
+        """Every advertisement signed by a distinct certified site (Bonawitz et al. §4)."""
+        assert self.identity is not None
+        signers: dict[str, int] = {}
+        for keys in roster.keys:
+            where = f"{self.name}: the keys of site {keys.site} in round {self.setup.round_number}"
+            if not keys.certificate or not keys.signature:
+                raise ProtocolError(f"{where} are not signed; this site masks only with sites "
+                                    "whose keys a federation certificate signed. Refusing to "
+                                    "share keys.")
+            signer = self.identity.verify(keys.certificate, keys.signature,
+                                          signed_keys(keys, self.setup.context), where=where)
+            if signer in signers:
+                raise ProtocolError(f"{self.name}: site {signer!r} signed the keys of both "
+                                    f"site {signers[signer]} and site {keys.site} in round "
+                                    f"{self.setup.round_number}: one site counted twice. "
+                                    "Refusing to share keys.")
+            signers[signer] = keys.site
 
     def _share_key(self, v: int) -> bytes:
         if v not in self._share_keys:  # used to encrypt to v, then to decrypt from v
@@ -1038,11 +1088,15 @@ class SecAggScheme:
         draws afresh each round (`RoundSetup.neighbourhood`); an even number,
         at least ``2 log2 n`` and below ``n`` for a cohort of ``n`` sites
         (checked each round). Sites refuse a setup with another ``k``.
+    identity : SiteIdentity, optional
+        A site's certified identity (a deployment with `fedcare certs`): it signs its
+        keys and checks every other site's signature (`SecAggSite`).
     """
 
     name = "secagg"
 
-    def __init__(self, threshold: float = 0.5, frac_bits: int = 32, neighbours: int = 0) -> None:
+    def __init__(self, threshold: float = 0.5, frac_bits: int = 32, neighbours: int = 0,
+                 identity: SiteIdentity | None = None) -> None:
         if not 0 < threshold <= 1:
             raise ConfigError(f"protection.threshold must be in (0, 1]; got {threshold}.")
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0 \
@@ -1053,6 +1107,7 @@ class SecAggScheme:
         self.threshold = threshold
         self.frac_bits = frac_bits
         self.neighbours = neighbours
+        self.identity = identity
 
     def round_threshold(self, n_sites: int) -> int:
         return max(n_sites // 2 + 1, math.ceil(round(self.threshold * n_sites, 9)))
@@ -1082,7 +1137,8 @@ class SecAggScheme:
                               "masks with every other) or change protection.neighbours.")
 
     def site_session(self, round_number: int, site: int) -> SecAggSiteSession:
-        return SecAggSiteSession(round_number, site + 1, neighbours=self.neighbours)
+        return SecAggSiteSession(round_number, site + 1, neighbours=self.neighbours,
+                                 identity=self.identity)
 
     def aggregator_session(self, round_number: int, cohort: Sequence[int],
                            length: int) -> SecAggAggregatorSession:
@@ -1106,10 +1162,12 @@ class SecAggScheme:
 class SecAggSiteSession:
     """A site's side of one secagg round (`neighbours`: the site's own configuration)."""
 
-    def __init__(self, round_number: int, site_id: int, *, neighbours: int = 0) -> None:
+    def __init__(self, round_number: int, site_id: int, *, neighbours: int = 0,
+                 identity: SiteIdentity | None = None) -> None:
         self.round_number = round_number
         self.site_id = site_id
         self.neighbours = neighbours
+        self.identity = identity
         self._site: SecAggSite | None = None
         self._shares: SharesForSite | None = None
 
@@ -1125,7 +1183,7 @@ class SecAggSiteSession:
                                     f"{message.round_number} asks for {message.neighbours} "
                                     f"neighbours per site; this site is configured with "
                                     f"protection.neighbours = {self.neighbours}. Refusing.")
-            self._site = SecAggSite(self.site_id, message)
+            self._site = SecAggSite(self.site_id, message, identity=self.identity)
             return self._site.advertise_keys()
         if isinstance(message, SharesForSite):
             self._shares = message

@@ -340,11 +340,19 @@ def superlink_command(*, host: str, port: int, certs: Path | None,
 
 
 def node_config_text(site: str, *, data_file: str = "", epsilon_cap: float | None = None,
-                     keys: str = "", policy: str = "") -> str:
-    """The SuperNode's ``--node-config`` (`fedcare.runtime.flower_site.NodeSettings`)."""
+                     keys: str = "", policy: str = "",
+                     identity: tuple[Path, Path, Path] | None = None) -> str:
+    """The SuperNode's ``--node-config`` (`fedcare.runtime.flower_site.NodeSettings`).
+
+    `identity`: (``ca.crt``, ``NAME.crt``, ``NAME.key``), with which the site signs its
+    secagg keys and checks the other sites'.
+    """
     parts = [f"site={json.dumps(site)}"]
     if policy:
         parts.append(f"policy={json.dumps(str(Path(policy).resolve()))}")
+    if identity is not None:
+        for key, path in zip(("ca", "certificate", "identity-key"), identity, strict=True):
+            parts.append(f"{key}={json.dumps(str(Path(path).resolve()))}")
     if data_file:
         parts.append(f"data-file={json.dumps(str(Path(data_file).resolve()))}")
     if epsilon_cap is not None:

@@ -55,6 +55,7 @@ from fedcare.privacy.site_ledger import Release, SiteLedger, training_release
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import build_scheme
 from fedcare.protection.base import AggregatorSession, Scheme, SiteSession
+from fedcare.protection.identity import SiteIdentity
 from fedcare.runtime.flower_wire import from_record, to_record
 
 RUN_CONFIG_KEY = "fedcare-config"
@@ -99,6 +100,11 @@ class NodeSettings:
         names the site ledger; ``fedcare site`` writes it. Empty: in Flower's
         simulation engine `SIMULATION_POLICY`; in a deployment the default
         `SitePolicy` with no ledger, which refuses every private job.
+    ca, certificate, identity_key : str
+        ``ca.crt``, ``NAME.crt`` and ``NAME.key`` (``ca=... certificate=...
+        identity-key=...``): the site's certified identity, with which it signs
+        its secagg keys and checks every other site's (`SiteIdentity`). Empty:
+        no identity (simulation, insecure loopback tests).
     """
 
     site: str = ""
@@ -107,6 +113,9 @@ class NodeSettings:
     keys: str = ""
     partition: int = -1
     policy: str = ""
+    ca: str = ""
+    certificate: str = ""
+    identity_key: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
@@ -125,11 +134,26 @@ class NodeSettings:
             raise ConfigError(f"node config 'partition-id' must be an integer; found "
                               f"{partition!r}.")
         settings = cls(text("site"), text("data-file"), float(cap), text("keys"), partition,
-                       text("policy"))
+                       text("policy"), text("ca"), text("certificate"), text("identity-key"))
+        given = [bool(settings.ca), bool(settings.certificate), bool(settings.identity_key)]
+        if any(given) and not all(given):
+            raise ConfigError("node config 'ca', 'certificate' and 'identity-key' go together "
+                              "(the site's certified identity); one is missing.")
         if not settings.site and settings.partition < 0:
             raise ConfigError("this SuperNode's node config names no site: start it with "
                               "--node-config 'site=\"NAME\" ...' (fedcare site does this).")
         return settings
+
+    def identity(self) -> SiteIdentity | None:
+        """The site's certified identity (None without one), checked to name this site."""
+        if not self.certificate:
+            return None
+        identity = SiteIdentity.load(ca=self.ca, certificate=self.certificate,
+                                     key=self.identity_key)
+        if identity.name != self.site:
+            raise ConfigError(f"certificate {self.certificate} names site {identity.name!r}; "
+                              f"this node is site {self.site!r}.")
+        return identity
 
     def site_policy(self) -> SitePolicy:
         """The hospital's policy, with the node's ``epsilon-cap`` folded into its job cap."""
@@ -272,7 +296,7 @@ class SiteNode:
             self.noise_for = noise_factory(local)
         self.epsilon_cap = min(local.privacy.epsilon,
                                local.privacy.site_epsilon.get(self.name, math.inf))
-        self.protection = build_scheme(local.protection)
+        self.protection = build_scheme(local.protection, identity=settings.identity())
 
     def _record_level(self, config: RunConfig, data: FederatedData) -> RecordPrivacy:
         """This site's DP-SGD, calibrated here to its own cap (`SitePolicy.admit` lowered it).
