@@ -70,6 +70,9 @@ class RecordingScheme:
                 outer.plaintexts.append(payload.clone())
                 return session.protect(payload)
 
+            def require_contributors(self, needed: int, *, cohort: int) -> None:
+                session.require_contributors(needed, cohort=cohort)
+
         return Recording()
 
     def aggregator_session(self, round_number: int, cohort: Sequence[int], length: int) -> Any:
@@ -399,3 +402,37 @@ def test_the_summary_sentence_states_what_each_scheme_lets_the_coordinator_see()
     assert "neighbourhoods of 10 hospitals" in plus  # t = max(10 // 2 + 1, ceil(0.5 * 11)) = 6
     assert "unless 6 of one hospital's neighbours colluded" in plus and "lies" in plus
     assert "one colluding hospital" in who_sees_what(ProtectionConfig("ckks"))
+
+
+def test_a_site_holds_the_cohort_its_noise_share_assumes() -> None:
+    """Distributed DP noise: each site adds 1/needed of it; the scheme reveals no smaller sum."""
+    from fedcare.protection.secagg import RoundSetup, SecAggScheme, UnmaskRequest
+
+    scheme = SecAggScheme()
+    session = scheme.site_session(1, 0)
+    session.handle(RoundSetup(1, (1, 2, 3), 2, 4))
+    with pytest.raises(ProtocolError, match="told that 10 sites were selected in round 1, but "
+                                            "the round is set up for 3"):
+        session.require_contributors(10, cohort=10)
+    session.require_contributors(3, cohort=3)
+    site = session._require()
+    assert site.min_survivors == 3
+    site._phase = site._phase.UNMASK  # as after masking, with U2 = every site
+    site._u2 = frozenset({1, 2, 3})
+    with pytest.raises(QuorumError, match="carries enough of the distributed DP noise only "
+                                          "with 3"):
+        site.unmask(UnmaskRequest((1, 2)))
+    ckks = CkksScheme.from_keys()
+    decrypting = ckks.site_session(1, 0)
+    aggregator = ckks.aggregator_session(1, [0, 1, 2], 5)
+    check = KeyCheck(1, aggregator.context.fingerprint)
+    decrypting.handle(check)
+    decrypting.require_contributors(3, cohort=3)
+    payload = decrypting.protect(torch.ones(5, dtype=torch.float64))
+    other = ckks.site_session(1, 1)
+    other.handle(check)
+    aggregator.add(0, payload)
+    aggregator.add(1, other.protect(torch.ones(5, dtype=torch.float64)))
+    assert aggregator.total is not None
+    with pytest.raises(ProtocolError, match="at least 3 distinct sites"):
+        decrypting.handle(DecryptRequest(1, aggregator.total, (0, 1)))

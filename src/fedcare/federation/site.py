@@ -140,8 +140,14 @@ class Site:
                                 "diverged (non-finite parameters); nothing was sent. Lower "
                                 "federation.lr or check this site's data.")
         n = self.data.n_train
+        session = self.session(instructions.round)
         if self.site_privacy is not None:
             assert noise is not None
+            if self.site_privacy.noise == "distributed":
+                # The noise share assumes the announced cohort: the scheme checks what it can
+                # of it and reveals nothing that carries less than the whole noise.
+                session.require_contributors(self.site_privacy.needed(instructions.cohort),
+                                             cohort=instructions.cohort)
             payload = self.site_privacy.privatize(
                 delta, clip_norm=instructions.clip_norm or self.site_privacy.clip_norm,
                 cohort=instructions.cohort, noise=noise)
@@ -152,4 +158,4 @@ class Site:
             # The exact training loss is not covered by the DP guarantee (with one
             # batch it reveals a patient's label): a private site does not send it.
             loss = math.nan
-        return FitResult(self.name, self.session(instructions.round).protect(payload), n, loss)
+        return FitResult(self.name, session.protect(payload), n, loss)

@@ -43,6 +43,17 @@ class SiteSession(Protocol):
         """The protected form of this site's payload, the only thing it sends of its update."""
         ...
 
+    def require_contributors(self, needed: int, *, cohort: int) -> None:
+        """Help reveal only a sum of at least `needed` payloads, of a round of `cohort` sites.
+
+        Distributed DP noise (`fedcare.privacy.site_level`): each of the `cohort`
+        selected sites adds ``1 / needed`` of the noise's variance, so a sum of fewer
+        payloads carries too little. The session refuses (`ProtocolError`) a round
+        whose cohort is not `cohort` as far as it can check, and its part in revealing a
+        smaller sum. A scheme that reveals each payload on its own has nothing to check.
+        """
+        ...
+
 
 class AggregatorSession(Protocol):
     """The aggregator's side of one round: it combines payloads it cannot read."""

@@ -1043,6 +1043,7 @@ class CkksSiteSession:
         self._checked = False
         self._sent: tuple[bytes, ...] | None = None
         self._decrypted = False
+        self._needed = MIN_DECRYPT_CONTRIBUTORS
 
     def handle(self, message: object) -> object:
         if isinstance(message, KeyCheck | DecryptRequest) \
@@ -1061,6 +1062,11 @@ class CkksSiteSession:
             return torch.from_numpy(self._decrypt(message))
         raise ProtocolError(f"ckks site {self.site}: unexpected message "
                             f"{type(message).__name__}.")
+
+    def require_contributors(self, needed: int, *, cohort: int) -> None:
+        """Decrypt only a sum the aggregator says holds `needed` sites (it has no roster of
+        the cohort to check against)."""
+        self._needed = max(MIN_DECRYPT_CONTRIBUTORS, needed)
 
     def protect(self, payload: torch.Tensor) -> CkksPayload:
         if not self._checked:
@@ -1096,11 +1102,11 @@ class CkksSiteSession:
         me = int(self.site) - 1
         if not (isinstance(contributors, tuple) and all(_is_int(c) for c in contributors)
                 and len(set(contributors)) == len(contributors)
-                and len(contributors) >= MIN_DECRYPT_CONTRIBUTORS and me in contributors):
+                and len(contributors) >= self._needed and me in contributors):
             raise ProtocolError(
                 f"ckks site {self.site}: asked to decrypt a sum of sites {contributors!r}; it "
-                f"decrypts only a sum of at least {MIN_DECRYPT_CONTRIBUTORS} distinct sites' "
-                "payloads that includes its own. Refused.")
+                f"decrypts only a sum of at least {self._needed} distinct sites' payloads that "
+                "includes its own (2, or the sites distributed DP noise needs). Refused.")
         if not isinstance(aggregate, CkksPayload):
             raise ProtocolError(f"ckks site {self.site}: asked to decrypt a "
                                 f"{type(aggregate).__name__}; expected a CkksPayload.")

@@ -33,6 +33,9 @@ class PlainSite:
         raise ProtocolError(f"plain protection exchanges no messages; received "
                             f"{type(message).__name__}.")
 
+    def require_contributors(self, needed: int, *, cohort: int) -> None:
+        """Nothing to check: the aggregator reads each payload with its own share of noise."""
+
     def protect(self, payload: torch.Tensor) -> torch.Tensor:
         return payload
 

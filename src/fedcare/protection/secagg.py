@@ -597,6 +597,8 @@ class SecAggSite:
         self.setup = setup
         self.name = name or f"site {site_id}"
         self.identity = identity
+        self.min_survivors = 0
+        """Fewest masked inputs this site helps unmask (distributed DP noise: `needed`)."""
         self._advertised: KeyAdvertisement | None = None
         self._phase = Phase.ADVERTISE_KEYS
         self._encryption_key = X25519PrivateKey.generate()
@@ -756,6 +758,11 @@ class SecAggSite:
             raise QuorumError(f"{self.name}: {len(survivors)} sites sent masked inputs in round "
                               f"{setup.round_number}; the threshold is {setup.threshold}. "
                               "Nothing is revealed.")
+        if len(survivors) < self.min_survivors:
+            raise QuorumError(f"{self.name}: {len(survivors)} sites sent masked inputs in round "
+                              f"{setup.round_number}, but their sum carries enough of the "
+                              f"distributed DP noise only with {self.min_survivors}. Nothing "
+                              "is revealed.")
         alive = survivors & self._u2  # the sites whose shares it holds: all of U2, or neighbours
         dropped = self._u2 - survivors
         if setup.neighbours:
@@ -1195,6 +1202,16 @@ class SecAggSiteSession:
             return site.unmask(message)
         raise ProtocolError(f"secagg site {self.site_id}: unexpected message "
                             f"{type(message).__name__}.")
+
+    def require_contributors(self, needed: int, *, cohort: int) -> None:
+        """The round must be set up for `cohort` sites and unmask at least `needed` inputs."""
+        site = self._require()
+        if len(site.setup.site_ids) != cohort:
+            raise ProtocolError(f"secagg site {self.site_id}: told that {cohort} sites were "
+                                f"selected in round {self.round_number}, but the round is set "
+                                f"up for {len(site.setup.site_ids)}; its noise share would be "
+                                "wrong. Refusing.")
+        site.min_survivors = needed
 
     def protect(self, payload: torch.Tensor) -> MaskedInput:
         if self._shares is None:
