@@ -107,3 +107,71 @@ def test_a_corrupt_ledger_refuses_to_resume(tmp_path: Path) -> None:
         f.write('{"type": "spend", "round": 2}\n')
     with pytest.raises(DataError, match="line 2"):
         ledger().resume_from(path, checkpoint_round=2)
+
+
+def test_discarded_spends_are_kept_and_counted_as_seen(tmp_path: Path) -> None:
+    # Issue 14.3.3: a discarded round never reached the model, but the aggregator saw it.
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path)
+    for r in (1, 2, 3):
+        book.record([entry(r)])
+    resumed = ledger()
+    resumed.resume_from(path, checkpoint_round=2)
+    resumed.record([entry(3)])  # round 3 run again
+    three = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=3 * STEPS)],
+                    delta=1e-5)
+    four = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=4 * STEPS)],
+                   delta=1e-5)
+    assert resumed.spent("cleveland") == pytest.approx(three)  # the released model
+    assert resumed.seen("cleveland") == pytest.approx(four)  # what the aggregator saw
+    assert [e.round for e in resumed.discarded("cleveland")] == [3]
+    assert resumed.discarded_rounds() == [3]
+    # reloading the file gives the same: the discard line marks the same entries
+    again = ledger()
+    again.resume_from(path, checkpoint_round=3)
+    assert again.seen("cleveland") == pytest.approx(four)
+    assert again.spent("cleveland") == pytest.approx(three)
+
+
+def test_a_crash_loop_cannot_show_the_aggregator_more_than_the_cap(tmp_path: Path) -> None:
+    # Room for three rounds. Before, each crash forgot its round, so a run that crashed
+    # after every round's spend could show the aggregator any number of rounds.
+    three = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=3 * STEPS)],
+                    delta=1e-5)
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path, cap=three)
+    book.check([entry(1)])
+    book.record([entry(1)])  # crash before checkpoint 1
+    attempts = 1
+    for _ in range(5):
+        resumed = ledger(cap=three)
+        resumed.resume_from(path, checkpoint_round=0)
+        try:
+            resumed.check([entry(1)])
+        except BudgetExceeded as exc:
+            assert "discarded on resume" in str(exc)
+            break
+        resumed.record([entry(1)])  # and crash again
+        attempts += 1
+    assert attempts == 3
+    final = ledger(cap=three)
+    final.resume_from(path, checkpoint_round=0)
+    assert final.seen("cleveland") == pytest.approx(three)
+    assert final.spent("cleveland") == 0.0
+
+
+def test_a_ledger_file_of_the_old_format_loads(tmp_path: Path) -> None:
+    # Written before discarded spends were kept: spend and discard lines as they were.
+    path = tmp_path / "ledger.jsonl"
+    old = [{"type": "spend", "round": r, "party": "cleveland",
+            "protects": "each patient at cleveland", "noise_multiplier": SIGMA,
+            "sample_rate": Q, "steps": STEPS, "mechanism": "subsampled-gaussian"}
+           for r in (1, 2)]
+    old.append({"type": "discard", "after_round": 1, "entries": 1,
+                "reason": "resumed from the checkpoint of round 1"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in old))
+    book = ledger()
+    book.resume_from(path, checkpoint_round=1)
+    assert [e.round for e in book.entries("cleveland")] == [1]
+    assert [e.round for e in book.discarded("cleveland")] == [2]
+    assert book.seen("cleveland") > book.spent("cleveland")

@@ -13,10 +13,16 @@ checked before noise is drawn, never after.
 
 Resume. A round's entries are written when its noised result exists; the
 checkpoint of the round is written after. If the process dies in between,
-that result was never released (nothing outside the process saw it), so on
-resume `PrivacyLedger.resume_from` appends a ``discard`` line for the rounds after
-the checkpoint and the round is run again: no step is counted twice, and
-every released step is counted once.
+that result was never released as a model, so on resume
+`PrivacyLedger.resume_from` appends a ``discard`` line for the rounds after
+the checkpoint and the round is run again: the released model's epsilon
+(`PrivacyLedger.spent`) counts every released step once and no step twice.
+The aggregator did see those rounds (record level: each site's DP-SGD
+update; client-level distributed noise: each noised update under plain
+protection, the noised sum under secagg or ckks), so discarded entries are
+kept, marked (`PrivacyLedger.discarded`), and counted in what the aggregator
+saw (`PrivacyLedger.seen`) and in every cap check: a crash loop cannot show
+the aggregator more than a party's cap allows.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ class PrivacyLedger:
         self.accountant = accountant
         self.caps = dict(caps)
         self._entries: dict[str, list[LedgerEntry]] = defaultdict(list)
+        # Spends of rounds whose result was never released (discarded on resume): not in
+        # the released model's epsilon, but seen by the aggregator.
+        self._discarded: dict[str, list[LedgerEntry]] = defaultdict(list)
         # (cap, sigma, q) -> most steps of that one mechanism already shown to fit the
         # cap: epsilon grows with steps, so fewer steps fit too, with no accountant call.
         # Keyed by the mechanism, not the party: sites of equal size share one proof.
@@ -97,21 +106,35 @@ class PrivacyLedger:
     def entries(self, party: str) -> list[LedgerEntry]:
         return list(self._entries.get(party, []))
 
+    def discarded(self, party: str) -> list[LedgerEntry]:
+        """The party's entries of rounds discarded on resume (their results never released)."""
+        return list(self._discarded.get(party, []))
+
+    def discarded_rounds(self) -> list[int]:
+        """Rounds with at least one discarded entry (each attempt that was run again)."""
+        return sorted({e.round for entries in self._discarded.values() for e in entries})
+
     def parties(self) -> list[str]:
-        return sorted(set(self._entries) | set(self.caps))
+        return sorted(set(self._entries) | set(self._discarded) | set(self.caps))
 
     def spent(self, party: str, extra: Sequence[LedgerEntry] = ()) -> float:
-        """The party's epsilon at `delta` over its entries (and `extra`, if given)."""
+        """The party's epsilon at `delta` over its released entries (and `extra`, if given)."""
         events = [e.event for e in self._entries.get(party, [])]
         events += [e.event for e in extra]
         return epsilon(events, delta=self.delta, accountant=self.accountant)
 
+    def seen(self, party: str, extra: Sequence[LedgerEntry] = ()) -> float:
+        """The party's epsilon over everything the aggregator saw: released and discarded."""
+        return self.spent(party, self._discarded.get(party, []) + list(extra))
+
     def fits(self, party: str, extra: Sequence[LedgerEntry]) -> bool:
-        """Whether the party's spend plus `extra` stays within its cap (True if uncapped)."""
+        """Whether what the party has spent, discarded rounds included, plus `extra` stays
+        within its cap (True if uncapped)."""
         cap = self.caps.get(party)
         if cap is None:
             return True
-        history = self._entries.get(party, []) + list(extra)
+        history = (self._entries.get(party, []) + self._discarded.get(party, [])
+                   + list(extra))
         mechanisms = {(e.noise_multiplier, e.sample_rate) for e in history}
         key = None
         if len(mechanisms) == 1:
@@ -119,7 +142,7 @@ class PrivacyLedger:
             key, steps = (cap, sigma, q), sum(e.steps for e in history)
             if steps <= self._fits.get(key, -1):
                 return True
-        if self.spent(party, extra) > cap * (1 + 1e-9):
+        if self.seen(party, extra) > cap * (1 + 1e-9):
             return False
         if key is not None:
             self._fits[key] = steps
@@ -133,20 +156,24 @@ class PrivacyLedger:
         for party, extra in sorted(by_party.items()):
             if not self.fits(party, extra):
                 cap = self.caps[party]
-                before = self.spent(party)
-                after = self.spent(party, extra)
+                before = self.seen(party)
+                after = self.seen(party, extra)
                 rounds = sorted({e.round for e in extra})
+                redone = self.discarded_rounds()
+                also = (f" (counting round(s) {redone}, discarded on resume: their results "
+                        "were never released, but the aggregator saw them)"
+                        if self._discarded.get(party) else "")
                 raise BudgetExceeded(
                     f"Privacy budget of {party!r} would be overspent in round "
-                    f"{', '.join(map(str, rounds))}: spent epsilon {before:.4g}, this round "
-                    f"would bring it to {after:.4g} (requested {after - before:.4g}), cap "
-                    f"{cap:.4g} at delta {self.delta:g}. The round was not run; the model of "
-                    f"the previous round is kept.")
+                    f"{', '.join(map(str, rounds))}: spent epsilon {before:.4g}{also}, this "
+                    f"round would bring it to {after:.4g} (requested {after - before:.4g}), "
+                    f"cap {cap:.4g} at delta {self.delta:g}. The round was not run; the model "
+                    f"of the previous round is kept.")
 
     # ------------------------------------------------------------ recording
     def persist_to(self, path: Path) -> None:
         """From now on, append every entry to `path` (a ledger built before its run directory)."""
-        if any(self._entries.values()):
+        if any(self._entries.values()) or any(self._discarded.values()):
             raise ValueError("persist_to must be called before anything is recorded")
         self.path = path
 
@@ -157,7 +184,11 @@ class PrivacyLedger:
         self._append([{"type": "spend", **asdict(e)} for e in entries])
 
     def discard_after(self, round_number: int, reason: str) -> None:
-        """Forget entries of rounds after `round_number` (their results were never released)."""
+        """Mark entries of rounds after `round_number` discarded (results never released).
+
+        They leave the released model's epsilon (`spent`) and stay in what the
+        aggregator saw (`seen`) and in every cap check.
+        """
         dropped = self._drop_after(round_number)
         if dropped:
             self._append([{"type": "discard", "after_round": round_number, "entries": dropped,
@@ -168,6 +199,7 @@ class PrivacyLedger:
         for party, entries in self._entries.items():
             kept = [e for e in entries if e.round <= round_number]
             dropped += len(entries) - len(kept)
+            self._discarded[party] += [e for e in entries if e.round > round_number]
             self._entries[party] = kept
         return dropped
 
@@ -185,9 +217,12 @@ class PrivacyLedger:
         """Reload the spends in `path` for a run resumed after `checkpoint_round`.
 
         Spends of later rounds (written, but their result never checkpointed)
-        are discarded with a line saying so; the file is only ever appended to.
+        are discarded with a line saying so, and kept as what the aggregator saw
+        (`seen`); the file is only ever appended to. Files written before
+        discarded spends were kept load the same way: their ``discard`` lines
+        mark the same entries.
         """
-        if any(self._entries.values()):
+        if any(self._entries.values()) or any(self._discarded.values()):
             raise ValueError("resume_from must be called on an empty ledger")
         self.path = path
         if not path.exists():

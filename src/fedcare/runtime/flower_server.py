@@ -688,13 +688,16 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                 writer.log_round({"round": report.round, "participants": report.participants,
                                   "failures": report.failures, "train_loss": report.train_loss,
                                   "n_examples": report.n_examples,
-                                  "clip_norm": report.clip_norm, "seconds": seconds[-1]})
+                                  "clip_norm": report.clip_norm, "empty_round": report.empty,
+                                  "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
             summary["rounds_completed"] = report.round
-            log(f"round {report.round}: {len(report.participants)} of {len(report.selected)} "
-                f"sites, train loss {report.train_loss:.4f}"
+            log(f"round {report.round}: " + (
+                "released from noise alone (too few sites for a sum)" if report.empty else
+                f"{len(report.participants)} of {len(report.selected)} sites, train loss "
+                f"{report.train_loss:.4f}")
                 + (f", left out: {report.failures}" if report.failures else ""))
             if on_round is not None:
                 on_round(params, report)
