@@ -340,3 +340,85 @@ def test_client_level_sites_do_not_report_their_size(tmp_path: Path) -> None:
     rounds = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if '"n_examples"' in x]
     assert rounds and all(r["n_examples"] == 0 for r in rounds)
+
+
+def test_the_count_slot_of_adaptive_clipping_is_counted_against_the_aggregator(
+        tmp_path: Path) -> None:
+    # Issue 14.3.2. The aggregator reads the noised count sum as well as the update sum:
+    # together one Gaussian of multiplier sigma (Andrew et al. 2021, Thm 1). Before, only
+    # the update's larger multiplier sigma_u was counted: 7.44 reported where 7.99 holds.
+    c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
+               federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
+               privacy__noise="distributed", privacy__clip_norm=0.5,
+               privacy__target_quantile=0.5, privacy__count_noise=2.0,
+               protection__scheme="secagg")
+    privacy = run(c, tmp_path / "run").summary["privacy"]
+    sigma = privacy["noise_multiplier"]
+    sigma_update = (sigma ** -2 - (2 * 2.0) ** -2) ** -0.5
+    counted = epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=5)],
+                      delta=1e-5)
+    update_only = epsilon([GaussianEvent(noise_multiplier=sigma_update, sample_rate=1.0,
+                                         steps=5)], delta=1e-5)
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(counted, rel=1e-6)
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(privacy["epsilon"], rel=1e-6)
+    assert update_only < 0.95 * counted  # what was reported before
+
+
+def test_plain_payloads_are_counted_with_each_rounds_actual_cohort(tmp_path: Path) -> None:
+    # Issue 14.3.2. Under plain protection each payload carries sigma / sqrt(n - t) of the
+    # noise for the round's actual Poisson cohort n, not for round(q K).
+    c = config(data__dataset="breast-cancer", data__sites=12, data__partition="iid",
+               federation__rounds=6, federation__fraction=0.5, privacy__level="site",
+               privacy__epsilon=8.0, privacy__noise="distributed", privacy__dropout_tolerance=1)
+    result = run(c, tmp_path / "run")
+    audit = [json.loads(x) for x in (result.run_dir / "audit_log.jsonl").read_text()
+             .splitlines()]
+    cohorts = {e["round"]: len(e["selected"]) for e in audit if e.get("event") == "round"}
+    assert len(set(cohorts.values())) > 1  # the cohort really varies
+    sigma = result.summary["privacy"]["noise_multiplier"]
+    seen = {x["round"]: x["noise_multiplier"] for x in ledger_lines(result.run_dir)
+            if x["party"] == "aggregator"}
+    assert seen == {r: pytest.approx(sigma / (n - 1) ** 0.5) for r, n in cohorts.items()}
+    actual = epsilon([GaussianEvent(noise_multiplier=sigma / (n - 1) ** 0.5, sample_rate=1.0,
+                                    steps=1) for n in cohorts.values()], delta=1e-5)
+    planned = epsilon([GaussianEvent(noise_multiplier=sigma / (6 - 1) ** 0.5, sample_rate=1.0,
+                                     steps=6)], delta=1e-5)  # round(q K) = 6, as before
+    against = result.summary["privacy"]["epsilon_against_aggregator"]
+    assert against == pytest.approx(actual, rel=1e-6)
+    assert against != pytest.approx(planned, rel=1e-3)
+
+
+def test_central_noise_under_ckks_is_refused(tmp_path: Path) -> None:
+    # Issue 14.3.4. With 2 sites the decrypting one would read the other's exact update.
+    c = config(data__dataset="breast-cancer", data__sites=2, data__partition="iid",
+               privacy__level="site", privacy__noise="central", protection__scheme="ckks")
+    with pytest.raises(ConfigError, match="sees it before the aggregator adds the noise"):
+        run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    c.privacy.noise = "distributed"  # the way out the message names
+    assert run(c, tmp_path / "ok").summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("scheme", ["plain", "secagg"])
+def test_an_empty_cohort_is_released_from_noise_alone_and_the_run_completes(
+        tmp_path: Path, scheme: str) -> None:
+    # Issue 14.3.5. At q = 0.1 with 4 sites two thirds of the rounds draw nobody (and under
+    # secagg a cohort of one cannot be summed). Before, the first such round stopped the
+    # run, so whether it completed depended on who was in the federation.
+    rounds = 8
+    c = config(federation__rounds=rounds, federation__fraction=0.1, privacy__level="site",
+               privacy__noise_multiplier=1.0, privacy__epsilon=50.0, privacy__clip_norm=0.5,
+               privacy__noise="distributed", protection__scheme=scheme)
+    result = run(c, tmp_path / "run")
+    assert result.summary["status"] == "completed"
+    assert result.summary["rounds_completed"] == rounds
+    rows = metrics(result.run_dir)
+    empty = [r for r in rows if r["empty_round"]]
+    assert len(rows) == rounds and len(empty) >= rounds // 2
+    assert all(r["participants"] == [] and r["n_examples"] == 0 for r in empty)
+    lines = ledger_lines(result.run_dir)
+    assert [x["round"] for x in lines if x["party"] == "federation"] == list(range(1, rounds + 1))
+    # nothing of any site was seen in an empty round
+    seen = {x["round"] for x in lines if x["party"] == "aggregator"}
+    assert seen == {r["round"] for r in rows if not r["empty_round"]}
+    assert 0 < result.summary["privacy"]["epsilon"] <= 50.0
