@@ -175,3 +175,28 @@ def test_a_ledger_file_of_the_old_format_loads(tmp_path: Path) -> None:
     assert [e.round for e in book.entries("cleveland")] == [1]
     assert [e.round for e in book.discarded("cleveland")] == [2]
     assert book.seen("cleveland") > book.spent("cleveland")
+
+
+def test_unsampled_steps_are_checked_by_their_precision_without_the_accountant(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the aggregator sees (q = 1, varying sigma) composes to one Gaussian of precision
+    # sum(1 / sigma^2): once a precision fits, any smaller one does, with no accountant call.
+    sigmas = [1.0, 2.0, 1.5, 3.0]
+    cap = epsilon([GaussianEvent(noise_multiplier=s, sample_rate=1.0, steps=1)
+                   for s in sigmas], delta=1e-5)
+    book = PrivacyLedger(None, delta=1e-5, accountant="pld", caps={"aggregator": cap})
+
+    def seen(r: int, sigma: float) -> LedgerEntry:
+        return LedgerEntry(r, "aggregator", "each site", sigma, 1.0, 1)
+
+    assert book.fits("aggregator", [seen(r, s) for r, s in enumerate(sigmas, start=1)])
+    calls = []
+    original = PrivacyLedger.seen
+    monkeypatch.setattr(PrivacyLedger, "seen",
+                        lambda self, *a: calls.append(a) or original(self, *a))
+    for r, s in enumerate(sorted(sigmas, reverse=True), start=1):
+        book.check([seen(r, s)])
+        book.record([seen(r, s)])
+    assert calls == []
+    with pytest.raises(BudgetExceeded, match="'aggregator'"):
+        book.check([seen(5, 10.0)])

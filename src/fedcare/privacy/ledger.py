@@ -101,6 +101,9 @@ class PrivacyLedger:
         # cap: epsilon grows with steps, so fewer steps fit too, with no accountant call.
         # Keyed by the mechanism, not the party: sites of equal size share one proof.
         self._fits: dict[tuple[float, float, float], int] = {}
+        # cap -> largest precision sum(steps / sigma^2) of unsampled (q = 1) steps shown to
+        # fit: they compose to one Gaussian of that precision, whose epsilon grows with it.
+        self._fits_unsampled: dict[float, float] = {}
 
     # ------------------------------------------------------------ queries
     def entries(self, party: str) -> list[LedgerEntry]:
@@ -135,6 +138,14 @@ class PrivacyLedger:
             return True
         history = (self._entries.get(party, []) + self._discarded.get(party, [])
                    + list(extra))
+        if history and all(e.sample_rate == 1 for e in history):
+            precision = sum(e.steps / e.noise_multiplier ** 2 for e in history)
+            if precision <= self._fits_unsampled.get(cap, -1.0):
+                return True
+            if self.seen(party, extra) > cap * (1 + 1e-9):
+                return False
+            self._fits_unsampled[cap] = precision
+            return True
         mechanisms = {(e.noise_multiplier, e.sample_rate) for e in history}
         key = None
         if len(mechanisms) == 1:

@@ -295,14 +295,6 @@ def _validated_plan(config: RunConfig, names: list[str]) -> PrivacyPlan | None:
     plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(names), p.noise,
                             p.dropout_tolerance, p.target_quantile, p.clip_lr, p.count_noise)
     plan.caps[FEDERATION] = p.epsilon
-    worst_view = plan.site.aggregator_view(len(names), protection=plan.protection)
-    if worst_view is not None:
-        # The aggregator's epsilon is capped at the most an uninterrupted run can reach
-        # (every site in every round, every round's cohort all K sites): an honest run
-        # never meets the cap, and rounds a crash made it see twice count against it.
-        plan.caps[AGGREGATOR] = epsilon(
-            [GaussianEvent(noise_multiplier=worst_view, sample_rate=1.0, steps=f.rounds)],
-            delta=p.delta, accountant=p.accountant)
     return plan
 
 
@@ -328,6 +320,25 @@ def record_entry(round_number: int, site: str, privacy: RecordPrivacy,
 def site_entry(round_number: int, privacy: SitePrivacy) -> LedgerEntry:
     return LedgerEntry(round_number, FEDERATION, "each site's whole dataset",
                        privacy.noise_multiplier, privacy.sample_rate, 1)
+
+
+def aggregator_cap(plan: PrivacyPlan) -> float | None:
+    """The cap on the `AGGREGATOR` party: the most an uninterrupted run can show it.
+
+    Every site in every one of the planned rounds, each round's cohort all K
+    sites (plain: the least noise per payload). An honest run never meets it;
+    rounds a crash made the aggregator see twice count against it, so a
+    crash loop stops there. None without client-level distributed noise. An
+    accountant call: made where the aggregator's ledger is built, not in every
+    site's process that builds the plan.
+    """
+    if plan.site is None:
+        return None
+    worst = plan.site.aggregator_view(plan.site.n_sites, protection=plan.protection)
+    if worst is None:
+        return None
+    return epsilon([GaussianEvent(noise_multiplier=worst, sample_rate=1.0, steps=plan.rounds)],
+                   delta=plan.delta, accountant=plan.accountant)
 
 
 def aggregator_entry(round_number: int, privacy: SitePrivacy, *, cohort: int,
