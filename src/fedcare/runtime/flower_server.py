@@ -13,7 +13,9 @@ the round by the aggregator, as in the local runtime; the round completes if
 ``federation.min_sites`` still hold (secagg rebuilds a dropped site's masks
 from the others' shares). A round below the quorum is retried, after the
 nodes are looked up again, up to ``round_retries`` times; then the run stops
-with the `QuorumError`, the last checkpoint intact.
+with the `QuorumError`, the last checkpoint intact. Under client-level DP the
+`Aggregator` releases such a round from noise alone instead (whether a run
+stops must not depend on which sites take part), so there is nothing to retry.
 
 Privacy. Record level: each site calibrates its DP-SGD under its own cap and
 says so in its `SiteHello`; the ledger charges each site. Site level
@@ -27,8 +29,10 @@ Resume. After every round the run directory gets, atomically, the checkpoint
 (model, strategy state, clip norm, round number), and the privacy ledger and
 audit log are appended and flushed. A ServerApp started on a run directory
 with a checkpoint continues after its round: the ledger discards the spends
-of a round that never finished (`PrivacyLedger.resume_from`), so no budget is
-counted twice, and the rounds after it run as in an uninterrupted run.
+of a round that never finished (`PrivacyLedger.resume_from`), so the released
+model's budget counts no round twice, and the rounds after it run as in an
+uninterrupted run. The aggregator did see the discarded attempt, so its
+spends are kept and counted against the aggregator and in every cap check.
 """
 
 from __future__ import annotations
