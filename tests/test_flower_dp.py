@@ -223,8 +223,12 @@ def test_a_resumed_client_level_run_counts_no_round_twice_and_reaches_the_same_m
     from fedcare.runtime.flower import run_simulation
 
     # Adaptive clipping: the clip norm the next round uses must come back from the checkpoint.
-    config = client_level_config("distributed", "plain", rounds=4, privacy__target_quantile=0.5,
-                                 privacy__count_noise=2.0, privacy__clip_norm=0.5)
+    # Fraction 0.5: the aggregator's cap (every site in all 4 rounds) leaves room for the
+    # round it sees twice; at 0.75 this seed's cohorts (3, 4, 4, 4 sites) fill it, and the
+    # resumed run refuses round 4 (test_privacy_runs: ..._against_the_aggregator).
+    config = client_level_config("distributed", "plain", rounds=4, fraction=0.5,
+                                 privacy__target_quantile=0.5, privacy__count_noise=2.0,
+                                 privacy__clip_norm=0.5)
     local, runtime, _ = local_run(config)
     run_dir = tmp_path / "run"
     save = rundir.RunWriter.save_checkpoint

@@ -200,3 +200,20 @@ def test_unsampled_steps_are_checked_by_their_precision_without_the_accountant(
     assert calls == []
     with pytest.raises(BudgetExceeded, match="'aggregator'"):
         book.check([seen(5, 10.0)])
+
+
+def test_a_released_only_party_keeps_its_discards_out_of_its_cap(tmp_path: Path) -> None:
+    # Client-level DP's 'federation' entry stands for the released model; what the aggregator
+    # saw of a discarded round is the 'aggregator' party's. Counting the discard against the
+    # model's cap too would stop every resumed run one round short for nothing.
+    path = tmp_path / "ledger.jsonl"
+    one = epsilon([GaussianEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=STEPS)],
+                  delta=1e-5)
+    first = PrivacyLedger(path, delta=1e-5, accountant="pld", caps={})
+    first.record([entry(1, party="federation")])
+    book = PrivacyLedger(None, delta=1e-5, accountant="pld", caps={"federation": one * 1.01},
+                         released_only=["federation"])
+    book.resume_from(path, checkpoint_round=0)
+    assert [e.round for e in book.discarded("federation")] == [1]
+    assert book.seen("federation") == book.spent("federation") == 0.0
+    book.check([entry(1, party="federation")])  # the redo fits the one-round cap

@@ -22,7 +22,10 @@ update; client-level distributed noise: each noised update under plain
 protection, the noised sum under secagg or ckks), so discarded entries are
 kept, marked (`PrivacyLedger.discarded`), and counted in what the aggregator
 saw (`PrivacyLedger.seen`) and in every cap check: a crash loop cannot show
-the aggregator more than a party's cap allows.
+the aggregator more than a party's cap allows. A party that stands for
+released results only (client-level DP's ``federation``, whose rounds the
+aggregator saw are recorded as the ``aggregator`` party) keeps its discarded
+entries out of both (``released_only``).
 """
 
 from __future__ import annotations
@@ -85,14 +88,22 @@ class PrivacyLedger:
         ``pld`` or ``rdp``.
     caps : dict
         Party name -> epsilon cap. A party without one is not capped.
+    released_only : iterable of str
+        Parties whose entries stand for released results only, what the
+        aggregator saw of those rounds being recorded under another party
+        (client-level DP: ``federation``, seen as ``aggregator``). Their
+        discarded entries are kept in the file but count neither in `seen`
+        nor against their cap. Every other party's entries are what the
+        aggregator saw (record level: each site's DP-SGD updates).
     """
 
     def __init__(self, path: Path | None, *, delta: float, accountant: str,
-                 caps: dict[str, float]) -> None:
+                 caps: dict[str, float], released_only: Iterable[str] = ()) -> None:
         self.path = path
         self.delta = delta
         self.accountant = accountant
         self.caps = dict(caps)
+        self.released_only = frozenset(released_only)
         self._entries: dict[str, list[LedgerEntry]] = defaultdict(list)
         # Spends of rounds whose result was never released (discarded on resume): not in
         # the released model's epsilon, but seen by the aggregator.
@@ -127,16 +138,22 @@ class PrivacyLedger:
         return epsilon(events, delta=self.delta, accountant=self.accountant)
 
     def seen(self, party: str, extra: Sequence[LedgerEntry] = ()) -> float:
-        """The party's epsilon over everything the aggregator saw: released and discarded."""
-        return self.spent(party, self._discarded.get(party, []) + list(extra))
+        """The party's epsilon over everything the aggregator saw: released and discarded
+        (released only for a `released_only` party)."""
+        return self.spent(party, self._seen_discarded(party) + list(extra))
+
+    def _seen_discarded(self, party: str) -> list[LedgerEntry]:
+        if party in self.released_only:
+            return []
+        return self._discarded.get(party, [])
 
     def fits(self, party: str, extra: Sequence[LedgerEntry]) -> bool:
-        """Whether what the party has spent, discarded rounds included, plus `extra` stays
-        within its cap (True if uncapped)."""
+        """Whether what the party has spent, discarded rounds included (unless it is
+        `released_only`), plus `extra` stays within its cap (True if uncapped)."""
         cap = self.caps.get(party)
         if cap is None:
             return True
-        history = (self._entries.get(party, []) + self._discarded.get(party, [])
+        history = (self._entries.get(party, []) + self._seen_discarded(party)
                    + list(extra))
         if history and all(e.sample_rate == 1 for e in history):
             precision = sum(e.steps / e.noise_multiplier ** 2 for e in history)
@@ -173,7 +190,7 @@ class PrivacyLedger:
                 redone = self.discarded_rounds()
                 also = (f" (counting round(s) {redone}, discarded on resume: their results "
                         "were never released, but the aggregator saw them)"
-                        if self._discarded.get(party) else "")
+                        if self._seen_discarded(party) else "")
                 raise BudgetExceeded(
                     f"Privacy budget of {party!r} would be overspent in round "
                     f"{', '.join(map(str, rounds))}: spent epsilon {before:.4g}{also}, this "
@@ -198,7 +215,7 @@ class PrivacyLedger:
         """Mark entries of rounds after `round_number` discarded (results never released).
 
         They leave the released model's epsilon (`spent`) and stay in what the
-        aggregator saw (`seen`) and in every cap check.
+        aggregator saw (`seen`) and in every cap check (not for a `released_only` party).
         """
         dropped = self._drop_after(round_number)
         if dropped:

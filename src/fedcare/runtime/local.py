@@ -75,7 +75,7 @@ def build_aggregator(config: RunConfig, spec: ParamSpec, sites: Sequence[SiteCli
         if cap is not None:
             caps[AGGREGATOR] = cap
         ledger = PrivacyLedger(None, delta=privacy.delta, accountant=privacy.accountant,
-                               caps=caps)
+                               caps=caps, released_only=[FEDERATION])
         # Calibration made the whole plan fit; showing it once per party here lets
         # every per-round check hit the ledger's cache instead of the accountant.
         plan = training_plan(config)
