@@ -243,7 +243,7 @@ def test_a_resumed_client_level_run_counts_no_round_twice_and_reaches_the_same_m
         run_simulation(config, n_sites=4, run_dir=run_dir)
     monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", save)
     spends = [json.loads(line) for line in (run_dir / LEDGER_FILE).read_text().splitlines()]
-    assert [s["round"] for s in spends if s["party"] == FEDERATION] == [1, 2, 3]
+    assert [s["round"] for s in spends if s.get("party") == FEDERATION] == [1, 2, 3]
 
     resumed = run_simulation(config, n_sites=4, run_dir=run_dir)
     assert [r.round for r in resumed.reports] == [3, 4]

@@ -97,7 +97,8 @@ def test_resume_discards_unreleased_rounds_and_keeps_released_ones(tmp_path: Pat
     assert [e.round for e in again.entries("cleveland")] == [1, 2, 3]
     assert again.spent("cleveland") == pytest.approx(book.spent("cleveland"))
     kinds = [json.loads(x)["type"] for x in path.read_text().splitlines()]
-    assert kinds == ["spend"] * 6 + ["discard"] + ["spend"] * 2
+    # written without `persist_to`, the file had no format line: resume adds one
+    assert kinds == ["spend"] * 6 + ["format", "discard"] + ["spend"] * 2
 
 
 def test_a_corrupt_ledger_refuses_to_resume(tmp_path: Path) -> None:
@@ -217,3 +218,46 @@ def test_a_released_only_party_keeps_its_discards_out_of_its_cap(tmp_path: Path)
     assert [e.round for e in book.discarded("federation")] == [1]
     assert book.seen("federation") == book.spent("federation") == 0.0
     book.check([entry(1, party="federation")])  # the redo fits the one-round cap
+
+
+def test_a_version_1_client_level_ledger_counts_its_rounds_against_the_aggregator(
+        tmp_path: Path) -> None:
+    # Written before the aggregator's view had entries: each old 'federation' spend stands in
+    # for a view at the worst case, so a resumed old run is not under-counted; the file gets
+    # a format line, after which only real views count.
+    path = tmp_path / "ledger.jsonl"
+    old = PrivacyLedger(path, delta=1e-5, accountant="pld", caps={})
+    old.record([LedgerEntry(r, "federation", "each site's whole dataset", 1.0, 0.5, 1)
+                for r in (1, 2, 3)])
+
+    def resumed(checkpoint: int) -> PrivacyLedger:
+        book = PrivacyLedger(None, delta=1e-5, accountant="pld", caps={},
+                             released_only=["federation"],
+                             stand_in=("federation", "aggregator", 0.8))
+        book.resume_from(path, checkpoint_round=checkpoint)
+        return book
+
+    book = resumed(2)
+    worst = [GaussianEvent(noise_multiplier=0.8, sample_rate=1.0, steps=3)]
+    assert book.seen("aggregator") == pytest.approx(epsilon(worst, delta=1e-5))
+    assert [e.round for e in book.discarded("aggregator")] == [3]
+    book.record([LedgerEntry(3, "aggregator", "each site", 2.0, 1.0, 1),
+                 LedgerEntry(3, "federation", "each site's whole dataset", 1.0, 0.5, 1)])
+    again = resumed(3)
+    with_new = [*worst, GaussianEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1)]
+    assert again.seen("aggregator") == pytest.approx(epsilon(with_new, delta=1e-5))
+    kinds = [json.loads(x)["type"] for x in path.read_text().splitlines()]
+    assert kinds == ["spend"] * 3 + ["format", "discard"] + ["spend"] * 2
+
+
+def test_a_new_ledger_file_starts_with_its_format(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    book = ledger()
+    book.persist_to(path)
+    book.record([entry(1)])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0] == {"type": "format", "version": 2}
+    again = PrivacyLedger(None, delta=1e-5, accountant="pld", caps={},
+                          stand_in=("cleveland", "aggregator", 1.0))
+    again.resume_from(path, checkpoint_round=1)
+    assert again.entries("aggregator") == []  # version 2: no stand-ins

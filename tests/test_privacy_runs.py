@@ -35,7 +35,9 @@ def run(c: RunConfig, out: Path, **kwargs: Any) -> Any:
 
 
 def ledger_lines(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run_dir / LEDGER_FILE).read_text().splitlines()]
+    """The spend lines of the run's ledger (not its format and discard lines)."""
+    lines = [json.loads(x) for x in (run_dir / LEDGER_FILE).read_text().splitlines()]
+    return [x for x in lines if x["type"] == "spend"]
 
 
 def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> None:

@@ -42,6 +42,9 @@ from fedcare.errors import BudgetExceeded, DataError
 from fedcare.privacy.accounting import GaussianEvent, epsilon
 
 LEDGER_FILE = "privacy_ledger.jsonl"
+FORMAT_VERSION = 2
+"""Version 2 files start with a ``format`` line; from then on every round's view of the
+aggregator has its own entries. Lines before the first ``format`` line are version 1."""
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,24 @@ class PrivacyLedger:
         discarded entries are kept in the file but count neither in `seen`
         nor against their cap. Every other party's entries are what the
         aggregator saw (record level: each site's DP-SGD updates).
+    stand_in : tuple (str, str, float), optional
+        ``(party, seen_as, noise_multiplier)``: for a file written before
+        version 2, which recorded no separate view of the aggregator, each
+        old spend of ``party`` is counted as a spend of ``seen_as`` with this
+        (worst-case) multiplier, unsampled, in memory only. Client-level
+        distributed noise: ``("federation", "aggregator", sigma of a round of
+        all K sites)``.
     """
 
     def __init__(self, path: Path | None, *, delta: float, accountant: str,
-                 caps: dict[str, float], released_only: Iterable[str] = ()) -> None:
+                 caps: dict[str, float], released_only: Iterable[str] = (),
+                 stand_in: tuple[str, str, float] | None = None) -> None:
         self.path = path
         self.delta = delta
         self.accountant = accountant
         self.caps = dict(caps)
         self.released_only = frozenset(released_only)
+        self.stand_in = stand_in
         self._entries: dict[str, list[LedgerEntry]] = defaultdict(list)
         # Spends of rounds whose result was never released (discarded on resume): not in
         # the released model's epsilon, but seen by the aggregator.
@@ -204,6 +216,7 @@ class PrivacyLedger:
         if any(self._entries.values()) or any(self._discarded.values()):
             raise ValueError("persist_to must be called before anything is recorded")
         self.path = path
+        self._append([{"type": "format", "version": FORMAT_VERSION}])
 
     def record(self, entries: Sequence[LedgerEntry]) -> None:
         """Add entries and append them to the file, flushed to disk before returning."""
@@ -241,6 +254,15 @@ class PrivacyLedger:
             os.fsync(f.fileno())
 
     # ------------------------------------------------------------ resuming
+    def _stand_in(self, entry: LedgerEntry) -> None:
+        """A version 1 spend: also count it, worst case, as what the aggregator saw."""
+        if self.stand_in is None or entry.party != self.stand_in[0]:
+            return
+        _, seen_as, sigma = self.stand_in
+        self._entries[seen_as].append(LedgerEntry(
+            entry.round, seen_as, f"{entry.protects}, against the aggregator (recorded before "
+            "views were; counted at the worst case)", sigma, 1.0, entry.steps))
+
     def resume_from(self, path: Path, checkpoint_round: int) -> None:
         """Reload the spends in `path` for a run resumed after `checkpoint_round`.
 
@@ -248,30 +270,39 @@ class PrivacyLedger:
         are discarded with a line saying so, and kept as what the aggregator saw
         (`seen`); the file is only ever appended to. Files written before
         discarded spends were kept load the same way: their ``discard`` lines
-        mark the same entries.
+        mark the same entries. Spends before the file's first ``format`` line
+        (version 1, which kept no view of the aggregator) get their `stand_in`;
+        a version 1 file gets a ``format`` line before anything more is appended.
         """
         if any(self._entries.values()) or any(self._discarded.values()):
             raise ValueError("resume_from must be called on an empty ledger")
         self.path = path
-        if not path.exists():
-            return
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    line = json.loads(text)
-                    kind = line.pop("type")
-                    if kind == "spend":
-                        entry = LedgerEntry(**line)
-                        self._entries[entry.party].append(entry)
-                    elif kind == "discard":
-                        self._drop_after(int(line["after_round"]))
-                    else:
-                        raise ValueError(f"unknown entry type {kind!r}")
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    raise DataError(f"{path}, line {number}: not a ledger entry ({exc}). "
-                                    "The ledger cannot be trusted; refusing to resume.") from None
+        version = 1 if path.exists() and path.stat().st_size else FORMAT_VERSION
+        if path.exists():
+            with path.open(encoding="utf-8") as f:
+                for number, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        line = json.loads(text)
+                        kind = line.pop("type")
+                        if kind == "spend":
+                            entry = LedgerEntry(**line)
+                            self._entries[entry.party].append(entry)
+                            if version < 2:
+                                self._stand_in(entry)
+                        elif kind == "discard":
+                            self._drop_after(int(line["after_round"]))
+                        elif kind == "format":
+                            version = max(version, int(line["version"]))
+                        else:
+                            raise ValueError(f"unknown entry type {kind!r}")
+                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                        raise DataError(f"{path}, line {number}: not a ledger entry ({exc}). "
+                                        "The ledger cannot be trusted; refusing to "
+                                        "resume.") from None
+        if version < FORMAT_VERSION:  # what is appended from now on is version 2
+            self._append([{"type": "format", "version": FORMAT_VERSION}])
         self.discard_after(checkpoint_round, f"resumed from the checkpoint of round "
                                              f"{checkpoint_round}; these results were never "
                                              "released")

@@ -72,10 +72,17 @@ def build_aggregator(config: RunConfig, spec: ParamSpec, sites: Sequence[SiteCli
     if privacy is not None:
         caps = dict(privacy.caps)
         cap = aggregator_cap(privacy)
-        if cap is not None:
+        stand_in = None
+        if cap is not None and site_privacy is not None:
             caps[AGGREGATOR] = cap
+            worst = site_privacy.aggregator_view(site_privacy.n_sites,
+                                                 protection=privacy.protection)
+            assert worst is not None
+            # A run resumed from a ledger written before the aggregator's view had its own
+            # entries: each old round counts as the worst view it could have been.
+            stand_in = (FEDERATION, AGGREGATOR, worst)
         ledger = PrivacyLedger(None, delta=privacy.delta, accountant=privacy.accountant,
-                               caps=caps, released_only=[FEDERATION])
+                               caps=caps, released_only=[FEDERATION], stand_in=stand_in)
         # Calibration made the whole plan fit; showing it once per party here lets
         # every per-round check hit the ledger's cache instead of the accountant.
         plan = training_plan(config)
