@@ -18,6 +18,9 @@ from fedcare.federation.site import FitInstructions, FitResult, Site
 from fedcare.federation.strategy import FedAvg, FedProx, Strategy
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, ParamSpec, build_model
+from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedcare.privacy.plan import AGGREGATOR, FEDERATION
+from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import PlainSum
 from fedcare.seeding import LOCAL_TRAINING, torch_generator
 
@@ -433,3 +436,89 @@ def test_real_sites_round_equals_mean_of_local_models() -> None:
     torch.testing.assert_close(new, expected, rtol=1e-5, atol=1e-6)
     assert report.n_examples == 80
 
+
+
+# ----------------------------------------------------------------- client-level DP
+class DPSite(FakeSite):
+    """A site of a client-level DP run: sends ``delta`` and a count slot of 1."""
+
+    def payload(self) -> torch.Tensor:
+        return torch.cat([self.delta, torch.tensor([1.0])])
+
+    def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]:
+        return []
+
+    def exchange(self, round_number: int, message: object) -> object:
+        raise ProtocolError("plain protection exchanges no messages")
+
+
+class FailingDPSite(DPSite):
+    def fit(self, global_params: torch.Tensor, instructions: FitInstructions) -> FitResult:
+        raise ProtocolError(f"site {self.name!r}: connection reset")
+
+
+def dp_aggregator(spy: Strategy, *, noise: str = "central", sample_rate: float = 1.0,
+                  n_sites: int = 2, clip_norm: float = 1e39) -> Aggregator:
+    import warnings
+
+    from fedcare.privacy.noise import SeededNoise
+
+    def noise_for(round_number: int, party: int) -> SeededNoise:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SeededNoise(round_number * 7 + party % 5)
+
+    site_privacy = SitePrivacy(clip_norm, 1.0, sample_rate, n_sites, noise)
+    ledger = PrivacyLedger(None, delta=1e-5, accountant="pld", caps={})
+    return Aggregator(spy, SPEC, PLAN, site_privacy=site_privacy, ledger=ledger,
+                      noise_for=noise_for)
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_revealed_sum_is_charged_even_when_the_round_is_then_refused(noise: str) -> None:
+    # Issue 14.3.1: two finite payloads whose float32 sum overflows. The sum was revealed
+    # (it is checked after), so the round is in the ledger although no model comes of it;
+    # before, the spend was recorded only once the update was computed.
+    big = torch.full((SPEC.size,), 3e38)
+    sites = [DPSite("alpha", big, 1), DPSite("bravo", big, 1)]
+    spy = SpyStrategy()
+    agg = dp_aggregator(spy, noise=noise)
+    with pytest.raises(ProtocolError, match="non-finite"):
+        agg.run_round(1, sites, torch.zeros(SPEC.size))
+    assert agg.ledger is not None
+    assert [e.round for e in agg.ledger.entries(FEDERATION)] == [1]
+    assert len(agg.ledger.entries(AGGREGATOR)) == (1 if noise == "distributed" else 0)
+    assert spy.seen == []
+
+
+def test_an_empty_cohort_is_a_noise_only_round_nobody_is_asked() -> None:
+    # Issue 14.3.5: q so small that nobody is drawn. The round is released from noise on a
+    # zero sum, charged, and the strategy applies it; no site is asked anything.
+    sites = [DPSite(name, torch.ones(SPEC.size), 1) for name in ("alpha", "bravo")]
+    spy = SpyStrategy()
+    agg = dp_aggregator(spy, sample_rate=1e-6, n_sites=2, clip_norm=0.5)
+    params, report = agg.run_round(1, sites, torch.zeros(SPEC.size))
+    assert report.empty and report.selected == [] and report.participants == []
+    assert all(s.calls == [] for s in sites)
+    assert len(spy.seen) == 1 and torch.isfinite(params).all() and params.abs().sum() > 0
+    assert agg.ledger is not None
+    assert [e.round for e in agg.ledger.entries(FEDERATION)] == [1]
+    assert agg.ledger.entries(AGGREGATOR) == []
+
+
+def test_below_quorum_under_client_level_dp_is_a_noise_only_round() -> None:
+    # min_sites = 2 and one of two sites fails: without DP a QuorumError (above); with
+    # client-level DP the round is released from noise alone, not from the one update.
+    d = deltas(2)
+    sites = [DPSite("alpha", d[0], 1), FailingDPSite("bravo", d[1], 1)]
+    spy = SpyStrategy()
+    agg = dp_aggregator(spy)
+    agg.min_sites = 2
+    again = dp_aggregator(SpyStrategy())
+    again.min_sites = 2
+    alone = [DPSite("alpha", torch.zeros(SPEC.size), 1), FailingDPSite("bravo", d[1], 1)]
+    params, report = agg.run_round(3, sites, torch.zeros(SPEC.size))
+    reference, _ = again.run_round(3, alone, torch.zeros(SPEC.size))
+    assert report.empty and report.participants == [] and "bravo" in report.failures
+    # The same noise on a zero sum whatever alpha sent: its update is not in the result.
+    assert torch.equal(params, reference)

@@ -191,6 +191,12 @@ def test_a_kept_cohort_is_the_one_drawn_even_when_a_new_draw_would_differ() -> N
         keeper.cohort(1)
 
 
+def test_central_noise_under_ckks_is_refused_before_the_run() -> None:
+    # Issue 14.3.4: the decrypting site would read the sum before the aggregator noises it.
+    with pytest.raises(ConfigError, match=r"decrypts the sum.*'distributed'.*'secagg'"):
+        build_site_level_plan(client_level_config("central", "ckks"), ["a", "b"])
+
+
 def test_distributed_noise_under_plain_protection_is_never_retried() -> None:
     settings = ServerSettings(round_retries=2)
     sites = ["a", "b", "c"]
@@ -217,8 +223,12 @@ def test_a_resumed_client_level_run_counts_no_round_twice_and_reaches_the_same_m
     from fedcare.runtime.flower import run_simulation
 
     # Adaptive clipping: the clip norm the next round uses must come back from the checkpoint.
-    config = client_level_config("distributed", "plain", rounds=4, privacy__target_quantile=0.5,
-                                 privacy__count_noise=2.0, privacy__clip_norm=0.5)
+    # Fraction 0.5: the aggregator's cap (every site in all 4 rounds) leaves room for the
+    # round it sees twice; at 0.75 this seed's cohorts (3, 4, 4, 4 sites) fill it, and the
+    # resumed run refuses round 4 (test_privacy_runs: ..._against_the_aggregator).
+    config = client_level_config("distributed", "plain", rounds=4, fraction=0.5,
+                                 privacy__target_quantile=0.5, privacy__count_noise=2.0,
+                                 privacy__clip_norm=0.5)
     local, runtime, _ = local_run(config)
     run_dir = tmp_path / "run"
     save = rundir.RunWriter.save_checkpoint
@@ -233,7 +243,7 @@ def test_a_resumed_client_level_run_counts_no_round_twice_and_reaches_the_same_m
         run_simulation(config, n_sites=4, run_dir=run_dir)
     monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", save)
     spends = [json.loads(line) for line in (run_dir / LEDGER_FILE).read_text().splitlines()]
-    assert [s["round"] for s in spends] == [1, 2, 3]
+    assert [s["round"] for s in spends if s.get("party") == FEDERATION] == [1, 2, 3]
 
     resumed = run_simulation(config, n_sites=4, run_dir=run_dir)
     assert [r.round for r in resumed.reports] == [3, 4]
@@ -241,8 +251,12 @@ def test_a_resumed_client_level_run_counts_no_round_twice_and_reaches_the_same_m
     assert ledger_rounds(run_dir, 4) == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert runtime.privacy is not None and runtime.ledger is not None
-    assert summary["privacy"]["epsilon"] == pytest.approx(
-        runtime.privacy.guarantee(runtime.ledger)["epsilon"], rel=1e-12)
+    uninterrupted = runtime.privacy.guarantee(runtime.ledger)
+    assert summary["privacy"]["epsilon"] == pytest.approx(uninterrupted["epsilon"], rel=1e-12)
+    # The aggregator read round 3's noised payloads twice: counted against it (issue 14.3.3).
+    assert summary["privacy"]["discarded_rounds"] == [3]
+    assert summary["privacy"]["epsilon_against_aggregator"] > \
+        uninterrupted["epsilon_against_aggregator"]
 
 
 # ----------------------------------------------------------------------------- refusals

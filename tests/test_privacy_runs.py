@@ -35,7 +35,9 @@ def run(c: RunConfig, out: Path, **kwargs: Any) -> Any:
 
 
 def ledger_lines(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run_dir / LEDGER_FILE).read_text().splitlines()]
+    """The spend lines of the run's ledger (not its format and discard lines)."""
+    lines = [json.loads(x) for x in (run_dir / LEDGER_FILE).read_text().splitlines()]
+    return [x for x in lines if x["type"] == "spend"]
 
 
 def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> None:
@@ -116,7 +118,10 @@ def test_site_level_run(tmp_path: Path, noise: str) -> None:
         assert "trusted to add the noise" in privacy["sentence"]
     else:  # each plain payload carries only a 1/sqrt(20) share of the noise
         assert privacy["epsilon_against_aggregator"] > privacy["epsilon"]
-    assert len(ledger_lines(result.run_dir)) == 5
+    parties = [x["party"] for x in ledger_lines(result.run_dir)]
+    assert parties.count("federation") == 5
+    # what the aggregator read of each site, one entry a round (distributed only)
+    assert parties.count("aggregator") == (5 if noise == "distributed" else 0)
 
 
 @pytest.mark.parametrize("scheme", ["secagg", "ckks"])
@@ -138,45 +143,97 @@ def test_distributed_noise_under_a_protected_sum_holds_against_the_aggregator(
     assert ("colludes" in privacy["sentence"]) == (scheme == "ckks")
 
 
-def test_distributed_noise_refuses_a_round_with_too_few_shares(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def dropping_sites(monkeypatch: pytest.MonkeyPatch, dropped: int) -> list[str]:
+    """Sites of index < `dropped` fail at fit; returns the names of the messages sites got."""
     from fedcare.federation.site import Site
 
-    fit = Site.fit
+    fit, exchange = Site.fit, Site.exchange
+    messages: list[str] = []
 
     def flaky(self: Site, params: torch.Tensor, instructions: Any) -> Any:
-        if self.index < 2:
+        if self.index < dropped:
             raise ProtocolError(f"site {self.name!r} dropped out")
         return fit(self, params, instructions)
 
+    def recording(self: Site, round_number: int, message: object) -> object:
+        messages.append(type(message).__name__)
+        return exchange(self, round_number, message)
+
     monkeypatch.setattr(Site, "fit", flaky)
+    monkeypatch.setattr(Site, "exchange", recording)
+    return messages
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_too_few_distributed_shares_are_never_unmasked_and_the_round_is_charged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 14.3.1. Before: the under-noised sum of 8 shares (9 needed) was unmasked, then
+    # the round was refused and nothing was charged. Now the aggregator checks first: no
+    # site is asked to unmask, the round is released from noise alone and charged.
+    messages = dropping_sites(monkeypatch, dropped=2)
+    c = config(data__dataset="breast-cancer", data__sites=10, data__partition="iid",
+               privacy__level="site", privacy__noise="distributed",
+               privacy__dropout_tolerance=1, protection__scheme="secagg")
+    result = run(c, tmp_path / "run")
+    assert result.summary["status"] == "completed"
+    assert "RoundSetup" in messages and "UnmaskRequest" not in messages
+    rows = metrics(result.run_dir)
+    assert [r["empty_round"] for r in rows] == [True] * 3
+    assert all(r["participants"] == [] for r in rows)
+    parties = [x["party"] for x in ledger_lines(result.run_dir)]
+    assert parties.count("federation") == 3  # every round charged
+    assert parties.count("aggregator") == 0  # no sum was revealed to it
+    # Two dropouts are covered by over-noising with tolerance 2: sums are unmasked.
+    messages.clear()
+    c.privacy.dropout_tolerance = 2
+    covered = run(c, tmp_path / "covered")
+    assert messages.count("UnmaskRequest") == 3 * 8
+    assert [r["empty_round"] for r in metrics(covered.run_dir)] == [False] * 3
+    assert [x["party"] for x in ledger_lines(covered.run_dir)].count("aggregator") == 3
+
+
+def test_under_plain_protection_payloads_read_before_a_short_round_are_charged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Plain payloads are read as they arrive, so a round with too few shares still showed
+    # the aggregator 8 noised updates: charged to what it saw, though no sum is formed.
+    dropping_sites(monkeypatch, dropped=2)
     c = config(data__dataset="breast-cancer", data__sites=10, data__partition="iid",
                privacy__level="site", privacy__noise="distributed",
                privacy__dropout_tolerance=1)
-    with pytest.raises(ProtocolError, match="too little noise"):
-        run(c, tmp_path / "run")
-    c.privacy.dropout_tolerance = 2  # two dropouts are now covered by over-noising
-    result = run(c, tmp_path / "run2")
-    assert result.summary["rounds_completed"] == 3
+    result = run(c, tmp_path / "run")
+    assert [r["empty_round"] for r in metrics(result.run_dir)] == [True] * 3
+    parties = [x["party"] for x in ledger_lines(result.run_dir)]
+    assert parties.count("federation") == parties.count("aggregator") == 3
+    assert result.summary["privacy"]["epsilon_against_aggregator"] > 0
+
+
+def crash_before_checkpoint(c: RunConfig, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                            at_round: int) -> None:
+    """Run `c` until round `at_round`'s spend is in the ledger and its checkpoint is not."""
+    save = rundir.RunWriter.save_checkpoint
+
+    def crash(self: rundir.RunWriter, round_number: int, *args: Any) -> None:
+        if round_number == at_round:
+            raise KeyboardInterrupt
+        save(self, round_number, *args)
+
+    monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(c, run_dir)
+    monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", save)
 
 
 def test_resume_reaches_the_same_model_and_counts_every_round_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    c = config(federation__rounds=5, privacy__level="record", privacy__epsilon=3.0,
-               federation__strategy="fedadam")
+    # A fixed noise multiplier under a cap with room for the round run twice (the cap
+    # counts what the aggregator saw: test_a_resumed_run_refuses_a_redo_over_the_cap).
+    c = config(federation__rounds=5, privacy__level="record", privacy__epsilon=50.0,
+               privacy__noise_multiplier=1.0, federation__strategy="fedadam")
     whole = run(c, tmp_path / "whole")
-
-    save = rundir.RunWriter.save_checkpoint
-
-    def crash_at_round_3(self: rundir.RunWriter, round_number: int, *args: Any) -> None:
-        if round_number == 3:  # round 3's spend is in the ledger, its checkpoint is not
-            raise KeyboardInterrupt
-        save(self, round_number, *args)
-
-    monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", crash_at_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(c, tmp_path / "cut")
-    monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", save)
+    crash_before_checkpoint(c, tmp_path / "cut", monkeypatch, at_round=3)
     assert {x["round"] for x in ledger_lines(tmp_path / "cut")} == {1, 2, 3}
 
     resumed = run(RunConfig.load(tmp_path / "cut" / "config.toml"), None,
@@ -184,11 +241,61 @@ def test_resume_reaches_the_same_model_and_counts_every_round_once(
     final_whole = torch.load(whole.run_dir / "model.pt")["params"]
     final_resumed = torch.load(resumed.run_dir / "model.pt")["params"]
     assert torch.equal(final_whole, final_resumed)
-    assert resumed.summary["privacy"]["epsilon_per_site"] == pytest.approx(
-        whole.summary["privacy"]["epsilon_per_site"])
+    privacy, uncut = resumed.summary["privacy"], whole.summary["privacy"]
+    # the released model's epsilon counts round 3 once ...
+    assert privacy["epsilon_per_site"] == pytest.approx(uncut["epsilon_per_site"])
+    # ... the aggregator saw it twice (issue 14.3.3), and the summary says so
+    assert privacy["discarded_rounds"] == [3] and uncut["discarded_rounds"] == []
+    assert uncut["epsilon_against_aggregator"] == pytest.approx(uncut["epsilon"])
+    for site, seen in privacy["epsilon_against_aggregator_per_site"].items():
+        assert seen > privacy["epsilon_per_site"][site] * 1.02
+    assert f"{privacy['epsilon_against_aggregator']:.2f}" in privacy["sentence"]
+    assert "ran again round(s) 3" in privacy["sentence"]
     rounds = [json.loads(x)["round"]
               for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4, 5]
+
+
+def test_a_resumed_run_refuses_a_redo_over_the_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 14.3.3: calibrated so that 5 rounds exactly fill the cap. The aggregator saw
+    # round 3 before the crash; with its redo it would see 6 rounds of DP-SGD updates.
+    # Before, the resumed run completed (6 rounds seen, the cap exceeded); now it stops
+    # before round 5, naming the discarded round, and the aggregator's epsilon <= cap.
+    c = config(federation__rounds=5, privacy__level="record", privacy__epsilon=3.0)
+    crash_before_checkpoint(c, tmp_path / "cut", monkeypatch, at_round=3)
+    with pytest.raises(BudgetExceeded, match=r"round 5: .*round\(s\) \[3\], discarded"):
+        run(RunConfig.load(tmp_path / "cut" / "config.toml"), None, resume=tmp_path / "cut")
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4
+    privacy = summary["privacy"]
+    assert max(privacy["epsilon_against_aggregator_per_site"].values()) <= 3.0 * (1 + 1e-9)
+    assert privacy["epsilon_against_aggregator"] > privacy["epsilon"]
+
+
+def test_site_level_resume_counts_the_discarded_sum_against_the_aggregator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Client-level distributed noise under secagg: the aggregator saw round 2's noised sum
+    # before the crash. The released model's epsilon is that of 3 rounds, the aggregator's
+    # that of 4 sums; the cap on it (what an uninterrupted run can reach) refuses round 3.
+    c = config(data__dataset="breast-cancer", data__sites=6, data__partition="iid",
+               privacy__level="site", privacy__epsilon=8.0, privacy__noise="distributed",
+               protection__scheme="secagg")
+    crash_before_checkpoint(c, tmp_path / "cut", monkeypatch, at_round=2)
+    lines = ledger_lines(tmp_path / "cut")
+    assert [x["party"] for x in lines] == ["federation", "aggregator"] * 2
+    with pytest.raises(BudgetExceeded, match="'aggregator' would be overspent in round 3"):
+        run(RunConfig.load(tmp_path / "cut" / "config.toml"), None, resume=tmp_path / "cut")
+    privacy = json.loads((tmp_path / "cut" / "summary.json").read_text())["privacy"]
+    assert privacy["discarded_rounds"] == [2]
+    sigma = privacy["noise_multiplier"]
+    three_sums = epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=3)],
+                         delta=1e-5)
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(three_sums, rel=1e-6)
+    two_released = epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=2)],
+                           delta=1e-5)
+    assert privacy["epsilon"] == pytest.approx(two_released, rel=1e-6)
+    assert "ran again" in privacy["sentence"]
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -235,3 +342,85 @@ def test_client_level_sites_do_not_report_their_size(tmp_path: Path) -> None:
     rounds = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if '"n_examples"' in x]
     assert rounds and all(r["n_examples"] == 0 for r in rounds)
+
+
+def test_the_count_slot_of_adaptive_clipping_is_counted_against_the_aggregator(
+        tmp_path: Path) -> None:
+    # Issue 14.3.2. The aggregator reads the noised count sum as well as the update sum:
+    # together one Gaussian of multiplier sigma (Andrew et al. 2021, Thm 1). Before, only
+    # the update's larger multiplier sigma_u was counted: 7.44 reported where 7.99 holds.
+    c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
+               federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
+               privacy__noise="distributed", privacy__clip_norm=0.5,
+               privacy__target_quantile=0.5, privacy__count_noise=2.0,
+               protection__scheme="secagg")
+    privacy = run(c, tmp_path / "run").summary["privacy"]
+    sigma = privacy["noise_multiplier"]
+    sigma_update = (sigma ** -2 - (2 * 2.0) ** -2) ** -0.5
+    counted = epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=5)],
+                      delta=1e-5)
+    update_only = epsilon([GaussianEvent(noise_multiplier=sigma_update, sample_rate=1.0,
+                                         steps=5)], delta=1e-5)
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(counted, rel=1e-6)
+    assert privacy["epsilon_against_aggregator"] == pytest.approx(privacy["epsilon"], rel=1e-6)
+    assert update_only < 0.95 * counted  # what was reported before
+
+
+def test_plain_payloads_are_counted_with_each_rounds_actual_cohort(tmp_path: Path) -> None:
+    # Issue 14.3.2. Under plain protection each payload carries sigma / sqrt(n - t) of the
+    # noise for the round's actual Poisson cohort n, not for round(q K).
+    c = config(data__dataset="breast-cancer", data__sites=12, data__partition="iid",
+               federation__rounds=6, federation__fraction=0.5, privacy__level="site",
+               privacy__epsilon=8.0, privacy__noise="distributed", privacy__dropout_tolerance=1)
+    result = run(c, tmp_path / "run")
+    audit = [json.loads(x) for x in (result.run_dir / "audit_log.jsonl").read_text()
+             .splitlines()]
+    cohorts = {e["round"]: len(e["selected"]) for e in audit if e.get("event") == "round"}
+    assert len(set(cohorts.values())) > 1  # the cohort really varies
+    sigma = result.summary["privacy"]["noise_multiplier"]
+    seen = {x["round"]: x["noise_multiplier"] for x in ledger_lines(result.run_dir)
+            if x["party"] == "aggregator"}
+    assert seen == {r: pytest.approx(sigma / (n - 1) ** 0.5) for r, n in cohorts.items()}
+    actual = epsilon([GaussianEvent(noise_multiplier=sigma / (n - 1) ** 0.5, sample_rate=1.0,
+                                    steps=1) for n in cohorts.values()], delta=1e-5)
+    planned = epsilon([GaussianEvent(noise_multiplier=sigma / (6 - 1) ** 0.5, sample_rate=1.0,
+                                     steps=6)], delta=1e-5)  # round(q K) = 6, as before
+    against = result.summary["privacy"]["epsilon_against_aggregator"]
+    assert against == pytest.approx(actual, rel=1e-6)
+    assert against != pytest.approx(planned, rel=1e-3)
+
+
+def test_central_noise_under_ckks_is_refused(tmp_path: Path) -> None:
+    # Issue 14.3.4. With 2 sites the decrypting one would read the other's exact update.
+    c = config(data__dataset="breast-cancer", data__sites=2, data__partition="iid",
+               privacy__level="site", privacy__noise="central", protection__scheme="ckks")
+    with pytest.raises(ConfigError, match="sees it before the aggregator adds the noise"):
+        run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    c.privacy.noise = "distributed"  # the way out the message names
+    assert run(c, tmp_path / "ok").summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("scheme", ["plain", "secagg"])
+def test_an_empty_cohort_is_released_from_noise_alone_and_the_run_completes(
+        tmp_path: Path, scheme: str) -> None:
+    # Issue 14.3.5. At q = 0.1 with 4 sites two thirds of the rounds draw nobody (and under
+    # secagg a cohort of one cannot be summed). Before, the first such round stopped the
+    # run, so whether it completed depended on who was in the federation.
+    rounds = 8
+    c = config(federation__rounds=rounds, federation__fraction=0.1, privacy__level="site",
+               privacy__noise_multiplier=1.0, privacy__epsilon=50.0, privacy__clip_norm=0.5,
+               privacy__noise="distributed", protection__scheme=scheme)
+    result = run(c, tmp_path / "run")
+    assert result.summary["status"] == "completed"
+    assert result.summary["rounds_completed"] == rounds
+    rows = metrics(result.run_dir)
+    empty = [r for r in rows if r["empty_round"]]
+    assert len(rows) == rounds and len(empty) >= rounds // 2
+    assert all(r["participants"] == [] and r["n_examples"] == 0 for r in empty)
+    lines = ledger_lines(result.run_dir)
+    assert [x["round"] for x in lines if x["party"] == "federation"] == list(range(1, rounds + 1))
+    # nothing of any site was seen in an empty round
+    seen = {x["round"] for x in lines if x["party"] == "aggregator"}
+    assert seen == {r["round"] for r in rows if not r["empty_round"]}
+    assert 0 < result.summary["privacy"]["epsilon"] <= 50.0

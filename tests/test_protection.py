@@ -436,3 +436,29 @@ def test_a_site_holds_the_cohort_its_noise_share_assumes() -> None:
     assert aggregator.total is not None
     with pytest.raises(ProtocolError, match="at least 3 distinct sites"):
         decrypting.handle(DecryptRequest(1, aggregator.total, (0, 1)))
+
+
+@pytest.mark.parametrize("scheme", ["secagg", "ckks"])
+def test_a_sum_short_of_distributed_noise_shares_is_never_revealed(scheme: str) -> None:
+    # Issue 14.3.1. Client-level distributed noise, tolerance 0: each of the 4 sites
+    # carries a quarter of the noise. With va gone at fit, the 3 remaining shares carry
+    # 3/4 of it. Before, the aggregator asked for the unmasking or decryption of that sum
+    # (and the decrypting site read it), then refused the round. Now nobody is asked: the
+    # round is released from noise alone and charged.
+    c = config(scheme, privacy__level="site", privacy__noise="distributed",
+               privacy__epsilon=8.0, federation__rounds=2)
+    _, reports, wires, _ = run(c, {"va": {2: "fit"}})
+    reveal_replies = (UnmaskResponse, torch.Tensor)  # secagg's shares, ckks's decryption
+    answered = [[m for m in w.sent if isinstance(m, reveal_replies)] for w in wires]
+    assert not reports[0].empty and reports[1].empty
+    assert reports[1].participants == []
+    # Round 1 was revealed (one reply for secagg from each site, one decryption for ckks),
+    # round 2 never was.
+    assert sum(len(a) for a in answered) == (4 if scheme == "secagg" else 1)
+
+
+def test_central_noise_sum_under_ckks_is_refused_at_configuration() -> None:
+    # Issue 14.3.4: the decrypting site would read the noiseless sum.
+    c = config("ckks", privacy__level="site", privacy__noise="central")
+    with pytest.raises(ConfigError, match=r"privacy\.noise = 'distributed'"):
+        LocalRuntime(build_federation(c.data, private=True), c)

@@ -214,7 +214,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         writer.log_round({"round": report.round, "participants": report.participants,
                           "failures": report.failures, "train_loss": report.train_loss,
                           "n_examples": report.n_examples, "clip_norm": report.clip_norm,
-                          **evaluation.to_dict()})
+                          "empty_round": report.empty, **evaluation.to_dict()})
         # Logged before the checkpoint: a checkpointed round is always in the log (a round
         # logged but not checkpointed runs again after --resume, and is logged again).
         log_round_events(audit, report, new_params, runtime.ledger)

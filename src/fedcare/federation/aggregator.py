@@ -16,9 +16,9 @@ from fedcare.federation.strategy import Strategy
 from fedcare.federation.training import TrainingPlan
 from fedcare.models.params import ParamSpec, all_finite
 from fedcare.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedcare.privacy.plan import site_entry
+from fedcare.privacy.plan import aggregator_entry, site_entry
 from fedcare.privacy.site_level import SitePrivacy
-from fedcare.protection.base import Scheme, wire_digest, wire_size
+from fedcare.protection.base import Scheme, min_contributors, wire_digest, wire_size
 from fedcare.protection.plain import PlainSum
 from fedcare.seeding import SAMPLING, derive_seed
 
@@ -54,6 +54,8 @@ class RoundReport:
     """Client-level DP: the bound the sites clipped to this round."""
     received: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Site -> (bytes, SHA-256) of the protected payload the aggregator combined."""
+    empty: bool = False
+    """Client-level DP: released from noise alone (too few sites for a sum; nobody's update)."""
 
 
 class Aggregator:
@@ -135,20 +137,38 @@ class Aggregator:
         A site whose fit fails with a fedcare error, or whose payload has the
         wrong length or a non-finite value, is left out of this round and
         named in the report; the round goes on if the quorum still holds.
+
+        Under client-level DP a round without enough sites (an empty Poisson
+        cohort; fewer than ``min_sites``, than the protection scheme can sum,
+        or than the distributed noise needs) is not an error: whether a run
+        stops must not depend on which sites are in the federation, which the
+        epsilon does not cover. The round is released from a zero sum with the
+        noise it would have had (`SitePrivacy.release_empty`), charged as every
+        round is, and reported with ``empty = True``. A sum with fewer
+        distributed noise shares than needed is never revealed (no unmasking,
+        no decryption is asked for).
         """
         chosen = self.select(len(clients), round_number)
         selected = [clients[i] for i in chosen]
         instructions = FitInstructions(round_number, self.plan, cohort=len(selected),
                                        clip_norm=self.clip_norm)
+        dp = self.site_privacy
         record_spend: list[LedgerEntry] = []
         site_spend: list[LedgerEntry] = []
+        view_spend: list[LedgerEntry] = []
         if self.ledger is not None:
             record_spend = [e for c in selected
                             for e in c.planned_spend(round_number, self.plan)]
-            if self.site_privacy is not None:
-                site_spend = [site_entry(round_number, self.site_privacy)]
-            self.ledger.check(record_spend + site_spend)
+            if dp is not None:
+                site_spend = [site_entry(round_number, dp)]
+                view_spend = aggregator_entry(round_number, dp, cohort=len(selected),
+                                              protection=self.protection.name)
+            self.ledger.check(record_spend + site_spend + view_spend)
         failures: dict[str, str] = {}
+        if dp is not None and len(selected) < self.least_contributors(len(selected)):
+            # Nobody is asked: the round could not be summed whatever the sites sent.
+            return self.release_empty(round_number, params, selected, failures, site_spend,
+                                      instructions)
 
         def exchange(messages: Mapping[int, object]) -> dict[int, object]:
             replies = {}
@@ -159,8 +179,20 @@ class Aggregator:
                     failures.setdefault(clients[i].name, str(exc))
             return replies
 
-        session = self.protection.aggregator_session(round_number, chosen, self.spec.size + 1)
-        ready = set(session.setup(exchange))
+        try:
+            session = self.protection.aggregator_session(round_number, chosen,
+                                                         self.spec.size + 1)
+            ready = set(session.setup(exchange))
+        except QuorumError:
+            if dp is None:
+                raise
+            return self.release_empty(round_number, params, selected, failures, site_spend,
+                                      instructions)
+        if self.ledger is not None and self.protection.name == "plain":
+            # Under plain protection the aggregator reads each payload as it arrives:
+            # charged before the first is read, as every spend is before its result is used.
+            self.ledger.record(view_spend)
+            view_spend = []
         participants: list[str] = []
         received: dict[str, tuple[int, str]] = {}
         loss_sum, n_sum = 0.0, 0
@@ -185,27 +217,79 @@ class Aggregator:
             # Every selected site ran DP-SGD and may have sent its update (even one
             # that was then rejected): charge them all, never fewer.
             self.ledger.record(record_spend)
-        if len(participants) < self.min_sites:
+        least = self.least_contributors(len(selected))
+        if len(participants) < least:
+            if dp is not None:
+                # Checked before the reveal: a sum of fewer distributed noise shares than
+                # needed is never unmasked or decrypted, so nobody sees it under-noised.
+                return self.release_empty(round_number, params, selected, failures,
+                                          site_spend, instructions)
             detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "none failed"
             raise QuorumError(f"Round {round_number}: {len(participants)} of {len(selected)} "
                               f"selected sites returned a usable update, fewer than "
                               f"federation.min_sites = {self.min_sites} ({detail}). The global "
                               f"model of round {round_number - 1} is kept.")
-        aggregate = session.reveal(exchange).to(params.dtype)
+        if self.ledger is not None:
+            # Charged before the sum is revealed: whoever reads it (the aggregator, and under
+            # ckks the decrypting site) has seen the round, used or not.
+            self.ledger.record(site_spend + view_spend)
+        try:
+            aggregate = session.reveal(exchange).to(params.dtype)
+        except QuorumError:
+            if dp is None:
+                raise
+            # Nothing was revealed (too few sites answered the unmasking); the round is
+            # already charged.
+            return self.release_empty(round_number, params, selected, failures, [],
+                                      instructions)
         self.check_aggregate(aggregate, round_number)
-        if self.site_privacy is not None and self.noise_for is not None:
-            update, self.clip_norm = self.site_privacy.finish(
+        if dp is not None and self.noise_for is not None:
+            update, self.clip_norm = dp.finish(
                 aggregate, clip_norm=self.clip_norm, cohort=len(selected),
                 arrived=len(participants), round_number=round_number,
                 noise=self.noise_for(round_number, AGGREGATOR_PARTY))
-            if self.ledger is not None:
-                self.ledger.record(site_spend)
         else:
             update = aggregate[:-1] / float(aggregate[-1])
         new_params = self.strategy.apply(params, update)
         report = RoundReport(round_number, [c.name for c in selected], participants, failures,
                              loss_sum / max(n_sum, 1), n_sum, instructions.clip_norm or None,
                              received)
+        return new_params, report
+
+    def least_contributors(self, cohort: int) -> int:
+        """Usable payloads a round of `cohort` selected sites needs before its sum is revealed.
+
+        ``min_sites``; what the protection scheme can sum (`min_contributors`:
+        a secagg or ckks sum of one payload is that site's update); and with
+        distributed client-level noise the ``n - t`` shares that carry the full noise.
+        """
+        least = self.min_sites
+        if self.site_privacy is not None:
+            least = max(least, min_contributors(self.protection))
+            if self.site_privacy.noise == "distributed":
+                least = max(least, self.site_privacy.needed(cohort))
+        return least
+
+    def release_empty(self, round_number: int, params: torch.Tensor,
+                      selected: Sequence[SiteClient], failures: dict[str, str],
+                      site_spend: Sequence[LedgerEntry], instructions: FitInstructions
+                      ) -> tuple[torch.Tensor, RoundReport]:
+        """Client-level DP: release the round from a zero sum and the noise it would have had.
+
+        The ledger is charged `site_spend` (the round's usual entry) before the
+        noise is drawn; the strategy applies the noised update as any other.
+        The report names no participant (no site's update is in it) and says
+        ``empty``.
+        """
+        assert self.site_privacy is not None and self.noise_for is not None
+        if self.ledger is not None:
+            self.ledger.record(site_spend)
+        update, self.clip_norm = self.site_privacy.release_empty(
+            self.spec.size, clip_norm=self.clip_norm,
+            noise=self.noise_for(round_number, AGGREGATOR_PARTY))
+        new_params = self.strategy.apply(params, update.to(params.dtype))
+        report = RoundReport(round_number, [c.name for c in selected], [], failures,
+                             clip_norm=instructions.clip_norm or None, empty=True)
         return new_params, report
 
     def check_payload(self, site: str, payload: torch.Tensor) -> None:

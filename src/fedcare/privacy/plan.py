@@ -33,6 +33,9 @@ SITE_CAVEATS = ("Accuracy measured on a hospital's held-out test records is repo
 standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
 FEDERATION = "federation"
 """Ledger party of client-level DP: the guarantee covers every site alike."""
+AGGREGATOR = "aggregator"
+"""Ledger party of what the aggregator saw of one site under client-level distributed noise:
+one entry per round it read payloads or a sum, unsampled (it knows the cohort)."""
 
 
 @dataclass
@@ -80,10 +83,15 @@ class PrivacyPlan:
                 f"reveal almost nothing more about any one patient than they would without "
                 f"that patient, to anyone: the coordinator, the other hospitals and every user "
                 f"of the model. {RECORD_CAVEATS}")
+            seen = {party: ledger.seen(party) for party in spent}
+            sentence += _resubmitted_words(ledger, max(seen.values(), default=0.0), "record")
             return {"level": "record", "protects": "each patient at each site",
                     "against": "anyone who sees the updates or the model",
                     "epsilon": worst, "delta": self.delta, "accountant": self.accountant,
                     "epsilon_per_site": spent, "caps": self.caps,
+                    "epsilon_against_aggregator": max(seen.values(), default=0.0),
+                    "epsilon_against_aggregator_per_site": seen,
+                    "discarded_rounds": ledger.discarded_rounds(),
                     "mechanism": {name: _record_dict(p) for name, p in self.record.items()},
                     "sentence": sentence}
         assert self.site is not None
@@ -111,36 +119,50 @@ class PrivacyPlan:
             f"anyone who sees the released model: it reveals almost nothing more about any one "
             f"hospital's data than a model trained without that hospital. {aggregator_words} "
             f"{SITE_CAVEATS}")
+        sentence += _resubmitted_words(ledger, against_aggregator, "site")
         return {"level": "site", "protects": "each site's whole dataset",
                 "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
                 "accountant": self.accountant,
                 "epsilon_against_aggregator": against_aggregator,
+                "discarded_rounds": ledger.discarded_rounds(),
                 "noise": self.site.noise, "clip_norm": self.site.clip_norm,
                 "adaptive_clipping_quantile": self.site.target_quantile or None,
                 "noise_multiplier": self.site.noise_multiplier,
                 "sample_rate": self.site.sample_rate, "sentence": sentence}
 
     def _against_aggregator(self, ledger: PrivacyLedger) -> float | None:
-        """Epsilon per site against the aggregator.
+        """Epsilon per site against the aggregator, from what it actually saw.
 
         Central noise: None (no guarantee; the aggregator adds the noise).
-        Distributed, plain: each payload it reads carries ``sigma / sqrt(n - t)``
-        of the noise. Distributed, secagg or ckks: it sees only the sum, which
-        carries all of it. Either way without sampling amplification (the
-        aggregator knows who was selected).
+        Distributed: the composition of the ledger's `AGGREGATOR` entries, one
+        per round in which it read payloads (plain: each with the noise of
+        that round's actual cohort, ``sigma / sqrt(n - t)``) or a revealed sum
+        (secagg, ckks: ``sigma``), the count slot of adaptive clipping included
+        (`SitePrivacy.aggregator_view`), rounds discarded on resume included
+        (`PrivacyLedger.seen`). Unsampled: the aggregator knows who was
+        selected. A site in every such round is the worst case, which this is.
         """
         assert self.site is not None
         if self.site.noise == "central":
             return None
-        rounds = len(ledger.entries(FEDERATION))
-        if not rounds:
-            return 0.0
-        sigma = self.site.update_noise_multiplier
-        if self.protection == "plain":
-            cohort = max(1, round(self.site.sample_rate * self.site.n_sites))
-            sigma /= math.sqrt(self.site.needed(cohort))
-        return epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=rounds)],
-                       delta=self.delta, accountant=self.accountant)
+        return ledger.seen(AGGREGATOR)
+
+
+def _resubmitted_words(ledger: PrivacyLedger, against_aggregator: float | None,
+                       level: str) -> str:
+    """What the guarantee sentence adds when a resume ran rounds again (else nothing)."""
+    rounds = ledger.discarded_rounds()
+    if not rounds or against_aggregator is None:
+        return ""
+    which = ", ".join(map(str, rounds))
+    if level == "record":
+        return (f" A resumed run discarded and ran again round(s) {which}: the model never "
+                f"contained those attempts, but the coordinator saw their updates; counting "
+                f"them, the epsilon against the coordinator is {against_aggregator:.2f} (the "
+                f"largest over the hospitals).")
+    return (f" The coordinator's epsilon counts the attempts of round(s) {which} that a "
+            f"resumed run discarded and ran again: the model never contained them, but the "
+            f"coordinator saw them.")
 
 
 def _record_dict(p: RecordPrivacy) -> dict[str, float]:
@@ -259,6 +281,15 @@ def _validated_plan(config: RunConfig, names: list[str]) -> PrivacyPlan | None:
     if p.site_epsilon:
         raise ConfigError("privacy.site_epsilon caps a site's record-level budget; with "
                           "privacy.level = 'site' there is one budget for the federation.")
+    if p.noise == "central" and config.protection.scheme == "ckks":
+        raise ConfigError(
+            "privacy.noise = 'central' cannot be combined with protection.scheme = 'ckks': "
+            "the hospital that decrypts the sum sees it before the aggregator adds the noise, "
+            "so it reads the other hospitals' clipped updates without noise (with 2 hospitals, "
+            "the other's exact update). Choose privacy.noise = 'distributed' (each hospital "
+            "noises its own update, so the decrypted sum carries the full noise), or "
+            "protection.scheme = 'secagg' (no hospital sees the sum; the aggregator, trusted "
+            "with central noise, does).")
     sigma = p.noise_multiplier or _calibrate(p.epsilon, p.delta, f.fraction, f.rounds,
                                              p.accountant)
     plan.site = SitePrivacy(p.clip_norm, sigma, f.fraction, len(names), p.noise,
@@ -289,3 +320,33 @@ def record_entry(round_number: int, site: str, privacy: RecordPrivacy,
 def site_entry(round_number: int, privacy: SitePrivacy) -> LedgerEntry:
     return LedgerEntry(round_number, FEDERATION, "each site's whole dataset",
                        privacy.noise_multiplier, privacy.sample_rate, 1)
+
+
+def aggregator_cap(plan: PrivacyPlan) -> float | None:
+    """The cap on the `AGGREGATOR` party: the most an uninterrupted run can show it.
+
+    Every site in every one of the planned rounds, each round's cohort all K
+    sites (plain: the least noise per payload). An honest run never meets it;
+    rounds a crash made the aggregator see twice count against it, so a
+    crash loop stops there. None without client-level distributed noise. An
+    accountant call: made where the aggregator's ledger is built, not in every
+    site's process that builds the plan.
+    """
+    if plan.site is None:
+        return None
+    worst = plan.site.aggregator_view(plan.site.n_sites, protection=plan.protection)
+    if worst is None:
+        return None
+    return epsilon([GaussianEvent(noise_multiplier=worst, sample_rate=1.0, steps=plan.rounds)],
+                   delta=plan.delta, accountant=plan.accountant)
+
+
+def aggregator_entry(round_number: int, privacy: SitePrivacy, *, cohort: int,
+                     protection: str) -> list[LedgerEntry]:
+    """What the aggregator sees of one site in a round of `cohort` sites (none: central
+    noise, where it is trusted, or an empty cohort)."""
+    view = privacy.aggregator_view(cohort, protection=protection) if cohort else None
+    if view is None:
+        return []
+    return [LedgerEntry(round_number, AGGREGATOR, "each site's whole dataset, against the "
+                        "aggregator", view, 1.0, 1)]

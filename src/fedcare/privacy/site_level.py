@@ -23,7 +23,25 @@ Where the noise is added:
     ``dropout_tolerance``: sites may drop, the rest over-noise by
     ``n / (n - t)``). With secure aggregation the aggregator only ever sees
     noised sums. If fewer than n - t updates arrive, the sum does not carry
-    enough noise and the round is refused before anything is released.
+    enough noise, so the aggregator refuses to reveal it: it never asks for the
+    unmasking (secagg) or the decryption (ckks) of a sum of fewer shares.
+
+Rounds without enough sites. An empty Poisson cohort, a cohort or an arrival
+below ``federation.min_sites`` (or below what the protection scheme can sum,
+or below the ``n - t`` shares distributed noise needs) would stop a run, and
+whether a run stops depends on which sites are in the federation, which is
+outside the epsilon. So the round is released anyway, from a zero sum with
+the noise it would have had (`SitePrivacy.release_empty`): the mechanism run
+on an empty cohort, charged to the ledger as every round is.
+
+What the aggregator sees (`SitePrivacy.aggregator_view`). It knows the
+cohort, so no sampling amplification holds against it. Under plain
+protection it reads each payload: the clipped update with noise
+``sigma_u C / sqrt(n - t)`` and the count slot with ``count_std / sqrt(n - t)``;
+under secagg or ckks only the sum, with ``sigma_u C`` and ``count_std``. The
+two queries compose (Andrew et al. 2021, Theorem 1) to one Gaussian of
+multiplier ``sigma / sqrt(n - t)`` (plain) or ``sigma`` (secagg, ckks): the
+count slot is a second query on each site's data and is counted.
 
 The ledger is charged the planned ``sigma``; over-noise from the dropout
 tolerance is not credited (it only makes the guarantee stronger).
@@ -143,6 +161,44 @@ class SitePrivacy:
         """Updates that must arrive for the distributed noise to suffice."""
         return max(1, cohort - self.dropout_tolerance)
 
+    def aggregator_view(self, cohort: int, *, protection: str) -> float | None:
+        """Noise multiplier of what the aggregator reads of one site in a round of `cohort`.
+
+        Parameters
+        ----------
+        cohort : int
+            Sites selected in the round (n >= 1).
+        protection : str
+            ``plain`` (it reads each payload), ``secagg`` or ``ckks`` (it reads the sum).
+
+        Returns
+        -------
+        float or None
+            The multiplier of the one Gaussian mechanism the update and the
+            count slot compose to (Andrew et al. 2021, Theorem 1), with no
+            sampling (the aggregator knows the cohort); None under central
+            noise, where the aggregator sees clipped updates without noise.
+            Over-noise from dropped sites is not credited.
+        """
+        if self.noise == "central":
+            return None
+        if protection == "plain":
+            return self.noise_multiplier / math.sqrt(self.needed(cohort))
+        return self.noise_multiplier
+
+    def release_empty(self, length: int, *, clip_norm: float,
+                      noise: NoiseSource) -> tuple[torch.Tensor, float]:
+        """A round released without any site's payload: noise on a zero sum.
+
+        The mechanism applied to an empty cohort: the aggregator adds the full
+        noise the sum would have carried (``sigma_u C`` on the update,
+        ``count_std`` on the count slot), whatever the noise placement, so the
+        result does not depend on how many sites took part. Returns the update
+        (``length`` values, divided by ``q K``) and the next round's C.
+        """
+        return self._release(torch.zeros(length + 1), clip_norm=clip_norm, add_noise=True,
+                             noise=noise)
+
     def privatize(self, delta: torch.Tensor, *, clip_norm: float, cohort: int,
                   noise: NoiseSource) -> torch.Tensor:
         """A site's payload: its clipped (and, distributed, noised) update, then the count slot.
@@ -172,17 +228,23 @@ class SitePrivacy:
 
         `total` is the revealed sum of payloads (updates and count slot).
         Central noise is added here; distributed noise is checked to be
-        complete. Raises `ProtocolError` (nothing released) if too few
-        distributed shares arrived.
+        complete. Raises `ProtocolError` (the sum is not used) if too few
+        distributed shares arrived: the aggregator checks that before it asks
+        for the sum (`Aggregator.run_round`); this is the last line.
         """
         if self.noise == "distributed" and arrived < self.needed(cohort):
             raise ProtocolError(
                 f"Round {round_number}: {arrived} of {cohort} selected sites sent an "
                 f"update, but distributed noise needs at least {self.needed(cohort)} "
                 f"(privacy.dropout_tolerance = {self.dropout_tolerance}); the sum would "
-                "carry too little noise, so it was not released.")
+                "carry too little noise, so it is not used.")
+        return self._release(total, clip_norm=clip_norm, add_noise=self.noise == "central",
+                             noise=noise)
+
+    def _release(self, total: torch.Tensor, *, clip_norm: float, add_noise: bool,
+                 noise: NoiseSource) -> tuple[torch.Tensor, float]:
         update, count = total[:-1], float(total[-1])
-        if self.noise == "central":
+        if add_noise:
             update = update + noise.gaussian(update.numel(),
                                              self.update_noise_multiplier * clip_norm)
             if self.adaptive:

@@ -86,6 +86,17 @@ class Scheme(Protocol):
                            length: int) -> AggregatorSession: ...
 
 
+MIN_CONTRIBUTORS = {"plain": 1, "secagg": 2, "ckks": 2}
+"""Fewest payloads whose sum each scheme reveals: a secagg sum of one masked input is that
+site's update (`SecAggScheme.aggregator_session` refuses it), and a ckks site never decrypts
+a sum equal to its own ciphertext."""
+
+
+def min_contributors(scheme: Scheme) -> int:
+    """Fewest payloads whose sum `scheme` reveals (1 for a scheme it does not know)."""
+    return MIN_CONTRIBUTORS.get(scheme.name, 1)
+
+
 def wire_size(message: object) -> int:
     """Bytes a message needs on the wire, without transport framing.
 

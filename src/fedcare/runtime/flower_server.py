@@ -13,7 +13,9 @@ the round by the aggregator, as in the local runtime; the round completes if
 ``federation.min_sites`` still hold (secagg rebuilds a dropped site's masks
 from the others' shares). A round below the quorum is retried, after the
 nodes are looked up again, up to ``round_retries`` times; then the run stops
-with the `QuorumError`, the last checkpoint intact.
+with the `QuorumError`, the last checkpoint intact. Under client-level DP the
+`Aggregator` releases such a round from noise alone instead (whether a run
+stops must not depend on which sites take part), so there is nothing to retry.
 
 Privacy. Record level: each site calibrates its DP-SGD under its own cap and
 says so in its `SiteHello`; the ledger charges each site. Site level
@@ -27,8 +29,10 @@ Resume. After every round the run directory gets, atomically, the checkpoint
 (model, strategy state, clip norm, round number), and the privacy ledger and
 audit log are appended and flushed. A ServerApp started on a run directory
 with a checkpoint continues after its round: the ledger discards the spends
-of a round that never finished (`PrivacyLedger.resume_from`), so no budget is
-counted twice, and the rounds after it run as in an uninterrupted run.
+of a round that never finished (`PrivacyLedger.resume_from`), so the released
+model's budget counts no round twice, and the rounds after it run as in an
+uninterrupted run. The aggregator did see the discarded attempt, so its
+spends are kept and counted against the aggregator and in every cap check.
 """
 
 from __future__ import annotations
@@ -734,13 +738,16 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                 writer.log_round({"round": report.round, "participants": report.participants,
                                   "failures": report.failures, "train_loss": report.train_loss,
                                   "n_examples": report.n_examples,
-                                  "clip_norm": report.clip_norm, "seconds": seconds[-1]})
+                                  "clip_norm": report.clip_norm, "empty_round": report.empty,
+                                  "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
             summary["rounds_completed"] = report.round
-            log(f"round {report.round}: {len(report.participants)} of {len(report.selected)} "
-                f"sites, train loss {report.train_loss:.4f}"
+            log(f"round {report.round}: " + (
+                "released from noise alone (too few sites for a sum)" if report.empty else
+                f"{len(report.participants)} of {len(report.selected)} sites, train loss "
+                f"{report.train_loss:.4f}")
                 + (f", left out: {report.failures}" if report.failures else ""))
             if on_round is not None:
                 on_round(params, report)

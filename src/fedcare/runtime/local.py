@@ -24,8 +24,11 @@ from fedcare.models import FlatModel, build_model
 from fedcare.models.params import ParamSpec
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.plan import (
+    AGGREGATOR,
     FEDERATION,
     PrivacyPlan,
+    aggregator_cap,
+    aggregator_entry,
     build_privacy_plan,
     noise_factory,
     site_entry,
@@ -67,8 +70,19 @@ def build_aggregator(config: RunConfig, spec: ParamSpec, sites: Sequence[SiteCli
     ledger = None
     site_privacy = None if privacy is None else privacy.site
     if privacy is not None:
+        caps = dict(privacy.caps)
+        cap = aggregator_cap(privacy)
+        stand_in = None
+        if cap is not None and site_privacy is not None:
+            caps[AGGREGATOR] = cap
+            worst = site_privacy.aggregator_view(site_privacy.n_sites,
+                                                 protection=privacy.protection)
+            assert worst is not None
+            # A run resumed from a ledger written before the aggregator's view had its own
+            # entries: each old round counts as the worst view it could have been.
+            stand_in = (FEDERATION, AGGREGATOR, worst)
         ledger = PrivacyLedger(None, delta=privacy.delta, accountant=privacy.accountant,
-                               caps=privacy.caps)
+                               caps=caps, released_only=[FEDERATION], stand_in=stand_in)
         # Calibration made the whole plan fit; showing it once per party here lets
         # every per-round check hit the ledger's cache instead of the accountant.
         plan = training_plan(config)
@@ -78,6 +92,11 @@ def build_aggregator(config: RunConfig, spec: ParamSpec, sites: Sequence[SiteCli
         if site_privacy is not None:
             ledger.fits(FEDERATION, [site_entry(r, site_privacy)
                                      for r in range(1, f.rounds + 1)])
+            if cap is not None:  # the cap's own worst case: every later check is cached
+                ledger.fits(AGGREGATOR, [e for r in range(1, f.rounds + 1)
+                                         for e in aggregator_entry(
+                                             r, site_privacy, cohort=site_privacy.n_sites,
+                                             protection=privacy.protection)])
     return kind(build_strategy(f), spec, training_plan(config), fraction=f.fraction,
                 min_sites=f.min_sites, seed=config.seed, protection=protection,
                 site_privacy=site_privacy, ledger=ledger, noise_for=noise_for)
