@@ -39,10 +39,11 @@ def ledger_lines(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> None:
-    c = config(privacy__level="record", privacy__epsilon=2.0)
+    # secure noise: the guarantee it states is the one this test checks
+    c = config(privacy__level="record", privacy__epsilon=2.0, privacy__secure=True)
     result = run(c, tmp_path / "run")
     privacy = result.summary["privacy"]
-    assert privacy["level"] == "record"
+    assert privacy["level"] == "record" and privacy["private"] is True
     # calibrated for exactly these rounds: each site ends just under its cap
     for site, spent in privacy["epsilon_per_site"].items():
         assert 1.9 < spent <= 2.0 * (1 + 1e-9), site
@@ -106,7 +107,7 @@ def test_an_overspend_is_refused_before_the_round_and_nothing_is_lost(tmp_path: 
 def test_site_level_run(tmp_path: Path, noise: str) -> None:
     c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
-               privacy__noise=noise, privacy__clip_norm=0.5)
+               privacy__noise=noise, privacy__clip_norm=0.5, privacy__secure=True)
     result = run(c, tmp_path / "run")
     privacy = result.summary["privacy"]
     assert 7.5 < privacy["epsilon"] <= 8.0 * (1 + 1e-9)
@@ -124,7 +125,8 @@ def test_distributed_noise_under_a_protected_sum_holds_against_the_aggregator(
         tmp_path: Path, scheme: str) -> None:
     c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
-               privacy__noise="distributed", privacy__clip_norm=0.5, protection__scheme=scheme)
+               privacy__noise="distributed", privacy__clip_norm=0.5, protection__scheme=scheme,
+               privacy__secure=True)
     privacy = run(c, tmp_path / "run").summary["privacy"]
     plain = run(config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                        federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,

@@ -57,6 +57,10 @@ class PrivacyPlan:
         ``protection.scheme``: under ``secagg`` and ``ckks`` the aggregator
         sees only the sum of the site payloads, which changes what site-level
         distributed noise guarantees against it.
+    secure : bool
+        ``privacy.secure``: False when the noise and the sampling are seeded
+        streams that anyone holding the configuration regenerates; then
+        `guarantee` states no guarantee at all.
     """
 
     level: str
@@ -64,12 +68,27 @@ class PrivacyPlan:
     accountant: str
     rounds: int
     protection: str = "plain"
+    secure: bool = True
     record: dict[str, RecordPrivacy] = field(default_factory=dict)
     site: SitePrivacy | None = None
     caps: dict[str, float] = field(default_factory=dict)
 
     def guarantee(self, ledger: PrivacyLedger) -> dict[str, Any]:
-        """The guarantee as numbers and as one sentence a clinician can read."""
+        """The guarantee as numbers and as one sentence a clinician can read.
+
+        With seeded noise (``secure = False``) there is none: the sentence says
+        the run is NOT private, ``private`` is False, and the numbers stay as
+        what the same mechanism would give with secure noise (`seeded_label`).
+        """
+        return self._stated(self._mechanism_guarantee(ledger))
+
+    def _stated(self, claim: dict[str, Any]) -> dict[str, Any]:
+        if self.secure:
+            return {**claim, "private": True, "noise_source": "secure"}
+        return seeded_label(claim)
+
+    def _mechanism_guarantee(self, ledger: PrivacyLedger) -> dict[str, Any]:
+        """What the mechanism guarantees when its noise and sampling are secure."""
         spent = {party: ledger.spent(party) for party in ledger.parties()}
         if self.level == "record":
             worst = max(spent.values(), default=0.0)
@@ -141,6 +160,40 @@ class PrivacyPlan:
             sigma /= math.sqrt(self.site.needed(cohort))
         return epsilon([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=rounds)],
                        delta=self.delta, accountant=self.accountant)
+
+
+NOT_PRIVATE = "NOT private (seeded noise, for testing)"
+"""How every artefact of a run with ``privacy.secure = false`` begins its privacy statement."""
+
+
+def seeded_label(claim: dict[str, Any]) -> dict[str, Any]:
+    """A mechanism's guarantee restated for a run whose noise was seeded: no guarantee.
+
+    Seeded noise and sampling (`noise_factory` with ``secure = false``) are a
+    function of the seed in the run's configuration: whoever reads
+    ``config.toml`` regenerates every draw and subtracts it, so the released
+    model is as revealing as one trained without noise. The numbers are kept,
+    for tests and for comparing settings, under the statement that they are not
+    a guarantee of this run; ``protects`` and ``against`` say nobody.
+
+    Parameters
+    ----------
+    claim : dict
+        `PrivacyPlan.guarantee`'s dictionary as it would read with secure noise.
+    """
+    would = (f"epsilon = {claim['epsilon']:.2f} and delta = {claim['delta']:g}"
+             + (" (the largest over the hospitals)" if claim["level"] == "record" else ""))
+    sentence = (f"{NOT_PRIVATE}: the noise and the sampling of this run were generated from the "
+                f"seed in its configuration (privacy.secure = false), so anyone who reads the "
+                f"configuration regenerates them bit for bit and subtracts them; the model and "
+                f"the updates reveal as much as without noise. With secure noise the same "
+                f"mechanism would give {would}; that is not a guarantee of this run.")
+    return {**claim, "private": False, "noise_source": "seeded",
+            "protects": "nobody (seeded noise)", "against": "nobody",
+            "would_protect": claim["protects"],
+            "not_a_guarantee": "epsilon and delta are what the mechanism would give with "
+                               "secure noise; this run's noise is seeded and gives no privacy",
+            "sentence": sentence}
 
 
 def _record_dict(p: RecordPrivacy) -> dict[str, float]:
@@ -250,7 +303,8 @@ def _validated_plan(config: RunConfig, names: list[str]) -> PrivacyPlan | None:
     if unknown:
         raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
                           f"{names}.")
-    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds, config.protection.scheme)
+    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds, config.protection.scheme,
+                       secure=p.secure)
     if p.target_quantile and p.level != "site":
         raise ConfigError("privacy.target_quantile (adaptive clipping) applies to "
                           "privacy.level = 'site' only.")

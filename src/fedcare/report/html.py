@@ -294,12 +294,18 @@ def write_report(run_dir: str | Path) -> Path:
     scheme, protection = _protection(summary)
     body.append("<h2 id='privacy'>Privacy</h2>")
     if privacy:
-        body.append(f"<p class='guarantee'>{escape(privacy['sentence'])}</p>")
+        # A seeded run states no guarantee: its sentence goes in the warning box, and its
+        # budget chart says what secure noise would have spent, not what this run spent.
+        private = privacy.get("private", True) is not False
+        body.append(f"<p class='{'guarantee' if private else 'warning'}'>"
+                    f"{escape(privacy['sentence'])}</p>")
         budget = budget_per_round(run_dir, float(privacy["delta"]), str(privacy["accountant"]))
         if budget:
             cap = float(privacy.get("epsilon", math.nan))
-            body.append(line_chart(budget, title=f"Privacy budget spent (epsilon, delta = "
-                                                 f"{privacy['delta']:g})", x_label="round",
+            title = (f"Privacy budget spent (epsilon, delta = {privacy['delta']:g})" if private
+                     else f"NOT private (seeded noise): epsilon secure noise would have spent "
+                          f"(delta = {privacy['delta']:g})")
+            body.append(line_chart(budget, title=title, x_label="round",
                                    y_label="epsilon spent",
                                    y_range=(0.0, max(cap, *(max(v[1], default=0.0)
                                                             for v in budget.values())))))

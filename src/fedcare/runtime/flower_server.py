@@ -512,7 +512,7 @@ def _privacy_plan(config: RunConfig, sites: Sequence[RemoteSite]) -> PrivacyPlan
     if p.level != "record":
         return None
     plan = PrivacyPlan("record", p.delta, p.accountant, config.federation.rounds,
-                       config.protection.scheme)
+                       config.protection.scheme, secure=p.secure)
     for site in sites:
         assert site.hello is not None
         if site.hello.record_privacy is None:
