@@ -143,3 +143,52 @@ def test_a_sweep_of_seeded_runs_says_not_private(tmp_path: Path,
     for text in (printed, (tmp_path / "s" / "sweep.md").read_text(),
                  (tmp_path / "s" / "sweep.html").read_text()):
         assert "NOT private (seeded noise, for testing): 2 of 2 runs" in text
+
+
+# ------------------------------------------------------------ 2. no baselines in private runs
+def run_files(run_dir: Path) -> dict[str, str]:
+    """Every text file of a run directory, by name."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(run_dir.iterdir())
+            if p.suffix in {".json", ".jsonl", ".html", ".md", ".toml"}}
+
+
+@pytest.mark.parametrize("level", ["record", "site"])
+def test_a_private_run_trains_and_publishes_no_baseline_by_default(
+        level: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--rounds", "2", "--privacy", level, "--epsilon", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    summary = summary_of(out)
+    assert summary["baselines"] is None
+    assert summary["config"]["baselines"]["enabled"] == "auto"
+    for name, text in {"console": console, **run_files(out)}.items():
+        for label in ("pooled (centralised", "cleveland alone", "va alone", "Baselines:"):
+            assert label not in text, (name, label)
+
+
+def test_without_dp_the_default_still_trains_the_baselines(tmp_path: Path) -> None:
+    summary = summary_of(quietly_run(RunConfig.from_dict({"federation": {"rounds": 1}}),
+                                     tmp_path / "run"))
+    assert set(summary["baselines"]) == {"pooled", "local"}  # nothing private to label
+
+
+def test_explicit_baselines_in_a_private_run_are_labelled_not_private(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--rounds", "2", "--privacy", "record", "--epsilon", "1", "--quiet",
+                 "--set", "baselines.enabled=true", "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    baselines = summary_of(out)["baselines"]
+    assert baselines["private"] is False and baselines["note"].startswith("NOT private")
+    assert set(baselines["local"]) == {"cleveland", "hungarian", "switzerland", "va"}
+    rows = [line.split("  ")[0] for line in console.splitlines()]
+    assert "pooled (centralised, NOT private)" in rows
+    assert "cleveland alone (NOT private)" in rows
+    assert "\nBaselines: NOT private: the pooled and single-site baselines" in console
+    page = (out / REPORT_FILE).read_text(encoding="utf-8")
+    assert "<td>pooled (centralised, NOT private)</td>" in page
+    assert "<td>va alone (NOT private)</td>" in page
+    assert "<p class='warning'>NOT private: the pooled and single-site" in page
+    card = (out / MODEL_CARD_FILE).read_text(encoding="utf-8")
+    assert "Baselines: NOT private: the pooled and single-site baselines" in card

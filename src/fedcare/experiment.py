@@ -25,6 +25,7 @@ from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
 from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedcare.privacy.plan import BASELINES_NOT_PRIVATE
 from fedcare.protection import who_sees_what
 from fedcare.protection.base import wire_digest
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
@@ -159,7 +160,9 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     if config.threads < 1:
         raise ConfigError(f"threads must be >= 1; got {config.threads}.")
     torch.set_num_threads(config.threads)
-    data = build_federation(config.data, private=config.privacy.level != "none")
+    private = config.privacy.level != "none"
+    baselines = config.baselines.wanted(private=private)
+    data = build_federation(config.data, private=private)
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     model = runtime.model
     params = runtime.initial_params()
@@ -250,7 +253,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
 
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}
-    if config.baselines.enabled:
+    if baselines:
         x, y = data.pooled_train()
         pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
         for i, site in enumerate(data.sites):
@@ -261,6 +264,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         elapsed_seconds=time.perf_counter() - started,
         federated=federated.to_dict(),
         baselines=None if pooled_baseline is None else {
+            # In a private run the baselines are outside every guarantee: said where they are.
+            **({"private": False, "note": BASELINES_NOT_PRIVATE} if private else {}),
             "pooled": pooled_baseline.to_dict(),
             "local": {k: v.to_dict() for k, v in local_baselines.items()},
         },

@@ -31,6 +31,12 @@ SITE_CAVEATS = ("Accuracy measured on a hospital's held-out test records is repo
                 "and not covered.")
 """What a private run still reveals. Preprocessing is not on the list: a private run
 standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
+BASELINES_NOT_PRIVATE = (
+    "NOT private: the pooled and single-site baselines were trained without differential "
+    "privacy on the same training records as the federated model and their metrics are exact "
+    "(epsilon is infinite for them); they were asked for explicitly (baselines.enabled = "
+    "true) and must be shown only to those who may see the hospitals' data.")
+"""What every artefact of a private run says next to its baselines."""
 FEDERATION = "federation"
 """Ledger party of client-level DP: the guarantee covers every site alike."""
 

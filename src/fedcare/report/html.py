@@ -99,8 +99,11 @@ def _headline_rows(summary: Mapping[str, Any], sites: Sequence[str]) -> list[lis
     rows = [("federated (" + str(summary.get("strategy")) + ")", summary.get("federated"))]
     baselines = summary.get("baselines") or {}
     if baselines:
-        rows.append(("pooled (centralised, for reference)", baselines.get("pooled")))
-        rows += [(f"{name} alone", ev) for name, ev in (baselines.get("local") or {}).items()]
+        private = baselines.get("private") is not False
+        rows.append(("pooled (centralised, for reference)" if private else
+                     "pooled (centralised, NOT private)", baselines.get("pooled")))
+        rows += [(f"{name} alone" + ("" if private else " (NOT private)"), ev)
+                 for name, ev in (baselines.get("local") or {}).items()]
     table = []
     for label, evaluation in rows:
         pooled = (evaluation or {}).get("pooled")
@@ -174,6 +177,9 @@ def model_card(run_dir: Path) -> str:
               "whether a patient took part, and details of their record (see the audit, if "
               "one was run).",
               f"Protection of the updates in transit: `{scheme}`, {protection}"]
+    baselines = summary.get("baselines") or {}
+    if baselines.get("note"):
+        parts.append(f"Baselines: {baselines['note']}")
     limits = ["Test sets are small: an accuracy on n patients has a standard error of about "
               "sqrt(p(1-p)/n) (0.03 at n = 250, 0.1 at n = 25)."]
     small = [s["name"] for s in sites if s["n_test"] < 50]
@@ -284,11 +290,16 @@ def write_report(run_dir: str | Path) -> Path:
                 f"({pooled.get('n', '-')} patients): accuracy <b>{accuracy_text}</b>, "
                 f"ROC AUC <b>{auc_text}</b>.</p>")
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"] + [f"acc@{s}" for s in sites]
-    body += ["<h2>Federated vs pooled vs each site alone</h2>",
+    baselines = summary.get("baselines") or {}
+    body += ["<h2>Federated vs pooled vs each site alone</h2>" if baselines else
+             "<h2>Federated model</h2>",
              _html_table(header, _headline_rows(summary, sites)),
              "<p>Pooled metrics are on all sites' test patients together; acc@site on that "
-             "site's own test patients. The pooled and single-site models are references "
-             "trained without privacy protection.</p>"]
+             "site's own test patients."
+             + (" The pooled and single-site models are references trained without privacy "
+                "protection." if baselines else "") + "</p>"]
+    if baselines.get("note"):
+        body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
