@@ -8,6 +8,7 @@ the guarantee allows.
 from __future__ import annotations
 
 import json
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,17 @@ import torch
 
 from fedcare.cli.main import main
 from fedcare.config import RunConfig
+from fedcare.data.datasets import build_federation
 from fedcare.experiment import run_experiment
-from fedcare.federation.aggregator import AGGREGATOR_PARTY
+from fedcare.federation.aggregator import AGGREGATOR_PARTY, RoundReport
+from fedcare.federation.site import FitInstructions
 from fedcare.models import FlatModel, build_model
 from fedcare.privacy.noise import noise_source
 from fedcare.privacy.plan import NOT_PRIVATE
+from fedcare.protection.base import wire_digest
+from fedcare.report.auditlog import AUDIT_KEY_FILE, AUDIT_LOG_FILE, payload_digest
 from fedcare.report.html import MODEL_CARD_FILE, REPORT_FILE
+from fedcare.runtime.local import LocalRuntime
 from fedcare.seeding import INIT, NOISE, derive_seed, torch_generator
 
 CLAIMS = ("protected by differential privacy", "reveals almost nothing",
@@ -192,3 +198,82 @@ def test_explicit_baselines_in_a_private_run_are_labelled_not_private(
     assert "<p class='warning'>NOT private: the pooled and single-site" in page
     card = (out / MODEL_CARD_FILE).read_text(encoding="utf-8")
     assert "Baselines: NOT private: the pooled and single-site baselines" in card
+
+
+# ------------------------------------------------------------ 3. audit log digests
+def logged_payloads(run_dir: Path) -> list[dict[str, Any]]:
+    entries = [json.loads(line) for line in
+               (run_dir / AUDIT_LOG_FILE).read_text(encoding="utf-8").splitlines()]
+    return [e for e in entries if e["event"] == "payload_received"]
+
+
+def guessed_payload_digest(run_dir: Path, site: str, *, flip_label: bool = False) -> str:
+    """The oracle attack: from config.toml and a guess of `site`'s records (here the true
+    ones, or with one label flipped), recompute its round-1 payload and digest it."""
+    config = RunConfig.load(run_dir / "config.toml")
+    data = build_federation(config.data, private=config.privacy.level != "none")
+    runtime = LocalRuntime(data, config)
+    target = next(s for s in runtime.sites if s.name == site)
+    if flip_label:
+        target.data.y_train[0] = 1 - target.data.y_train[0]
+    instructions = FitInstructions(1, runtime.aggregator.plan, cohort=len(runtime.sites),
+                                   clip_norm=runtime.aggregator.clip_norm)
+    return wire_digest(target.fit(runtime.initial_params(), instructions).payload)
+
+
+@pytest.mark.parametrize("privacy", [{}, {"level": "site", "noise": "central",
+                                          "epsilon": 1.0}])
+def test_the_audit_log_is_no_oracle_on_a_sites_data(privacy: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    config = RunConfig.from_dict({"federation": {"rounds": 1}, "baselines": {"enabled": False},
+                                  "privacy": privacy})
+    reports: list[RoundReport] = []
+    result = run_experiment(config, out=tmp_path / "run",
+                            on_round=lambda report, _: reports.append(report))
+    run_dir = result.run_dir
+    guess = guessed_payload_digest(run_dir, "hungarian")
+    # Before: the log held the payload's SHA-256, which the right guess reproduces exactly
+    # and a guess one label off does not: a yes/no answer to any guess of the records.
+    old_entry = reports[0].received["hungarian"][1]
+    assert guess == old_entry
+    assert guessed_payload_digest(run_dir, "hungarian", flip_label=True) != old_entry
+    # Now: the log holds only an HMAC under the aggregator's key; the guess matches nothing.
+    logged = logged_payloads(run_dir)
+    assert logged and all("sha256" not in e and len(e["hmac_sha256"]) == 64 for e in logged)
+    log_text = (run_dir / AUDIT_LOG_FILE).read_text(encoding="utf-8")
+    assert guess not in log_text
+    # The key stays with the aggregator (mode 0600, never in the log): with it the digest
+    # still proves what arrived.
+    key_file = run_dir / AUDIT_KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_bytes()
+    assert key.hex() not in log_text
+    hungarian = next(e for e in logged if e["site"] == "hungarian")
+    assert payload_digest(guess, key) == ("hmac_sha256", hungarian["hmac_sha256"])
+    started = json.loads(log_text.splitlines()[0])
+    assert started["payload_digest"] == "hmac-sha256"
+    # and `fedcare verify` checks the chain as before
+    assert main(["verify", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize("settings", [
+    {"privacy": {"level": "record", "epsilon": 1.0}},  # each payload carries the site's noise
+    {"protection": {"scheme": "secagg"}},  # each payload is masked
+])
+def test_protected_payloads_keep_their_plain_digest(settings: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    config = RunConfig.from_dict({"federation": {"rounds": 1},
+                                  "baselines": {"enabled": False}, **settings})
+    run_dir = run_experiment(config, out=tmp_path / "run").run_dir
+    logged = logged_payloads(run_dir)
+    assert logged and all(len(e["sha256"]) == 64 and "hmac_sha256" not in e for e in logged)
+    assert not (run_dir / AUDIT_KEY_FILE).exists()
+    assert main(["verify", str(run_dir)]) == 0
+
+
+def test_seeded_site_noise_is_no_protection_for_the_digest(tmp_path: Path) -> None:
+    # record-level DP from a seeded source: the payload is again a function of the data
+    config = RunConfig.from_dict({"federation": {"rounds": 1}, "baselines": {"enabled": False},
+                                  "privacy": {"level": "record", "secure": False}})
+    run_dir = quietly_run(config, tmp_path / "run")
+    assert all("hmac_sha256" in e for e in logged_payloads(run_dir))

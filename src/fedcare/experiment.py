@@ -28,7 +28,13 @@ from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedcare.privacy.plan import BASELINES_NOT_PRIVATE
 from fedcare.protection import who_sees_what
 from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
+from fedcare.report.auditlog import (
+    AUDIT_LOG_FILE,
+    AuditLog,
+    audit_key,
+    payload_digest,
+    payload_digests_keyed,
+)
 from fedcare.report.html import write_report
 from fedcare.report.rundir import CURVES_FILE, RunWriter, load_checkpoint, make_run_dir
 from fedcare.runtime.local import LocalRuntime, training_plan
@@ -111,12 +117,17 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
 
 
 def log_round_events(audit: AuditLog, report: RoundReport, params: torch.Tensor,
-                     ledger: PrivacyLedger | None) -> None:
-    """One completed round in the audit log: who was asked, what arrived, what was spent."""
+                     ledger: PrivacyLedger | None, payload_key: bytes | None = None) -> None:
+    """One completed round in the audit log: who was asked, what arrived, what was spent.
+
+    `payload_key` (`audit_key`, when `payload_digests_keyed`) keys the payload
+    digests, so that the log is no oracle on a site's data.
+    """
     audit.append("round", round=report.round, selected=report.selected)
-    for site, (size, digest) in report.received.items():
+    for site, (size, sha256) in report.received.items():
+        name, digest = payload_digest(sha256, payload_key)
         audit.append("payload_received", round=report.round, site=site, bytes=size,
-                     sha256=digest)
+                     **{name: digest})
     for site, reason in report.failures.items():
         audit.append("site_failed", round=report.round, site=site, reason=reason)
     if ledger is not None:
@@ -199,11 +210,13 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
                        "sentence": who_sees_what(config.protection)},
     }
     audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resume is not None)
+    payload_key = audit_key(run_dir) if payload_digests_keyed(config) else None
     if resume is None:
         audit.append("run_started", config_sha256=hashlib.sha256(
                          config.to_toml().encode()).hexdigest(),
                      sites=[s.name for s in data.sites], protection=config.protection.scheme,
-                     privacy=config.privacy.level)
+                     privacy=config.privacy.level,
+                     payload_digest="sha256" if payload_key is None else "hmac-sha256")
     else:
         audit.append("run_resumed", after_round=first_round - 1)
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
@@ -220,7 +233,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
                           **evaluation.to_dict()})
         # Logged before the checkpoint: a checkpointed round is always in the log (a round
         # logged but not checkpointed runs again after --resume, and is logged again).
-        log_round_events(audit, report, new_params, runtime.ledger)
+        log_round_events(audit, report, new_params, runtime.ledger, payload_key)
         writer.save_checkpoint(report.round, new_params,
                                runtime.aggregator.strategy.state_dict(),
                                runtime.aggregator.clip_norm)

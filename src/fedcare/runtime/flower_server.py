@@ -65,7 +65,12 @@ from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_facto
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
 from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
+from fedcare.report.auditlog import (
+    AUDIT_LOG_FILE,
+    AuditLog,
+    audit_key,
+    payload_digests_keyed,
+)
 from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
 from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
@@ -604,6 +609,7 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
 
     run_dir = Path(settings.run_dir) if settings.run_dir else None
     writer = audit = None
+    payload_key: bytes | None = None
     first_round = 1
     if run_dir is not None:
         resuming = (run_dir / CHECKPOINT_FILE).exists()
@@ -623,13 +629,15 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             if ledger is not None:
                 ledger.persist_to(run_dir / LEDGER_FILE)
         audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resuming)
+        payload_key = audit_key(run_dir) if payload_digests_keyed(config) else None
         if resuming:
             audit.append("run_resumed", after_round=first_round - 1)
         else:
             audit.append("run_started", config_sha256=hashlib.sha256(
                 config.to_toml().encode()).hexdigest(), sites=[s.name for s in sites],
                 protection=config.protection.scheme, privacy=config.privacy.level,
-                runtime="flower")
+                runtime="flower",
+                payload_digest="sha256" if payload_key is None else "hmac-sha256")
 
     reports: list[RoundReport] = []
     seconds: list[float] = []
@@ -689,7 +697,7 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                                   "failures": report.failures, "train_loss": report.train_loss,
                                   "n_examples": report.n_examples,
                                   "clip_norm": report.clip_norm, "seconds": seconds[-1]})
-                log_round_events(audit, report, params, ledger)
+                log_round_events(audit, report, params, ledger, payload_key)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
             summary["rounds_completed"] = report.round
