@@ -8,6 +8,7 @@ the guarantee allows.
 from __future__ import annotations
 
 import json
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -104,6 +105,11 @@ def test_the_same_attack_fails_against_secure_noise(tmp_path: Path) -> None:
     privacy = summary_of(run_dir)["privacy"]
     assert privacy["private"] is True and privacy["noise_source"] == "secure"
     assert "protected by differential privacy" in privacy["sentence"]
+    # and it says what it publishes about the sites, and who knows the cohorts
+    assert ("Public: the number of hospitals, the number of rounds, the sampling rate. Not "
+            "released to users of the model: which hospitals took part in each round and "
+            "each hospital's number of training records; the coordinator knows the cohorts"
+            in privacy["sentence"])
 
 
 @pytest.mark.parametrize("level", ["record", "site"])
@@ -277,3 +283,82 @@ def test_seeded_site_noise_is_no_protection_for_the_digest(tmp_path: Path) -> No
                                   "privacy": {"level": "record", "secure": False}})
     run_dir = quietly_run(config, tmp_path / "run")
     assert all("hmac_sha256" in e for e in logged_payloads(run_dir))
+
+
+# ------------------------------------------------------------ 4. site-level DP artefacts
+AGGREGATOR_ONLY = {AUDIT_LOG_FILE, AUDIT_KEY_FILE}
+"""The coordinator's own files: its audit log keeps the cohorts (the guarantee says so)."""
+
+
+def released_texts(run_dir: Path) -> dict[str, str]:
+    """Every artefact a user of the model may be given, as text (model.pt: its metadata)."""
+    texts = {name: text for name, text in run_files(run_dir).items()
+             if name not in AGGREGATOR_ONLY}
+    meta = torch.load(run_dir / "model.pt", weights_only=True)
+    texts["model.pt"] = json.dumps({k: v for k, v in meta.items() if k != "params"})
+    return texts
+
+
+def leaks(run_dir: Path, sizes: dict[str, int], cohorts: list[list[str]]) -> list[str]:
+    """Where the run directory names a site's training size or a round's cohort."""
+    found = []
+    for name, text in released_texts(run_dir).items():
+        for site, n in sizes.items():
+            if re.search(rf'"n_train": {n}\b|\| {site} \| {n} \|', text):
+                found.append(f"{name}: {site}'s n_train {n}")
+        if '"participants"' in text or '"failures"' in text:
+            found.append(f"{name}: per-round participants or failures")
+        for cohort in cohorts:
+            if json.dumps(cohort) in text:
+                found.append(f"{name}: cohort {cohort}")
+    return found
+
+
+def run_with_cohorts(level: str, out: Path) -> tuple[Path, dict[str, int], list[list[str]]]:
+    """A private run of 8 sites of different sizes, half of them sampled per round."""
+    config = RunConfig.from_dict({
+        "data": {"dataset": "breast-cancer", "sites": 8, "partition": "quantity"},
+        "federation": {"rounds": 4, "fraction": 0.5}, "baselines": {"enabled": False},
+        # seeded, so that no round draws an empty Poisson cohort (which stops a run)
+        "privacy": {"level": level, "epsilon": 4.0, "secure": False}})
+    reports: list[RoundReport] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_experiment(config, out=out,
+                                on_round=lambda report, _: reports.append(report))
+    sizes = {s.name: s.n_train for s in result.data.sites}
+    return result.run_dir, sizes, [r.participants for r in reports]
+
+
+def test_site_level_artefacts_name_no_cohort_and_no_site_size(tmp_path: Path) -> None:
+    run_dir, sizes, cohorts = run_with_cohorts("site", tmp_path / "site")
+    # Poisson cohorts: at least one round is a proper subset, which naming would reveal.
+    assert any(0 < len(c) < len(sizes) for c in cohorts)
+    assert leaks(run_dir, sizes, cohorts) == []
+    summary = summary_of(run_dir)
+    assert [set(s) for s in summary["sites"]] == [{"name", "n_test"}] * 8
+    rounds = [json.loads(line) for line in
+              (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    # The guarantee says what is public, what is not released, and who knows the cohorts.
+    privacy = summary["privacy"]
+    assert privacy["public"] == ["the number of hospitals", "the number of rounds",
+                                 "the sampling rate"]
+    assert "which hospitals took part in each round" in privacy["not_released"]
+    card = (run_dir / MODEL_CARD_FILE).read_text(encoding="utf-8")
+    assert all(f"| {site} | not released |" in card for site in sizes)
+    for text in (card, (run_dir / REPORT_FILE).read_text(encoding="utf-8")):
+        assert "not covered by the site-level differential privacy guarantee" in text
+    # The coordinator's audit log keeps them, as the sentence says.
+    selected = [json.loads(line)["selected"] for line in
+                (run_dir / AUDIT_LOG_FILE).read_text(encoding="utf-8").splitlines()
+                if '"event": "round"' in line]
+    assert len(selected) == 4
+
+
+def test_the_leak_detector_finds_what_a_record_level_run_publishes(tmp_path: Path) -> None:
+    # Record-level DP treats sizes and cohorts as public: the same search finds them, so
+    # the empty result above is not the search's blindness.
+    run_dir, sizes, cohorts = run_with_cohorts("record", tmp_path / "record")
+    found = leaks(run_dir, sizes, cohorts)
+    assert any("n_train" in f for f in found) and any("cohort" in f for f in found)

@@ -36,7 +36,15 @@ from fedcare.report.auditlog import (
     payload_digests_keyed,
 )
 from fedcare.report.html import write_report
-from fedcare.report.rundir import CURVES_FILE, RunWriter, load_checkpoint, make_run_dir
+from fedcare.report.rundir import (
+    CURVES_FILE,
+    RunWriter,
+    cohorts_public,
+    load_checkpoint,
+    make_run_dir,
+    round_facts,
+    site_facts,
+)
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
@@ -194,6 +202,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         if runtime.ledger is not None:
             runtime.ledger.resume_from(run_dir / LEDGER_FILE, first_round - 1)
     per_site = len(data.sites) <= PER_SITE_EVAL_MAX_SITES
+    public = cohorts_public(config)
     summary: dict[str, Any] = {
         "fedcare_version": __version__,
         "status": "running",
@@ -203,7 +212,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "model": config.model.name,
         "n_parameters": model.spec.size,
         "seed": config.seed,
-        "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
+        "sites": [site_facts(s.name, s.n_train, s.n_test, public=public)
                   for s in data.sites],
         "rounds_completed": first_round - 1,
         "protection": {"scheme": config.protection.scheme,
@@ -227,10 +236,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         nonlocal params
         params = new_params
         evaluation = evaluate(model, new_params, data, per_site)
-        writer.log_round({"round": report.round, "participants": report.participants,
-                          "failures": report.failures, "train_loss": report.train_loss,
-                          "n_examples": report.n_examples, "clip_norm": report.clip_norm,
-                          **evaluation.to_dict()})
+        writer.log_round({**round_facts(report, public=public), **evaluation.to_dict()})
         # Logged before the checkpoint: a checkpointed round is always in the log (a round
         # logged but not checkpointed runs again after --resume, and is logged again).
         log_round_events(audit, report, new_params, runtime.ledger, payload_key)

@@ -27,8 +27,21 @@ RECORD_CAVEATS = ("Each hospital's number of training records is treated as publ
                   "standard DP-SGD (it sets the sampling rate and the averaging weight); "
                   "accuracy measured on a hospital's held-out test records is reported exactly "
                   "and not covered.")
-SITE_CAVEATS = ("Accuracy measured on a hospital's held-out test records is reported exactly "
-                "and not covered.")
+SITE_CAVEATS = ("Accuracy and the other metrics measured on each hospital's held-out test "
+                "records, and the number of those records (which tells roughly how large the "
+                "hospital is), are reported exactly and not covered.")
+SITE_PUBLIC = ("the number of hospitals", "the number of rounds", "the sampling rate")
+"""What a site-level run publishes about its sites beyond the model (`PrivacyPlan.guarantee`)."""
+SITE_NOT_RELEASED = ("which hospitals took part in each round",
+                     "each hospital's number of training records")
+"""What the site-level guarantee protects and no artefact for users of the model holds: the
+cohorts (publishing them would forfeit the amplification by sampling the epsilon counts on)
+and the sites' sizes. The coordinator's own audit log keeps the cohorts."""
+SITE_RELEASE_WORDS = (
+    "Public: " + ", ".join(SITE_PUBLIC) + ". Not released to users of the model: "
+    + " and ".join(SITE_NOT_RELEASED) + "; the coordinator knows the cohorts (its audit "
+    "log, audit_log.jsonl, records them and is not for users of the model), which is why any "
+    "epsilon against it is computed without sampling amplification.")
 """What a private run still reveals. Preprocessing is not on the list: a private run
 standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
 BASELINES_NOT_PRIVATE = (
@@ -135,7 +148,7 @@ class PrivacyPlan:
             f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
             f"anyone who sees the released model: it reveals almost nothing more about any one "
             f"hospital's data than a model trained without that hospital. {aggregator_words} "
-            f"{SITE_CAVEATS}")
+            f"{SITE_RELEASE_WORDS} {SITE_CAVEATS}")
         return {"level": "site", "protects": "each site's whole dataset",
                 "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
                 "accountant": self.accountant,
@@ -143,7 +156,10 @@ class PrivacyPlan:
                 "noise": self.site.noise, "clip_norm": self.site.clip_norm,
                 "adaptive_clipping_quantile": self.site.target_quantile or None,
                 "noise_multiplier": self.site.noise_multiplier,
-                "sample_rate": self.site.sample_rate, "sentence": sentence}
+                "sample_rate": self.site.sample_rate,
+                "public": list(SITE_PUBLIC), "not_released": list(SITE_NOT_RELEASED),
+                "not_covered": "metrics on each site's test records, and their number",
+                "sentence": sentence}
 
     def _against_aggregator(self, ledger: PrivacyLedger) -> float | None:
         """Epsilon per site against the aggregator.

@@ -28,6 +28,9 @@ from fedcare.report.svg import line_chart
 REPORT_FILE = "report.html"
 MODEL_CARD_FILE = "model_card.md"
 AUDIT_FILE = "audit.json"
+PER_SITE_NOT_COVERED = ("Per-site metrics (each site's own test patients, and how many there "
+                        "are) are exact measurements, not covered by the site-level "
+                        "differential privacy guarantee.")
 MAX_SITE_LINES = 10
 """Per-site lines drawn in one chart; beyond, only the pooled line."""
 MAX_BUDGET_POINTS = 20
@@ -127,7 +130,9 @@ def model_card(run_dir: Path) -> str:
         if (run_dir / "model.pt").is_file() else {}
     schema = meta.get("schema") or {}
     privacy = summary.get("privacy")
-    sites = summary.get("sites") or []
+    # A deployed aggregator's summary names its sites only (it never sees their data).
+    sites: list[dict[str, Any]] = [{"name": s} if isinstance(s, str) else s
+                                   for s in summary.get("sites") or []]
     federated = summary.get("federated") or {}
     target = schema.get("target", "the outcome")
     positive = ", ".join(schema.get("positive", [])) or "1"
@@ -142,8 +147,14 @@ def model_card(run_dir: Path) -> str:
         "in care.",
         "## Sites and data",
         _markdown_table(["site", "training patients", "test patients"],
-                        [[s["name"], str(s["n_train"]), str(s["n_test"])] for s in sites]),
+                        [[s["name"], str(s.get("n_train", "not released")),
+                          str(s.get("n_test", "-"))] for s in sites]),
     ]
+    site_level = (privacy or {}).get("level") == "site"
+    if site_level:
+        parts.append("Each site's number of training patients is not released: site-level "
+                     "differential privacy protects each site's whole dataset, its size "
+                     "included.")
     if schema:
         numeric = (schema.get("numeric") or {}).get("columns", [])
         categorical = schema.get("categorical") or {}
@@ -163,6 +174,8 @@ def model_card(run_dir: Path) -> str:
                               + [[name, str(v.get("n", "-"))]
                                  + [_fmt(_metric(v, m[0])) for m in metrics]
                                  for name, v in per_site.items()])]
+    if site_level and per_site:
+        parts.append(PER_SITE_NOT_COVERED)
     subgroups = summary.get("subgroups") or {}
     if subgroups:
         parts += ["### By subgroup (pooled test set)",
@@ -182,7 +195,7 @@ def model_card(run_dir: Path) -> str:
         parts.append(f"Baselines: {baselines['note']}")
     limits = ["Test sets are small: an accuracy on n patients has a standard error of about "
               "sqrt(p(1-p)/n) (0.03 at n = 250, 0.1 at n = 25)."]
-    small = [s["name"] for s in sites if s["n_test"] < 50]
+    small = [s["name"] for s in sites if "n_test" in s and s["n_test"] < 50]
     if small:
         limits.append(f"Sites with fewer than 50 test patients ({', '.join(small)}): their "
                       "metrics are too noisy to compare.")
@@ -273,7 +286,7 @@ def write_report(run_dir: str | Path) -> Path:
         if (run_dir / CURVES_FILE).is_file() else {}
     card = model_card(run_dir)
     (run_dir / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
-    sites = [s["name"] for s in summary.get("sites", [])]
+    sites = [s if isinstance(s, str) else s["name"] for s in summary.get("sites", [])]
     shown = sites if len(sites) <= MAX_SITE_LINES else []
     pooled = (summary.get("federated") or {}).get("pooled") or {}
     body = [f"<h1>{escape(str(summary.get('description')))}</h1>",
@@ -297,7 +310,9 @@ def write_report(run_dir: str | Path) -> Path:
              "<p>Pooled metrics are on all sites' test patients together; acc@site on that "
              "site's own test patients."
              + (" The pooled and single-site models are references trained without privacy "
-                "protection." if baselines else "") + "</p>"]
+                "protection." if baselines else "")
+             + (" " + PER_SITE_NOT_COVERED
+                if (summary.get("privacy") or {}).get("level") == "site" else "") + "</p>"]
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
 

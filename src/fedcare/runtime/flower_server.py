@@ -71,7 +71,14 @@ from fedcare.report.auditlog import (
     audit_key,
     payload_digests_keyed,
 )
-from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
+from fedcare.report.rundir import (
+    CHECKPOINT_FILE,
+    RunWriter,
+    cohorts_public,
+    load_checkpoint,
+    round_facts,
+    write_json,
+)
 from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
 from fedcare.runtime.local import build_aggregator
@@ -661,8 +668,10 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
         writer.save_model(params, {"spec": model.spec.to_dict(),
                                    "model": config.to_dict()["model"]})
         summary.update(status=status, elapsed_seconds=time.perf_counter() - started,
-                       audit_log=close_audit_log(audit), config=config.to_dict(),
-                       traffic=traffic_summary(messenger.traffic))
+                       audit_log=close_audit_log(audit), config=config.to_dict())
+        if cohorts_public(config):
+            # Bytes per site and round name each round's cohort: not under site-level DP.
+            summary["traffic"] = traffic_summary(messenger.traffic)
         if error is not None:
             summary["error"] = error
         if privacy is not None and ledger is not None:
@@ -693,10 +702,8 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             seconds.append(time.perf_counter() - tic)
             reports.append(report)
             if writer is not None and audit is not None:
-                writer.log_round({"round": report.round, "participants": report.participants,
-                                  "failures": report.failures, "train_loss": report.train_loss,
-                                  "n_examples": report.n_examples,
-                                  "clip_norm": report.clip_norm, "seconds": seconds[-1]})
+                writer.log_round({**round_facts(report, public=cohorts_public(config)),
+                                  "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger, payload_key)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
