@@ -30,6 +30,8 @@ RECORD_CAVEATS = ("Each hospital's number of training records is treated as publ
 SITE_CAVEATS = ("Accuracy and the other metrics measured on each hospital's held-out test "
                 "records, and the number of those records (which tells roughly how large the "
                 "hospital is), are reported exactly and not covered.")
+"""What a private run still reveals. Preprocessing is not on the list: a private run
+standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
 SITE_PUBLIC = ("the number of hospitals", "the number of rounds", "the sampling rate")
 """What a site-level run publishes about its sites beyond the model (`PrivacyPlan.guarantee`)."""
 SITE_NOT_RELEASED = ("which hospitals took part in each round",
@@ -42,8 +44,7 @@ SITE_RELEASE_WORDS = (
     + " and ".join(SITE_NOT_RELEASED) + "; the coordinator knows the cohorts (its audit "
     "log, audit_log.jsonl, records them and is not for users of the model), which is why any "
     "epsilon against it is computed without sampling amplification.")
-"""What a private run still reveals. Preprocessing is not on the list: a private run
-standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
+"""How the site-level sentence says what is public and what is not released."""
 BASELINES_NOT_PRIVATE = (
     "NOT private: the pooled and single-site baselines were trained without differential "
     "privacy on the same training records as the federated model and their metrics are exact "
