@@ -20,7 +20,7 @@ def test_empty_config_is_the_default_heart_disease_job() -> None:
     assert config.to_dict() == RunConfig().to_dict()
     assert config.data.dataset_name == "heart-disease"
     assert config.federation == FederationConfig()
-    assert config.baselines.enabled is True
+    assert config.baselines.enabled == "auto"  # on without DP, off in a private run
 
 
 @pytest.mark.parametrize(("data", "name"), [
@@ -57,6 +57,8 @@ def test_defaults_are_not_shared_between_configs() -> None:
     ('data.files=["a.csv", "b.csv"]', ("data", "files"), ["a.csv", "b.csv"]),
     ("baselines.enabled=false", ("baselines", "enabled"), False),
     ("baselines.enabled=true", ("baselines", "enabled"), True),
+    ("baselines.enabled=auto", ("baselines", "enabled"), "auto"),
+    ('baselines.enabled="auto"', ("baselines", "enabled"), "auto"),
 ])
 def test_set_parses_values_as_toml(assignment: str, attribute: tuple[str, ...],
                                    expected: object) -> None:
@@ -95,8 +97,10 @@ def test_later_set_wins() -> None:
     ("federation.rounds=2.5", ["'federation.rounds' must be int", "found 2.5 (float)"]),
     ("federation.rounds=true", ["'federation.rounds' must be int", "(bool)"]),
     ("federation.lr=fast", ["'federation.lr' must be float", "found 'fast'"]),
-    ("baselines.enabled=1", ["'baselines.enabled' must be bool", "found 1 (int)"]),
-    ("baselines.enabled=yes", ["'baselines.enabled' must be bool", "found 'yes'"]),
+    ("baselines.enabled=1", ["'baselines.enabled' must be true, false or \"auto\"",
+                             "found 1 (int)"]),
+    ("baselines.enabled=yes", ["'baselines.enabled' must be true, false or \"auto\"",
+                               "found 'yes'"]),
     ("data.dataset=false", ["'data.dataset' must be str", "found False (bool)"]),
     ('model.hidden=[8, "x"]', ["'model.hidden[1]' must be int", "found 'x'"]),
     ("federation=3", ["'federation' is a section", "found 3"]),
@@ -227,9 +231,10 @@ TOML_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 @given(name=TOML_TEXT, files=st.lists(TOML_TEXT, max_size=3),
        lr=st.floats(min_value=1e-300, max_value=1e300),
        hidden=st.lists(st.integers(1, 2**31), min_size=1, max_size=4),
-       seed=st.integers(0, 2**63 - 1), enabled=st.booleans())
+       seed=st.integers(0, 2**63 - 1), enabled=st.sampled_from([True, False, "auto"]))
 def test_to_toml_round_trips_any_values(name: str, files: list[str], lr: float,
-                                        hidden: list[int], seed: int, enabled: bool) -> None:
+                                        hidden: list[int], seed: int,
+                                        enabled: bool | str) -> None:
     config = RunConfig(seed=seed, name=name)
     config.data.files = files
     config.federation.lr = lr

@@ -19,7 +19,8 @@ from fedcare.models import FlatModel, build_model
 
 HOSPITALS = ["cleveland", "hungarian", "switzerland", "va"]
 ARTEFACTS = {"config.toml", "metrics.jsonl", "model.pt", "summary.json", "checkpoint.pt",
-             "audit_log.jsonl", "curves.json", "report.html", "model_card.md"}
+             "audit_log.jsonl", "curves.json", "report.html", "model_card.md",
+             "audit_log.key"}  # plain payloads without DP: their digests are keyed
 
 
 def make_config(*assignments: str, rounds: int = 3, baselines: bool = True) -> RunConfig:

@@ -155,10 +155,21 @@ def test_with_the_secure_noise_source_each_round_draws_its_cohort_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Production noise (CSPRNG): a second draw would differ, so only one may be made."""
     from fedcare.runtime.flower import run_simulation
+    from fedcare.runtime.flower_server import Traffic
 
     config = client_level_config("distributed", "plain", rounds=2)
     config.privacy.secure = True
     draws = count_draws(monkeypatch)
+    # Who was sent what, seen in the aggregator's memory: under site-level DP summary.json
+    # names no cohort, so it holds no per-site traffic.
+    sent: set[tuple[str, int]] = set()
+    add = Traffic.add
+
+    def recording_add(self: Traffic, site: str, round_number: int, *sizes: int) -> None:
+        sent.add((site, round_number))
+        add(self, site, round_number, *sizes)
+
+    monkeypatch.setattr(Traffic, "add", recording_add)
     run_dir = tmp_path / "run"
     # All four sites left out of a round (chance 1/256) stops the run, as locally; the
     # rounds before it are still checked.
@@ -168,8 +179,9 @@ def test_with_the_secure_noise_source_each_round_draws_its_cohort_once(
     audit = [json.loads(line) for line in (run_dir / AUDIT_LOG_FILE).read_text().splitlines()]
     selected = {e["round"]: e["selected"] for e in audit if e["event"] == "round"}
     assert draws and set(draws.values()) == {1}
+    assert "traffic" not in summary
     for round_number, sites in selected.items():
-        asked = {site for site, rounds in summary["traffic"].items() if str(round_number) in rounds}
+        asked = {site for site, r in sent if r == round_number}
         assert asked == set(sites)
     assert ledger_rounds(run_dir, 2) == sorted(selected)
     if summary["status"] == "completed":

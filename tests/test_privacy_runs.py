@@ -41,10 +41,11 @@ def ledger_lines(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> None:
-    c = config(privacy__level="record", privacy__epsilon=2.0)
+    # secure noise: the guarantee it states is the one this test checks
+    c = config(privacy__level="record", privacy__epsilon=2.0, privacy__secure=True)
     result = run(c, tmp_path / "run")
     privacy = result.summary["privacy"]
-    assert privacy["level"] == "record"
+    assert privacy["level"] == "record" and privacy["private"] is True
     # calibrated for exactly these rounds: each site ends just under its cap
     for site, spent in privacy["epsilon_per_site"].items():
         assert 1.9 < spent <= 2.0 * (1 + 1e-9), site
@@ -108,7 +109,7 @@ def test_an_overspend_is_refused_before_the_round_and_nothing_is_lost(tmp_path: 
 def test_site_level_run(tmp_path: Path, noise: str) -> None:
     c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
-               privacy__noise=noise, privacy__clip_norm=0.5)
+               privacy__noise=noise, privacy__clip_norm=0.5, privacy__secure=True)
     result = run(c, tmp_path / "run")
     privacy = result.summary["privacy"]
     assert 7.5 < privacy["epsilon"] <= 8.0 * (1 + 1e-9)
@@ -129,7 +130,8 @@ def test_distributed_noise_under_a_protected_sum_holds_against_the_aggregator(
         tmp_path: Path, scheme: str) -> None:
     c = config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
-               privacy__noise="distributed", privacy__clip_norm=0.5, protection__scheme=scheme)
+               privacy__noise="distributed", privacy__clip_norm=0.5, protection__scheme=scheme,
+               privacy__secure=True)
     privacy = run(c, tmp_path / "run").summary["privacy"]
     plain = run(config(data__dataset="breast-cancer", data__sites=20, data__partition="iid",
                        federation__rounds=5, privacy__level="site", privacy__epsilon=8.0,
@@ -164,6 +166,13 @@ def dropping_sites(monkeypatch: pytest.MonkeyPatch, dropped: int) -> list[str]:
     return messages
 
 
+def empty_rounds(run_dir: Path) -> list[bool]:
+    """Which rounds were released from noise alone: under client-level DP only the
+    coordinator's audit log says (it is cohort information)."""
+    audit = [json.loads(x) for x in (run_dir / "audit_log.jsonl").read_text().splitlines()]
+    return [e["empty"] for e in audit if e.get("event") == "round"]
+
+
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -180,9 +189,7 @@ def test_too_few_distributed_shares_are_never_unmasked_and_the_round_is_charged(
     result = run(c, tmp_path / "run")
     assert result.summary["status"] == "completed"
     assert "RoundSetup" in messages and "UnmaskRequest" not in messages
-    rows = metrics(result.run_dir)
-    assert [r["empty_round"] for r in rows] == [True] * 3
-    assert all(r["participants"] == [] for r in rows)
+    assert empty_rounds(result.run_dir) == [True] * 3
     parties = [x["party"] for x in ledger_lines(result.run_dir)]
     assert parties.count("federation") == 3  # every round charged
     assert parties.count("aggregator") == 0  # no sum was revealed to it
@@ -191,7 +198,7 @@ def test_too_few_distributed_shares_are_never_unmasked_and_the_round_is_charged(
     c.privacy.dropout_tolerance = 2
     covered = run(c, tmp_path / "covered")
     assert messages.count("UnmaskRequest") == 3 * 8
-    assert [r["empty_round"] for r in metrics(covered.run_dir)] == [False] * 3
+    assert empty_rounds(covered.run_dir) == [False] * 3
     assert [x["party"] for x in ledger_lines(covered.run_dir)].count("aggregator") == 3
 
 
@@ -204,7 +211,7 @@ def test_under_plain_protection_payloads_read_before_a_short_round_are_charged(
                privacy__level="site", privacy__noise="distributed",
                privacy__dropout_tolerance=1)
     result = run(c, tmp_path / "run")
-    assert [r["empty_round"] for r in metrics(result.run_dir)] == [True] * 3
+    assert empty_rounds(result.run_dir) == [True] * 3
     parties = [x["party"] for x in ledger_lines(result.run_dir)]
     assert parties.count("federation") == parties.count("aggregator") == 3
     assert result.summary["privacy"]["epsilon_against_aggregator"] > 0
@@ -249,8 +256,9 @@ def test_resume_reaches_the_same_model_and_counts_every_round_once(
     assert uncut["epsilon_against_aggregator"] == pytest.approx(uncut["epsilon"])
     for site, seen in privacy["epsilon_against_aggregator_per_site"].items():
         assert seen > privacy["epsilon_per_site"][site] * 1.02
-    assert f"{privacy['epsilon_against_aggregator']:.2f}" in privacy["sentence"]
-    assert "ran again round(s) 3" in privacy["sentence"]
+    # (the run's noise is seeded, so its sentence says NOT private; a secure run's says
+    # what the coordinator saw: test_site_level_resume_counts_the_discarded_sum...)
+    assert privacy["sentence"].startswith("NOT private")
     rounds = [json.loads(x)["round"]
               for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4, 5]
@@ -280,7 +288,7 @@ def test_site_level_resume_counts_the_discarded_sum_against_the_aggregator(
     # that of 4 sums; the cap on it (what an uninterrupted run can reach) refuses round 3.
     c = config(data__dataset="breast-cancer", data__sites=6, data__partition="iid",
                privacy__level="site", privacy__epsilon=8.0, privacy__noise="distributed",
-               protection__scheme="secagg")
+               protection__scheme="secagg", privacy__secure=True)
     crash_before_checkpoint(c, tmp_path / "cut", monkeypatch, at_round=2)
     lines = ledger_lines(tmp_path / "cut")
     assert [x["party"] for x in lines] == ["federation", "aggregator"] * 2
@@ -296,6 +304,7 @@ def test_site_level_resume_counts_the_discarded_sum_against_the_aggregator(
                            delta=1e-5)
     assert privacy["epsilon"] == pytest.approx(two_released, rel=1e-6)
     assert "ran again" in privacy["sentence"]
+    assert f"{privacy['epsilon_against_aggregator']:.2f}" in privacy["sentence"]
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -339,9 +348,8 @@ def test_client_level_sites_do_not_report_their_size(tmp_path: Path) -> None:
     c = config(data__dataset="breast-cancer", data__sites=10, data__partition="iid",
                federation__rounds=2, privacy__level="site", privacy__epsilon=8.0)
     result = run(c, tmp_path / "run")
-    rounds = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"n_examples"' in x]
-    assert rounds and all(r["n_examples"] == 0 for r in rounds)
+    rounds = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2 and not any("n_examples" in r for r in rounds)
 
 
 def test_the_count_slot_of_adaptive_clipping_is_counted_against_the_aggregator(
@@ -415,12 +423,15 @@ def test_an_empty_cohort_is_released_from_noise_alone_and_the_run_completes(
     assert result.summary["status"] == "completed"
     assert result.summary["rounds_completed"] == rounds
     rows = metrics(result.run_dir)
-    empty = [r for r in rows if r["empty_round"]]
-    assert len(rows) == rounds and len(empty) >= rounds // 2
-    assert all(r["participants"] == [] and r["n_examples"] == 0 for r in empty)
+    # Which rounds were empty is cohort information: only the coordinator's audit log has it.
+    assert len(rows) == rounds and not any("empty_round" in r for r in rows)
+    audit = [json.loads(x) for x in (result.run_dir / "audit_log.jsonl").read_text()
+             .splitlines()]
+    empty = {e["round"] for e in audit if e.get("event") == "round" and e["empty"]}
+    assert len(empty) >= rounds // 2
     lines = ledger_lines(result.run_dir)
     assert [x["round"] for x in lines if x["party"] == "federation"] == list(range(1, rounds + 1))
     # nothing of any site was seen in an empty round
     seen = {x["round"] for x in lines if x["party"] == "aggregator"}
-    assert seen == {r["round"] for r in rows if not r["empty_round"]}
+    assert seen == set(range(1, rounds + 1)) - empty
     assert 0 < result.summary["privacy"]["epsilon"] <= 50.0

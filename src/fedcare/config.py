@@ -97,10 +97,26 @@ class FederationConfig:
     """Adaptivity of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)."""
 
 
+AUTO = "auto"
+"""The value of an on/off switch (a ``bool | str`` field) that lets the run decide."""
+
+
 @dataclass
 class BaselineConfig:
-    enabled: bool = True
-    """Also train pooled (centralised) and each-site-alone models on the same budget."""
+    enabled: bool | str = AUTO
+    """Also train pooled (centralised) and each-site-alone models on the same budget:
+    true | false | "auto" (on without DP, off in a private run). They are trained without
+    DP on the same rows, so their exact metrics are covered by no guarantee: in a private
+    run they exist only when asked for explicitly (true), labelled NOT private."""
+
+    def wanted(self, *, private: bool) -> bool:
+        """Whether this run trains the baselines (`private`: privacy.level is not none)."""
+        if self.enabled == AUTO:
+            return not private
+        if isinstance(self.enabled, bool):
+            return self.enabled
+        raise ConfigError(f"baselines.enabled must be true, false or \"auto\"; found "
+                          f"{self.enabled!r}.")
 
 
 @dataclass
@@ -268,7 +284,14 @@ def _coerce(value: Any, expected: Any, path: str, source: str) -> Any:
             value = [value]
         return [_coerce(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
     if isinstance(expected, types.UnionType):
-        raise TypeError("config fields are not unions")
+        if set(typing.get_args(expected)) != {bool, str}:
+            raise TypeError("config fields are not unions, except switches (bool | str)")
+        # A switch: on, off, or "auto" (the run decides, e.g. from the privacy level), so
+        # that an explicit choice can be told from the default.
+        if isinstance(value, bool) or value == AUTO:
+            return value
+        raise ConfigError(f'{source}: {path!r} must be true, false or "auto"; found {value!r} '
+                          f"({type(value).__name__}).")
     if expected is bool:
         if isinstance(value, bool):
             return value

@@ -25,11 +25,26 @@ from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
 from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedcare.privacy.plan import BASELINES_NOT_PRIVATE
 from fedcare.protection import who_sees_what
 from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
+from fedcare.report.auditlog import (
+    AUDIT_LOG_FILE,
+    AuditLog,
+    audit_key,
+    payload_digest,
+    payload_digests_keyed,
+)
 from fedcare.report.html import write_report
-from fedcare.report.rundir import CURVES_FILE, RunWriter, load_checkpoint, make_run_dir
+from fedcare.report.rundir import (
+    CURVES_FILE,
+    RunWriter,
+    cohorts_public,
+    load_checkpoint,
+    make_run_dir,
+    round_facts,
+    site_facts,
+)
 from fedcare.runtime.local import LocalRuntime, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
@@ -110,12 +125,17 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
 
 
 def log_round_events(audit: AuditLog, report: RoundReport, params: torch.Tensor,
-                     ledger: PrivacyLedger | None) -> None:
-    """One completed round in the audit log: who was asked, what arrived, what was spent."""
-    audit.append("round", round=report.round, selected=report.selected)
-    for site, (size, digest) in report.received.items():
+                     ledger: PrivacyLedger | None, payload_key: bytes | None = None) -> None:
+    """One completed round in the audit log: who was asked, what arrived, what was spent.
+
+    `payload_key` (`audit_key`, when `payload_digests_keyed`) keys the payload
+    digests, so that the log is no oracle on a site's data.
+    """
+    audit.append("round", round=report.round, selected=report.selected, empty=report.empty)
+    for site, (size, sha256) in report.received.items():
+        name, digest = payload_digest(sha256, payload_key)
         audit.append("payload_received", round=report.round, site=site, bytes=size,
-                     sha256=digest)
+                     **{name: digest})
     for site, reason in report.failures.items():
         audit.append("site_failed", round=report.round, site=site, reason=reason)
     if ledger is not None:
@@ -159,7 +179,9 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     if config.threads < 1:
         raise ConfigError(f"threads must be >= 1; got {config.threads}.")
     torch.set_num_threads(config.threads)
-    data = build_federation(config.data, private=config.privacy.level != "none")
+    private = config.privacy.level != "none"
+    baselines = config.baselines.wanted(private=private)
+    data = build_federation(config.data, private=private)
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     model = runtime.model
     params = runtime.initial_params()
@@ -180,6 +202,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         if runtime.ledger is not None:
             runtime.ledger.resume_from(run_dir / LEDGER_FILE, first_round - 1)
     per_site = len(data.sites) <= PER_SITE_EVAL_MAX_SITES
+    public = cohorts_public(config)
     summary: dict[str, Any] = {
         "fedcare_version": __version__,
         "status": "running",
@@ -189,18 +212,20 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "model": config.model.name,
         "n_parameters": model.spec.size,
         "seed": config.seed,
-        "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
+        "sites": [site_facts(s.name, s.n_train, s.n_test, public=public)
                   for s in data.sites],
         "rounds_completed": first_round - 1,
         "protection": {"scheme": config.protection.scheme,
                        "sentence": who_sees_what(config.protection)},
     }
     audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resume is not None)
+    payload_key = audit_key(run_dir) if payload_digests_keyed(config) else None
     if resume is None:
         audit.append("run_started", config_sha256=hashlib.sha256(
                          config.to_toml().encode()).hexdigest(),
                      sites=[s.name for s in data.sites], protection=config.protection.scheme,
-                     privacy=config.privacy.level)
+                     privacy=config.privacy.level,
+                     payload_digest="sha256" if payload_key is None else "hmac-sha256")
     else:
         audit.append("run_resumed", after_round=first_round - 1)
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
@@ -211,13 +236,10 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         nonlocal params
         params = new_params
         evaluation = evaluate(model, new_params, data, per_site)
-        writer.log_round({"round": report.round, "participants": report.participants,
-                          "failures": report.failures, "train_loss": report.train_loss,
-                          "n_examples": report.n_examples, "clip_norm": report.clip_norm,
-                          "empty_round": report.empty, **evaluation.to_dict()})
+        writer.log_round({**round_facts(report, public=public), **evaluation.to_dict()})
         # Logged before the checkpoint: a checkpointed round is always in the log (a round
         # logged but not checkpointed runs again after --resume, and is logged again).
-        log_round_events(audit, report, new_params, runtime.ledger)
+        log_round_events(audit, report, new_params, runtime.ledger, payload_key)
         writer.save_checkpoint(report.round, new_params,
                                runtime.aggregator.strategy.state_dict(),
                                runtime.aggregator.clip_norm)
@@ -250,7 +272,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
 
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}
-    if config.baselines.enabled:
+    if baselines:
         x, y = data.pooled_train()
         pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
         for i, site in enumerate(data.sites):
@@ -261,6 +283,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         elapsed_seconds=time.perf_counter() - started,
         federated=federated.to_dict(),
         baselines=None if pooled_baseline is None else {
+            # In a private run the baselines are outside every guarantee: said where they are.
+            **({"private": False, "note": BASELINES_NOT_PRIVATE} if private else {}),
             "pooled": pooled_baseline.to_dict(),
             "local": {k: v.to_dict() for k, v in local_baselines.items()},
         },

@@ -138,7 +138,9 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
         else:
             pooled = result.federated.pooled
             privacy = result.summary.get("privacy") or {}
+            # A seeded run keeps the epsilon secure noise would give, labelled: not private.
             record.update(status="completed", epsilon=privacy.get("epsilon"),
+                          private=privacy.get("private") if privacy else None,
                           **{m: pooled.get(m) for m in METRICS})
         runs.append(record)
     table = []
@@ -172,7 +174,22 @@ def sweep_markdown(sweep: Mapping[str, Any]) -> str:
             [*(str(row["settings"][k]) for k in keys), str(row["runs"]), str(row["failed"]),
              _cell_text(row["accuracy_mean"], row["accuracy_std"]),
              _cell_text(row["roc_auc_mean"], row["roc_auc_std"])]) + " |")
-    return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds {sweep['seeds']}.\n"
+    notes = [f"Mean ± standard deviation over seeds {sweep['seeds']}."]
+    warning = seeded_warning(sweep)
+    if warning:
+        notes.append(warning)
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def seeded_warning(sweep: Mapping[str, Any]) -> str:
+    """What to say when some runs drew seeded noise (empty if none did)."""
+    seeded = [r["run"] for r in sweep["runs"] if r.get("private") is False]
+    if not seeded:
+        return ""
+    return (f"NOT private (seeded noise, for testing): {len(seeded)} of {len(sweep['runs'])} "
+            "runs drew their noise and sampling from the seed in their configuration "
+            "(privacy.secure = false); anyone with the configuration regenerates and "
+            "subtracts it, so their privacy.epsilon is a setting, not a guarantee.")
 
 
 def _x_key(grid: Mapping[str, Sequence[Any]]) -> str | None:
@@ -207,8 +224,10 @@ def sweep_html(sweep: Mapping[str, Any]) -> str:
     html_rows = "".join("<tr>" + "".join(f"<td>{escape(c.strip())}</td>" for c in row)
                         + "</tr>" for row in rows[1:])
     head = "".join(f"<th>{escape(c.strip())}</th>" for c in rows[0])
+    warning = seeded_warning(sweep)
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fedcare "
             f"sweep</title><style>{CSS}</style></head><body><h1>Sweep</h1>"
             f"<p class='sub'>grid {escape(json.dumps(grid))}, seeds {sweep['seeds']}</p>"
-            f"<div class='charts'>{''.join(charts)}</div><table><tr>{head}</tr>{html_rows}"
+            + (f"<p class='warning'>{escape(warning)}</p>" if warning else "")
+            + f"<div class='charts'>{''.join(charts)}</div><table><tr>{head}</tr>{html_rows}"
             "</table></body></html>\n")

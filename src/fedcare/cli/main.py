@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (key, kind, text) in SHORTHANDS.items():
         run.add_argument(flag, dest=key.replace(".", "__"), type=kind, help=f"{text} [{key}]")
     run.add_argument("--no-baselines", action="store_true",
-                     help="skip the pooled and single-site baselines [baselines.enabled=false]")
+                     help="skip the pooled and single-site baselines [baselines.enabled=false]; "
+                          "a private run skips them unless baselines.enabled=true")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     schema = commands.add_parser("schema", help="work with data schemas")
@@ -142,8 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     privacy = result.summary.get("privacy")
     if privacy:
         print("\nPrivacy: " + privacy["sentence"])
-        if config.baselines.enabled:
-            print("The pooled and single-site baselines are trained without DP, for reference.")
+    baselines = result.summary.get("baselines") or {}
+    if baselines.get("note"):
+        print("\nBaselines: " + baselines["note"])
     files = sorted(p.name for p in result.run_dir.iterdir() if not p.name.endswith(".tmp"))
     print(f"\nRun directory: {result.run_dir}  ({', '.join(files)})")
     return 0

@@ -102,7 +102,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         privacy = s.get("privacy")
         rows.append((summary_file.parent.name, s.get("status", "?"), s.get("dataset", "?"),
                      s.get("strategy", "?"), (s.get("protection") or {}).get("scheme", "plain"),
-                     f"{privacy['level']} eps {privacy['epsilon']:.2f}" if privacy else "none",
+                     _privacy_cell(privacy),
                      str(s.get("rounds_completed", "?")),
                      *(f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
                        for m in ("accuracy", "roc_auc"))))
@@ -115,6 +115,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _privacy_cell(privacy: dict[str, Any] | None) -> str:
+    """A run's privacy in a few words; a seeded run is not private whatever its epsilon."""
+    if not privacy:
+        return "none"
+    if privacy.get("private", True) is False:
+        return f"{privacy['level']}: NOT private (seeded noise)"
+    return f"{privacy['level']} eps {privacy['epsilon']:.2f}"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

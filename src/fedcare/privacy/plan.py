@@ -27,10 +27,30 @@ RECORD_CAVEATS = ("Each hospital's number of training records is treated as publ
                   "standard DP-SGD (it sets the sampling rate and the averaging weight); "
                   "accuracy measured on a hospital's held-out test records is reported exactly "
                   "and not covered.")
-SITE_CAVEATS = ("Accuracy measured on a hospital's held-out test records is reported exactly "
-                "and not covered.")
+SITE_CAVEATS = ("Accuracy and the other metrics measured on each hospital's held-out test "
+                "records, and the number of those records (which tells roughly how large the "
+                "hospital is), are reported exactly and not covered.")
 """What a private run still reveals. Preprocessing is not on the list: a private run
 standardises with the schema's public ranges (`fedcare.data.preprocess`)."""
+SITE_PUBLIC = ("the number of hospitals", "the number of rounds", "the sampling rate")
+"""What a site-level run publishes about its sites beyond the model (`PrivacyPlan.guarantee`)."""
+SITE_NOT_RELEASED = ("which hospitals took part in each round",
+                     "each hospital's number of training records")
+"""What the site-level guarantee protects and no artefact for users of the model holds: the
+cohorts (publishing them would forfeit the amplification by sampling the epsilon counts on)
+and the sites' sizes. The coordinator's own audit log keeps the cohorts."""
+SITE_RELEASE_WORDS = (
+    "Public: " + ", ".join(SITE_PUBLIC) + ". Not released to users of the model: "
+    + " and ".join(SITE_NOT_RELEASED) + "; the coordinator knows the cohorts (its audit "
+    "log, audit_log.jsonl, records them and is not for users of the model), which is why any "
+    "epsilon against it is computed without sampling amplification.")
+"""How the site-level sentence says what is public and what is not released."""
+BASELINES_NOT_PRIVATE = (
+    "NOT private: the pooled and single-site baselines were trained without differential "
+    "privacy on the same training records as the federated model and their metrics are exact "
+    "(epsilon is infinite for them); they were asked for explicitly (baselines.enabled = "
+    "true) and must be shown only to those who may see the hospitals' data.")
+"""What every artefact of a private run says next to its baselines."""
 FEDERATION = "federation"
 """Ledger party of client-level DP: the guarantee covers every site alike."""
 AGGREGATOR = "aggregator"
@@ -60,6 +80,10 @@ class PrivacyPlan:
         ``protection.scheme``: under ``secagg`` and ``ckks`` the aggregator
         sees only the sum of the site payloads, which changes what site-level
         distributed noise guarantees against it.
+    secure : bool
+        ``privacy.secure``: False when the noise and the sampling are seeded
+        streams that anyone holding the configuration regenerates; then
+        `guarantee` states no guarantee at all.
     """
 
     level: str
@@ -67,12 +91,27 @@ class PrivacyPlan:
     accountant: str
     rounds: int
     protection: str = "plain"
+    secure: bool = True
     record: dict[str, RecordPrivacy] = field(default_factory=dict)
     site: SitePrivacy | None = None
     caps: dict[str, float] = field(default_factory=dict)
 
     def guarantee(self, ledger: PrivacyLedger) -> dict[str, Any]:
-        """The guarantee as numbers and as one sentence a clinician can read."""
+        """The guarantee as numbers and as one sentence a clinician can read.
+
+        With seeded noise (``secure = False``) there is none: the sentence says
+        the run is NOT private, ``private`` is False, and the numbers stay as
+        what the same mechanism would give with secure noise (`seeded_label`).
+        """
+        return self._stated(self._mechanism_guarantee(ledger))
+
+    def _stated(self, claim: dict[str, Any]) -> dict[str, Any]:
+        if self.secure:
+            return {**claim, "private": True, "noise_source": "secure"}
+        return seeded_label(claim)
+
+    def _mechanism_guarantee(self, ledger: PrivacyLedger) -> dict[str, Any]:
+        """What the mechanism guarantees when its noise and sampling are secure."""
         spent = {party: ledger.spent(party) for party in ledger.parties()}
         if self.level == "record":
             worst = max(spent.values(), default=0.0)
@@ -118,7 +157,7 @@ class PrivacyPlan:
             f"differential privacy with epsilon = {eps:.2f} and delta = {self.delta:g} against "
             f"anyone who sees the released model: it reveals almost nothing more about any one "
             f"hospital's data than a model trained without that hospital. {aggregator_words} "
-            f"{SITE_CAVEATS}")
+            f"{SITE_RELEASE_WORDS} {SITE_CAVEATS}")
         sentence += _resubmitted_words(ledger, against_aggregator, "site")
         return {"level": "site", "protects": "each site's whole dataset",
                 "against": "anyone who sees the model", "epsilon": eps, "delta": self.delta,
@@ -128,7 +167,10 @@ class PrivacyPlan:
                 "noise": self.site.noise, "clip_norm": self.site.clip_norm,
                 "adaptive_clipping_quantile": self.site.target_quantile or None,
                 "noise_multiplier": self.site.noise_multiplier,
-                "sample_rate": self.site.sample_rate, "sentence": sentence}
+                "sample_rate": self.site.sample_rate,
+                "public": list(SITE_PUBLIC), "not_released": list(SITE_NOT_RELEASED),
+                "not_covered": "metrics on each site's test records, and their number",
+                "sentence": sentence}
 
     def _against_aggregator(self, ledger: PrivacyLedger) -> float | None:
         """Epsilon per site against the aggregator, from what it actually saw.
@@ -163,6 +205,40 @@ def _resubmitted_words(ledger: PrivacyLedger, against_aggregator: float | None,
     return (f" The coordinator's epsilon counts the attempts of round(s) {which} that a "
             f"resumed run discarded and ran again: the model never contained them, but the "
             f"coordinator saw them.")
+
+
+NOT_PRIVATE = "NOT private (seeded noise, for testing)"
+"""How every artefact of a run with ``privacy.secure = false`` begins its privacy statement."""
+
+
+def seeded_label(claim: dict[str, Any]) -> dict[str, Any]:
+    """A mechanism's guarantee restated for a run whose noise was seeded: no guarantee.
+
+    Seeded noise and sampling (`noise_factory` with ``secure = false``) are a
+    function of the seed in the run's configuration: whoever reads
+    ``config.toml`` regenerates every draw and subtracts it, so the released
+    model is as revealing as one trained without noise. The numbers are kept,
+    for tests and for comparing settings, under the statement that they are not
+    a guarantee of this run; ``protects`` and ``against`` say nobody.
+
+    Parameters
+    ----------
+    claim : dict
+        `PrivacyPlan.guarantee`'s dictionary as it would read with secure noise.
+    """
+    would = (f"epsilon = {claim['epsilon']:.2f} and delta = {claim['delta']:g}"
+             + (" (the largest over the hospitals)" if claim["level"] == "record" else ""))
+    sentence = (f"{NOT_PRIVATE}: the noise and the sampling of this run were generated from the "
+                f"seed in its configuration (privacy.secure = false), so anyone who reads the "
+                f"configuration regenerates them bit for bit and subtracts them; the model and "
+                f"the updates reveal as much as without noise. With secure noise the same "
+                f"mechanism would give {would}; that is not a guarantee of this run.")
+    return {**claim, "private": False, "noise_source": "seeded",
+            "protects": "nobody (seeded noise)", "against": "nobody",
+            "would_protect": claim["protects"],
+            "not_a_guarantee": "epsilon and delta are what the mechanism would give with "
+                               "secure noise; this run's noise is seeded and gives no privacy",
+            "sentence": sentence}
 
 
 def _record_dict(p: RecordPrivacy) -> dict[str, float]:
@@ -272,7 +348,8 @@ def _validated_plan(config: RunConfig, names: list[str]) -> PrivacyPlan | None:
     if unknown:
         raise ConfigError(f"privacy.site_epsilon names unknown site(s) {unknown}; the sites are "
                           f"{names}.")
-    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds, config.protection.scheme)
+    plan = PrivacyPlan(p.level, p.delta, p.accountant, f.rounds, config.protection.scheme,
+                       secure=p.secure)
     if p.target_quantile and p.level != "site":
         raise ConfigError("privacy.target_quantile (adaptive clipping) applies to "
                           "privacy.level = 'site' only.")

@@ -17,8 +17,11 @@ site or an ethics board copies elsewhere (or what a later, signed, log
 anchors to) to make that detectable.
 
 Events written by `fedcare.experiment.run_experiment`: ``run_started``
-(config digest, sites, protection, privacy level), ``round`` (selected sites),
-``payload_received`` (site, bytes, SHA-256 of the protected payload),
+(config digest, sites, protection, privacy level, ``payload_digest``: how
+payloads are digested), ``round`` (selected sites),
+``payload_received`` (site, bytes, and a digest of the protected payload:
+``sha256``, or ``hmac_sha256`` when a plain digest would be an oracle, see
+`payload_digests_keyed`),
 ``site_failed`` (site, reason), ``budget_spent`` (the round's ledger entries),
 ``model_released`` (SHA-256 of the new global parameters), ``run_resumed``,
 ``run_failed`` (error) and ``run_completed``.
@@ -27,16 +30,22 @@ Events written by `fedcare.experiment.run_experiment`: ``run_started``
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 
 AUDIT_LOG_FILE = "audit_log.jsonl"
+AUDIT_KEY_FILE = "audit_log.key"
+"""The aggregator's key for keyed payload digests (32 random bytes, mode 0600): never in
+the log, and not to be shared with anyone the run directory is given to."""
 GENESIS = "0" * 64
 
 
@@ -50,6 +59,57 @@ def entry_hash(entry: dict[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def payload_digests_keyed(config: RunConfig) -> bool:
+    """Whether a plain SHA-256 of a site's payload would be an oracle on the site's data.
+
+    A payload that is neither masked (``secagg``) nor encrypted (``ckks``) nor
+    noised by the site from a secure source is a deterministic function of
+    the site's records and the public configuration: plain protection without
+    DP, with record-level DP from seeded noise, or with client-level DP whose
+    noise the aggregator adds (``central``) or which is seeded. Whoever reads
+    its SHA-256 in the log can guess the records, recompute the payload and
+    check the guess exactly. Such payloads get an HMAC-SHA256 under a key the
+    aggregator keeps instead (`payload_digest`).
+    """
+    if config.protection.scheme in ("secagg", "ckks"):
+        return False  # masks and ciphertexts are fresh randomness from the CSPRNG
+    p = config.privacy
+    noised_at_site = p.level == "record" or (p.level == "site" and p.noise == "distributed")
+    return not (noised_at_site and p.secure)
+
+
+def audit_key(run_dir: Path) -> bytes:
+    """The run's key for keyed payload digests: read if the run has one, else made.
+
+    A new key is 32 bytes from `secrets`, written to ``AUDIT_KEY_FILE`` with
+    mode 0600 (created exclusively, so an existing file is never overwritten).
+    """
+    path = Path(run_dir) / AUDIT_KEY_FILE
+    if path.exists():
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise AuditLogError(f"{path} holds {len(key)} bytes; expected the 32-byte key this "
+                                "run's keyed payload digests were made with.")
+        return key
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(key)
+    return key
+
+
+def payload_digest(sha256_hex: str, key: bytes | None) -> tuple[str, str]:
+    """(field name, value) under which ``payload_received`` records a payload.
+
+    Without `key`: ``sha256`` and the payload's SHA-256. With it: ``hmac_sha256``
+    and HMAC-SHA256 under `key` of that SHA-256 (hex): only a holder of the key can
+    check a payload against it, so the log is no oracle for guesses of a site's data.
+    """
+    if key is None:
+        return "sha256", sha256_hex
+    return "hmac_sha256", hmac.new(key, bytes.fromhex(sha256_hex), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

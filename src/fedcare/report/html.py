@@ -28,6 +28,9 @@ from fedcare.report.svg import line_chart
 REPORT_FILE = "report.html"
 MODEL_CARD_FILE = "model_card.md"
 AUDIT_FILE = "audit.json"
+PER_SITE_NOT_COVERED = ("Per-site metrics (each site's own test patients, and how many there "
+                        "are) are exact measurements, not covered by the site-level "
+                        "differential privacy guarantee.")
 MAX_SITE_LINES = 10
 """Per-site lines drawn in one chart; beyond, only the pooled line."""
 MAX_BUDGET_POINTS = 20
@@ -99,8 +102,11 @@ def _headline_rows(summary: Mapping[str, Any], sites: Sequence[str]) -> list[lis
     rows = [("federated (" + str(summary.get("strategy")) + ")", summary.get("federated"))]
     baselines = summary.get("baselines") or {}
     if baselines:
-        rows.append(("pooled (centralised, for reference)", baselines.get("pooled")))
-        rows += [(f"{name} alone", ev) for name, ev in (baselines.get("local") or {}).items()]
+        private = baselines.get("private") is not False
+        rows.append(("pooled (centralised, for reference)" if private else
+                     "pooled (centralised, NOT private)", baselines.get("pooled")))
+        rows += [(f"{name} alone" + ("" if private else " (NOT private)"), ev)
+                 for name, ev in (baselines.get("local") or {}).items()]
     table = []
     for label, evaluation in rows:
         pooled = (evaluation or {}).get("pooled")
@@ -124,7 +130,9 @@ def model_card(run_dir: Path) -> str:
         if (run_dir / "model.pt").is_file() else {}
     schema = meta.get("schema") or {}
     privacy = summary.get("privacy")
-    sites = summary.get("sites") or []
+    # A deployed aggregator's summary names its sites only (it never sees their data).
+    sites: list[dict[str, Any]] = [{"name": s} if isinstance(s, str) else s
+                                   for s in summary.get("sites") or []]
     federated = summary.get("federated") or {}
     target = schema.get("target", "the outcome")
     positive = ", ".join(schema.get("positive", [])) or "1"
@@ -139,8 +147,14 @@ def model_card(run_dir: Path) -> str:
         "in care.",
         "## Sites and data",
         _markdown_table(["site", "training patients", "test patients"],
-                        [[s["name"], str(s["n_train"]), str(s["n_test"])] for s in sites]),
+                        [[s["name"], str(s.get("n_train", "not released")),
+                          str(s.get("n_test", "-"))] for s in sites]),
     ]
+    site_level = (privacy or {}).get("level") == "site"
+    if site_level:
+        parts.append("Each site's number of training patients is not released: site-level "
+                     "differential privacy protects each site's whole dataset, its size "
+                     "included.")
     if schema:
         numeric = (schema.get("numeric") or {}).get("columns", [])
         categorical = schema.get("categorical") or {}
@@ -160,6 +174,8 @@ def model_card(run_dir: Path) -> str:
                               + [[name, str(v.get("n", "-"))]
                                  + [_fmt(_metric(v, m[0])) for m in metrics]
                                  for name, v in per_site.items()])]
+    if site_level and per_site:
+        parts.append(PER_SITE_NOT_COVERED)
     subgroups = summary.get("subgroups") or {}
     if subgroups:
         parts += ["### By subgroup (pooled test set)",
@@ -174,9 +190,12 @@ def model_card(run_dir: Path) -> str:
               "whether a patient took part, and details of their record (see the audit, if "
               "one was run).",
               f"Protection of the updates in transit: `{scheme}`, {protection}"]
+    baselines = summary.get("baselines") or {}
+    if baselines.get("note"):
+        parts.append(f"Baselines: {baselines['note']}")
     limits = ["Test sets are small: an accuracy on n patients has a standard error of about "
               "sqrt(p(1-p)/n) (0.03 at n = 250, 0.1 at n = 25)."]
-    small = [s["name"] for s in sites if s["n_test"] < 50]
+    small = [s["name"] for s in sites if "n_test" in s and s["n_test"] < 50]
     if small:
         limits.append(f"Sites with fewer than 50 test patients ({', '.join(small)}): their "
                       "metrics are too noisy to compare.")
@@ -267,7 +286,7 @@ def write_report(run_dir: str | Path) -> Path:
         if (run_dir / CURVES_FILE).is_file() else {}
     card = model_card(run_dir)
     (run_dir / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
-    sites = [s["name"] for s in summary.get("sites", [])]
+    sites = [s if isinstance(s, str) else s["name"] for s in summary.get("sites", [])]
     shown = sites if len(sites) <= MAX_SITE_LINES else []
     pooled = (summary.get("federated") or {}).get("pooled") or {}
     body = [f"<h1>{escape(str(summary.get('description')))}</h1>",
@@ -284,22 +303,35 @@ def write_report(run_dir: str | Path) -> Path:
                 f"({pooled.get('n', '-')} patients): accuracy <b>{accuracy_text}</b>, "
                 f"ROC AUC <b>{auc_text}</b>.</p>")
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"] + [f"acc@{s}" for s in sites]
-    body += ["<h2>Federated vs pooled vs each site alone</h2>",
+    baselines = summary.get("baselines") or {}
+    body += ["<h2>Federated vs pooled vs each site alone</h2>" if baselines else
+             "<h2>Federated model</h2>",
              _html_table(header, _headline_rows(summary, sites)),
              "<p>Pooled metrics are on all sites' test patients together; acc@site on that "
-             "site's own test patients. The pooled and single-site models are references "
-             "trained without privacy protection.</p>"]
+             "site's own test patients."
+             + (" The pooled and single-site models are references trained without privacy "
+                "protection." if baselines else "")
+             + (" " + PER_SITE_NOT_COVERED
+                if (summary.get("privacy") or {}).get("level") == "site" else "") + "</p>"]
+    if baselines.get("note"):
+        body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
     body.append("<h2 id='privacy'>Privacy</h2>")
     if privacy:
-        body.append(f"<p class='guarantee'>{escape(privacy['sentence'])}</p>")
+        # A seeded run states no guarantee: its sentence goes in the warning box, and its
+        # budget chart says what secure noise would have spent, not what this run spent.
+        private = privacy.get("private", True) is not False
+        body.append(f"<p class='{'guarantee' if private else 'warning'}'>"
+                    f"{escape(privacy['sentence'])}</p>")
         budget = budget_per_round(run_dir, float(privacy["delta"]), str(privacy["accountant"]))
         if budget:
             cap = float(privacy.get("epsilon", math.nan))
-            body.append(line_chart(budget, title=f"Privacy budget spent (epsilon, delta = "
-                                                 f"{privacy['delta']:g})", x_label="round",
+            title = (f"Privacy budget spent (epsilon, delta = {privacy['delta']:g})" if private
+                     else f"NOT private (seeded noise): epsilon secure noise would have spent "
+                          f"(delta = {privacy['delta']:g})")
+            body.append(line_chart(budget, title=title, x_label="round",
                                    y_label="epsilon spent",
                                    y_range=(0.0, max(cap, *(max(v[1], default=0.0)
                                                             for v in budget.values())))))

@@ -24,6 +24,7 @@ import torch
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
+from fedcare.federation.aggregator import RoundReport
 
 
 def make_run_dir(config: RunConfig, out: str | Path | None = None) -> Path:
@@ -62,6 +63,39 @@ def write_json(path: Path, payload: Any) -> None:
     tmp.write_text(json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n",
                    encoding="utf-8")
     os.replace(tmp, path)
+
+
+def cohorts_public(config: RunConfig) -> bool:
+    """Whether the run's artefacts may name each round's sites and each site's size.
+
+    Not under site-level DP: the guarantee covers a site's whole dataset, its
+    size included, and its epsilon counts on amplification by Poisson sampling,
+    which holds only while nobody but the aggregator knows who was sampled.
+    """
+    return config.privacy.level != "site"
+
+
+def site_facts(name: str, n_train: int, n_test: int, *, public: bool) -> dict[str, Any]:
+    """A site in ``summary.json``: its name and test size, and its training size if public."""
+    return {"name": name, "n_train": n_train, "n_test": n_test} if public else \
+        {"name": name, "n_test": n_test}
+
+
+def round_facts(report: RoundReport, *, public: bool) -> dict[str, Any]:
+    """What ``metrics.jsonl`` says of a round's federation, as both runtimes log it.
+
+    With `public` False (`cohorts_public`) nothing names the round's sites:
+    neither who took part nor who was left out, nor the rows they trained on.
+    """
+    facts: dict[str, Any] = {"round": report.round}
+    if public:
+        # Whether a round was released from noise alone says whether its cohort was empty
+        # or short: cohort information, kept to the coordinator's audit log when private.
+        facts.update(participants=report.participants, failures=report.failures,
+                     train_loss=report.train_loss, n_examples=report.n_examples,
+                     empty_round=report.empty)
+    facts["clip_norm"] = report.clip_norm
+    return facts
 
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -20,9 +20,13 @@ def results_table(result: RunResult) -> str:
     sites = [s.name for s in result.data.sites]
     rows: list[tuple[str, Evaluation]] = [
         (f"federated ({result.summary['strategy']})", result.federated)]
+    # A private run's baselines (asked for explicitly) are outside its guarantee: each row says so.
+    tag = ", NOT private" if (result.summary.get("baselines") or {}).get("private") is False \
+        else ""
     if result.pooled_baseline is not None:
-        rows.append(("pooled (centralised)", result.pooled_baseline))
-    rows += _local_rows(result.local_baselines)
+        rows.append((f"pooled (centralised{tag})", result.pooled_baseline))
+    rows += [(f"{label}{' (NOT private)' if tag else ''}", ev)
+             for label, ev in _local_rows(result.local_baselines)]
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"]
     if len(sites) <= MAX_SITE_COLUMNS:
         header += [f"acc@{s}" for s in sites]

@@ -71,8 +71,20 @@ from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_facto
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
 from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog
-from fedcare.report.rundir import CHECKPOINT_FILE, RunWriter, load_checkpoint, write_json
+from fedcare.report.auditlog import (
+    AUDIT_LOG_FILE,
+    AuditLog,
+    audit_key,
+    payload_digests_keyed,
+)
+from fedcare.report.rundir import (
+    CHECKPOINT_FILE,
+    RunWriter,
+    cohorts_public,
+    load_checkpoint,
+    round_facts,
+    write_json,
+)
 from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
 from fedcare.runtime.local import build_aggregator
@@ -562,7 +574,7 @@ def _privacy_plan(config: RunConfig, sites: Sequence[RemoteSite]) -> PrivacyPlan
     if p.level != "record":
         return None
     plan = PrivacyPlan("record", p.delta, p.accountant, config.federation.rounds,
-                       config.protection.scheme)
+                       config.protection.scheme, secure=p.secure)
     for site in sites:
         assert site.hello is not None
         if site.hello.record_privacy is None:
@@ -654,6 +666,7 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
 
     run_dir = Path(settings.run_dir) if settings.run_dir else None
     writer = audit = None
+    payload_key: bytes | None = None
     first_round = 1
     if run_dir is not None:
         resuming = (run_dir / CHECKPOINT_FILE).exists()
@@ -673,13 +686,15 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             if ledger is not None:
                 ledger.persist_to(run_dir / LEDGER_FILE)
         audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resuming)
+        payload_key = audit_key(run_dir) if payload_digests_keyed(config) else None
         if resuming:
             audit.append("run_resumed", after_round=first_round - 1)
         else:
             audit.append("run_started", config_sha256=hashlib.sha256(
                 config.to_toml().encode()).hexdigest(), sites=[s.name for s in sites],
                 protection=config.protection.scheme, privacy=config.privacy.level,
-                runtime="flower")
+                runtime="flower",
+                payload_digest="sha256" if payload_key is None else "hmac-sha256")
 
     reports: list[RoundReport] = []
     seconds: list[float] = []
@@ -703,8 +718,10 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
         writer.save_model(params, {"spec": model.spec.to_dict(),
                                    "model": config.to_dict()["model"]})
         summary.update(status=status, elapsed_seconds=time.perf_counter() - started,
-                       audit_log=close_audit_log(audit), config=config.to_dict(),
-                       traffic=traffic_summary(messenger.traffic))
+                       audit_log=close_audit_log(audit), config=config.to_dict())
+        if cohorts_public(config):
+            # Bytes per site and round name each round's cohort: not under site-level DP.
+            summary["traffic"] = traffic_summary(messenger.traffic)
         if error is not None:
             summary["error"] = error
         if privacy is not None and ledger is not None:
@@ -735,12 +752,9 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             seconds.append(time.perf_counter() - tic)
             reports.append(report)
             if writer is not None and audit is not None:
-                writer.log_round({"round": report.round, "participants": report.participants,
-                                  "failures": report.failures, "train_loss": report.train_loss,
-                                  "n_examples": report.n_examples,
-                                  "clip_norm": report.clip_norm, "empty_round": report.empty,
+                writer.log_round({**round_facts(report, public=cohorts_public(config)),
                                   "seconds": seconds[-1]})
-                log_round_events(audit, report, params, ledger)
+                log_round_events(audit, report, params, ledger, payload_key)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
             summary["rounds_completed"] = report.round
