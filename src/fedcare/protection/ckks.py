@@ -209,7 +209,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from fedcare.errors import ConfigError, ProtocolError
 from fedcare.privacy.noise import NoiseSource, SecureNoise
-from fedcare.protection.base import Exchange
+from fedcare.protection.base import MIN_CONTRIBUTORS, Exchange
 
 HE_STANDARD_MAX_LOG_Q: Mapping[int, int] = MappingProxyType(
     {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881})
@@ -955,7 +955,7 @@ class DecryptRequest:
     contributors: tuple[int, ...] = ()
 
 
-MIN_DECRYPT_CONTRIBUTORS = 2
+MIN_DECRYPT_CONTRIBUTORS = MIN_CONTRIBUTORS["ckks"]
 """Fewest distinct sites a sum must hold for a site to decrypt it: one site's payload
 decrypted is that site's update."""
 

@@ -65,8 +65,8 @@ class SiteIdentity:
     def load(cls, *, ca: str | Path, certificate: str | Path, key: str | Path) -> SiteIdentity:
         """From ``ca.crt``, ``NAME.crt`` and ``NAME.key`` (OpenSSH or PEM); `ConfigError` naming
         the file that is wrong."""
-        ca_cert = _read_certificate(Path(ca), "the federation's CA certificate")
-        cert = _read_certificate(Path(certificate), "this site's certificate")
+        ca_cert = load_certificate(Path(ca), "the federation's CA certificate")
+        cert = load_certificate(Path(certificate), "this site's certificate")
         try:
             raw = Path(key).read_bytes()
         except OSError as exc:
@@ -132,7 +132,8 @@ class SiteIdentity:
         return name
 
 
-def _read_certificate(path: Path, what: str) -> x509.Certificate:
+def load_certificate(path: Path, what: str) -> x509.Certificate:
+    """A PEM certificate; `ConfigError` naming `what` and `path` if missing or not one."""
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:

@@ -43,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
+from fedcare.protection.identity import load_certificate
 from fedcare.runtime.flower_server import ServerSettings
 from fedcare.runtime.flower_site import RUN_CONFIG_KEY
 
@@ -171,15 +172,6 @@ def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *
                                                folder / AGGREGATOR_KEY), written)
 
 
-def _load_certificate(path: Path, what: str) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist.") from None
-    except ValueError as exc:
-        raise ConfigError(f"{what} {path} is not a PEM certificate ({exc}).") from None
-
-
 def check_site_certificate(ca_path: Path, cert_path: Path, site: str,
                            key_path: Path | None = None) -> ec.EllipticCurvePublicKey:
     """The site's public key, if its certificate is valid for `site`; `ConfigError` saying why not.
@@ -188,8 +180,8 @@ def check_site_certificate(ca_path: Path, cert_path: Path, site: str,
     to `site` (common name), holding an EC key, and (with `key_path`) matching
     the site's private key.
     """
-    ca = _load_certificate(ca_path, "The federation's CA certificate")
-    cert = _load_certificate(cert_path, f"Site {site!r}'s certificate")
+    ca = load_certificate(ca_path, "The federation's CA certificate")
+    cert = load_certificate(cert_path, f"Site {site!r}'s certificate")
     ca_key = ca.public_key()
     if not isinstance(ca_key, ec.EllipticCurvePublicKey):
         raise ConfigError(f"{ca_path} does not hold an EC CA key.")
