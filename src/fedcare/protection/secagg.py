@@ -57,11 +57,16 @@ Threat model
   dropped -- would need two disjoint groups of ``t`` honest sites, impossible
   when ``2t > n``. With colluding malicious sites the paper needs
   ``t > 2n/3`` plus its consistency check.
+* Signed keys (the PKI of the malicious-model protocol, §4): a site given a
+  certified identity (`fedcare.protection.identity`, a deployment's ``fedcare
+  certs``) signs its advertised keys and shares nothing unless every key of
+  the roster is signed by a distinct site certificate of the federation's CA:
+  an aggregator can no longer substitute a site's keys or add fake sites
+  (Sybils) to reach the threshold. Without identities (simulation, insecure
+  tests) the roster is taken as relayed.
 * Not implemented (active adversaries): the consistency check of round 3
-  (signatures on U3) and the signed-key PKI of the malicious-model protocol.
-  A malicious aggregator can therefore simulate fake sites (Sybils) to reach
-  the threshold with its own shares and unmask one honest site; it can also
-  declare honest sites dropped so that the sum covers as few as ``t`` sites. A malicious
+  (signatures on U3). A malicious aggregator can declare honest sites dropped
+  so that the sum covers as few as ``t`` sites. A malicious
   site can send a wrong masked input (poisoning the sum) or corrupt shares
   (detected by the commitments: the round fails with `ProtocolError`, it is
   not silently wrong). Deploy with authenticated site identities (TLS client
