@@ -331,8 +331,7 @@ def superlink_command(*, host: str, port: int, certs: Path | None,
     return command
 
 
-def node_config_text(site: str, *, data_file: str = "", epsilon_cap: float | None = None,
-                     keys: str = "", policy: str = "",
+def node_config_text(site: str, *, data_file: str = "", keys: str = "", policy: str = "",
                      identity: tuple[Path, Path, Path] | None = None) -> str:
     """The SuperNode's ``--node-config`` (`fedcare.runtime.flower_site.NodeSettings`).
 
@@ -347,8 +346,6 @@ def node_config_text(site: str, *, data_file: str = "", epsilon_cap: float | Non
             parts.append(f"{key}={json.dumps(str(Path(path).resolve()))}")
     if data_file:
         parts.append(f"data-file={json.dumps(str(Path(data_file).resolve()))}")
-    if epsilon_cap is not None:
-        parts.append(f"epsilon-cap={float(epsilon_cap)!r}")
     if keys:
         parts.append(f"keys={json.dumps(str(Path(keys).resolve()))}")
     return " ".join(parts)
