@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +28,19 @@ def write_csv(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def loopback_factory(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Make `loopback.Loopback` deployments of the three `loopback.SITES`; all stopped after."""
+    from loopback import SITES, Loopback
+
+    made: list[Loopback] = []
+
+    def make(tls: bool, name: str = "deployment") -> Loopback:
+        made.append(Loopback(tmp_path / name, SITES, tls=tls))
+        return made[-1]
+
+    yield make
+    for loopback in made:
+        loopback.close()
