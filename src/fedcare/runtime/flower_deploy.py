@@ -1,9 +1,10 @@
 """A real deployment: certificates, the Flower app fedcare runs, and the Flower processes.
 
-fedcare starts Flower's own programs and writes their configuration; it adds
-no network code:
+fedcare starts Flower's own programs and writes their configuration; its one
+addition on the network path is the SuperLink's request filter:
 
-* the coordinator runs ``flower-superlink`` (TLS, ``--enable-supernode-auth``),
+* the coordinator runs ``flower-superlink`` (behind `fedcare.runtime.superlink`:
+  only the Fleet API for other machines; TLS, ``--enable-supernode-auth``),
   registers each site's public key under the site's name (``flwr supernode
   register``) and submits the run (``flwr run``) of the app `write_app` makes:
   its components are `fedcare.runtime.flower.server_app` and
@@ -314,12 +315,14 @@ def superlink_command(*, host: str, port: int, certs: Path | None,
                       database: Path | None = None) -> list[str]:
     """``flower-superlink`` with TLS and node authentication (or neither, `certs` None).
 
-    With `database`, the SuperLink keeps its state (registered nodes, runs) in
-    that SQLite file, so SuperNodes keep their node ids across a restart of the
-    aggregator and reconnect by themselves.
+    It runs through `fedcare.runtime.superlink`, which serves only the Fleet API
+    to other machines: node registration, run control and logs stay on the
+    coordinator's machine. With `database`, the SuperLink keeps its state
+    (registered nodes, runs) in that SQLite file, so SuperNodes keep their node
+    ids across a restart of the aggregator and reconnect by themselves.
     """
-    command = [flower_program("flower-superlink"), "--host", host, "--port", str(port),
-               "--disable-runtime-dependency-installation"]
+    command = [sys.executable, "-m", "fedcare.runtime.superlink", "--host", host,
+               "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs is None:
         command.append("--insecure")
     else:
