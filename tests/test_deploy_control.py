@@ -114,6 +114,7 @@ def test_an_uncertified_party_on_the_network_cannot_register_list_read_or_stop(
     port = free_port()
     certs = make_certificates(tmp_path / "certs", ["cleveland"],
                               hosts=("localhost", "127.0.0.1", address))
+    (certs.ca.parent / "ca.key").unlink()  # kept offline: the aggregator never needs it
     coordinator = write_flower_home(tmp_path / "coordinator", f"127.0.0.1:{port}", certs.ca)
     # The impostor has the public CA certificate and reaches the SuperLink over the network.
     impostor = write_flower_home(tmp_path / "impostor", f"{address}:{port}", certs.ca)
@@ -169,3 +170,42 @@ def test_an_uncertified_party_on_the_network_cannot_register_list_read_or_stop(
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
+
+
+def test_a_new_hospital_gets_one_certificate_and_nothing_else_changes(tmp_path: Path) -> None:
+    import argparse
+
+    from fedcare.cli.deploy import add_deploy_parser
+    from fedcare.errors import ConfigError
+    from fedcare.runtime.flower_deploy import check_site_certificate, make_certificates
+
+    pki = make_certificates(tmp_path / "pki", ["cleveland", "va"])
+    before = {p.name: p.read_bytes() for p in pki.ca.parent.iterdir()}
+    parser = argparse.ArgumentParser()
+    add_deploy_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["certs", "add-site", "zurich", "--certs", str(tmp_path / "pki")])
+    assert args.handler(args) == 0
+    after = {p.name: p.read_bytes() for p in pki.ca.parent.iterdir()}
+    assert set(after) - set(before) == {"zurich.crt", "zurich.key"}
+    assert all(after[name] == data for name, data in before.items())
+    assert check_site_certificate(pki.ca, tmp_path / "pki" / "zurich.crt", "zurich",
+                                  tmp_path / "pki" / "zurich.key") is not None
+    with pytest.raises(ConfigError, match="already has a certificate"):
+        args.handler(args)
+    (tmp_path / "pki" / "ca.key").unlink()
+    args = parser.parse_args(["certs", "add-site", "basel", "--certs", str(tmp_path / "pki")])
+    with pytest.raises(ConfigError, match="needs the CA's key"):
+        args.handler(args)
+
+
+def test_each_federation_has_its_own_ca_name_and_a_foreign_certificate_says_which(
+        tmp_path: Path) -> None:
+    from fedcare.errors import ConfigError
+    from fedcare.runtime.flower_deploy import check_site_certificate, make_certificates
+
+    ours = make_certificates(tmp_path / "ours", ["va"])
+    theirs = make_certificates(tmp_path / "theirs", ["va"])
+    with pytest.raises(ConfigError) as refused:
+        check_site_certificate(ours.ca, theirs.sites["va"][0], "va")
+    names = [part for part in str(refused.value).split("'") if part.startswith("fedcare fed")]
+    assert len(names) == 2 and names[0] != names[1], str(refused.value)
