@@ -189,7 +189,7 @@ def add_site(directory: str | os.PathLike[str], site: str) -> tuple[Path, Path]:
     except ValueError as exc:
         raise ConfigError(f"{folder / CA_KEY} is not a PEM private key ({exc}).") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
-            ca_key.public_key().public_numbers() != ca.public_key().public_numbers():
+            ca_key.public_key() != ca.public_key():
         raise ConfigError(f"{folder / CA_KEY} is not the key of {folder / CA_CERT}.")
     return _issue_site(folder, site, ca, ca_key)
 
