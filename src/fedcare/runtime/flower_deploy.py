@@ -400,8 +400,12 @@ def node_config_text(site: str, *, data_file: str = "", keys: str = "", policy: 
 
 def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
                       key: Path | None, node_config: str) -> list[str]:
-    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure)."""
-    command = [flower_program("flower-supernode"), "--superlink", superlink,
+    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure).
+
+    It runs through `fedcare.runtime.supernode`: warm ClientApp processes and a
+    quicker poll of the SuperLink.
+    """
+    command = [sys.executable, "-m", "fedcare.runtime.supernode", "--superlink", superlink,
                "--port", str(port), "--node-config", node_config]
     if ca is None:
         command.append("--insecure")
