@@ -52,7 +52,7 @@ from fedcare.runtime.flower_deploy import (
     flower_program,
     make_certificates,
     node_config_text,
-    register_site,
+    register_sites,
     run_command,
     superlink_command,
     supernode_command,
@@ -118,11 +118,11 @@ def deployment(config: RunConfig, root: Path, timeout: float, *, stock_node: boo
         start(superlink_command(host="127.0.0.1", port=port, certs=certs.ca.parent),
               "superlink")
         wait_for_port("127.0.0.1", port, 120)
+        register_sites(home, {site: check_site_certificate(certs.ca, cert, site, key)
+                              for site, (cert, key) in certs.sites.items()})
         for site in SITES:
-            cert, key = certs.sites[site]
-            register_site(home, check_site_certificate(certs.ca, cert, site, key), site)
             command = supernode_command(superlink=f"127.0.0.1:{port}", site=site,
-                                       port=free_port(), ca=certs.ca, key=key,
+                                       port=free_port(), ca=certs.ca, key=certs.sites[site][1],
                                        node_config=node_config_text(site))
             if stock_node:  # [python, -m, fedcare.runtime.supernode, *flower-supernode's args]
                 command = [flower_program("flower-supernode"), *command[3:]]

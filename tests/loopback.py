@@ -62,7 +62,7 @@ class Loopback:
         from fedcare.cli.deploy import wait_for_port
         from fedcare.runtime.flower_deploy import (
             check_site_certificate,
-            register_site,
+            register_sites,
             superlink_command,
         )
 
@@ -72,10 +72,9 @@ class Loopback:
                                                   database=self.root / "superlink.db"))
         wait_for_port("127.0.0.1", self.port, timeout=60)
         if self.certs is not None:
-            for site in self.sites:
-                cert, key = self.certs.sites[site]
-                register_site(self.home, check_site_certificate(self.certs.ca, cert, site, key),
-                              site)
+            register_sites(self.home, {
+                site: check_site_certificate(self.certs.ca, cert, site, key)
+                for site, (cert, key) in self.certs.sites.items()})
 
     def start_site(self, site: str, key: Path | None = None, policy: Path | None = None
                    ) -> None:

@@ -33,7 +33,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,17 +416,38 @@ def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
     return command
 
 
+def register_sites(home: Path, public_keys: Mapping[str, ec.EllipticCurvePublicKey],
+                   timeout: float = 120.0) -> None:
+    """Register each site's node key with the SuperLink under the site's name.
+
+    One ``flwr supernode register`` per site, all at once: each spends seconds
+    importing Flower's CLI, so one after the other kept the last site waiting.
+    """
+    running = {}
+    for site, public_key in public_keys.items():
+        key_file = home / f"{site}.pub"
+        key_file.write_bytes(ssh_public_key(public_key) + b"\n")
+        running[site] = subprocess.Popen(
+            [flower_program("flwr"), "supernode", "register", str(key_file), CONNECTION,
+             "--name", site], env=flower_environment(home), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+    refused = []
+    for site, process in running.items():
+        try:
+            said, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            said = f"no answer within {timeout:g} s"
+        if process.returncode != 0 and "already" not in said.lower():
+            refused.append(f"{site}: {said.strip()[-300:]}")
+    if refused:
+        raise ConfigError("the SuperLink refused to register " + "; ".join(refused))
+
+
 def register_site(home: Path, public_key: ec.EllipticCurvePublicKey, site: str,
-                  timeout: float = 60.0) -> None:
-    """Register a site's node key with the SuperLink under the site's name."""
-    key_file = home / f"{site}.pub"
-    key_file.write_bytes(ssh_public_key(public_key) + b"\n")
-    done = subprocess.run([flower_program("flwr"), "supernode", "register", str(key_file),
-                           CONNECTION, "--name", site], env=flower_environment(home),
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
-        raise ConfigError(f"the SuperLink refused to register site {site!r}: "
-                          f"{(done.stderr or done.stdout).strip()[-500:]}")
+                  timeout: float = 120.0) -> None:
+    """Register one site's node key with the SuperLink under the site's name."""
+    register_sites(home, {site: public_key}, timeout)
 
 
 def run_command(app: Path) -> list[str]:
