@@ -217,6 +217,12 @@ def _enum(kind: type[E], value: str, key: str) -> E:
             from None
 
 
+def standardize_method(config: DataConfig, *, private: bool) -> Standardize:
+    """The standardisation a run uses (``data.standardize``, ``auto`` resolved)."""
+    return resolve_standardize(_enum(Standardize, config.standardize, "data.standardize"),
+                               private=private)
+
+
 SPLITS = ("auto", "stratified", "keyed")
 """``data.split``: see `fedcare.config.DataConfig.split` and `keyed_split`."""
 
@@ -282,8 +288,7 @@ def split_sites(config: DataConfig, *, private: bool = False) -> SplitSites:
                           f"names the bundled dataset {dataset!r}.")
     source = DATASETS[dataset](config)
     partition = _enum(Partition, config.partition, "data.partition")
-    standardize = resolve_standardize(
-        _enum(Standardize, config.standardize, "data.standardize"), private=private)
+    standardize = standardize_method(config, private=private)
     test_fraction = (source.default_test_fraction if config.test_fraction < 0
                      else config.test_fraction)
     if not 0 <= test_fraction < 1:
