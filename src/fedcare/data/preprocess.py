@@ -1,12 +1,15 @@
 """From validated site tables to model-ready tensors, without pooling raw rows.
 
-Each site splits its own rows into train and test, imputes from its own
-training rows, one-hot encodes with the shared vocabulary and standardises its
-numeric columns. Standardisation statistics are either the site's own
-(``site``) or federated (``federated``): every site contributes the sums
-(n, sum x, sum x^2) of its training rows, only their total is used, so the
-statistics equal those of the pooled training data while no site reveals a
-row. That total goes through the same summation as model updates.
+Each site splits its own rows into train and test (seeded by its name and
+``data.split_seed``: `site_rng`, `split_key`), imputes from its own training
+rows, one-hot encodes with the shared vocabulary and standardises its numeric
+columns, so a site prepared alone gets the tensors it gets among all sites.
+Standardisation statistics are either the site's own (``site``) or federated
+(``federated``): every site contributes sums of its training rows
+(`federated_mean_std`: ``[n, sum x]``, then ``sum (x - mean)^2``), only their
+totals are used, so the statistics equal those of the pooled training data
+while no site reveals a row. The totals go through the run's protection
+scheme, as model updates do (`fedcare.federation.summation`).
 
 Those statistics are exact functions of every patient's values, shared and
 stored in the model file; they also tie each training row to all the others,
