@@ -32,8 +32,8 @@ from fedcare.runtime.flower_site import (
     NodeSettings,
     SiteNode,
     Standardization,
-    receive_standardization,
     recall_standardization,
+    receive_standardization,
 )
 from fedcare.runtime.local import load_federation, scheme_sum
 
