@@ -8,6 +8,13 @@ for the protection protocol, ``fit`` for a round's training. Nothing but the
 reply to a message leaves the node: the reply is the protected payload, a
 protocol message of the scheme, or an error text.
 
+A site prepares its own rows only (`fedcare.data.datasets.split_sites`): the
+same split, imputation and encoding as ``fedcare run`` gives it. Under federated
+standardisation its rows wait for the pooled mean and std: it answers two
+``sum`` messages (`MomentsRequest`, its moments protected like an update) and
+then takes the statistics from a ``standardize`` message, or from the hello of
+a run that computed them before it joined, and keeps them in the node state.
+
 A SuperNode of Flower 1.42 runs every message in a new ClientApp process, so
 a site's protection session (which holds that round's secrets, e.g. its
 secagg private keys) is kept between the messages of a round in the node's
