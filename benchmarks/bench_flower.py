@@ -49,6 +49,7 @@ from fedcare.runtime.flower import run_simulation
 from fedcare.runtime.flower_deploy import (
     check_site_certificate,
     flower_environment,
+    flower_program,
     make_certificates,
     node_config_text,
     register_site,
@@ -87,8 +88,13 @@ def local_rounds(config: RunConfig) -> tuple[float, torch.Tensor]:
     return (time.perf_counter() - tic) / config.federation.rounds, params
 
 
-def deployment(config: RunConfig, root: Path, timeout: float) -> dict[str, Any]:
-    """One loopback deployment with TLS and node auth; every process stopped by its id."""
+def deployment(config: RunConfig, root: Path, timeout: float, *, stock_node: bool = False
+               ) -> dict[str, Any]:
+    """One loopback deployment with TLS and node auth; every process stopped by its id.
+
+    `stock_node`: the sites run Flower's own ``flower-supernode`` (a new ClientApp
+    process per message, a 3 s idle poll) instead of `fedcare.runtime.supernode`.
+    """
     from fedcare.cli.deploy import wait_for_port
 
     port = free_port()
@@ -115,9 +121,12 @@ def deployment(config: RunConfig, root: Path, timeout: float) -> dict[str, Any]:
         for site in SITES:
             cert, key = certs.sites[site]
             register_site(home, check_site_certificate(certs.ca, cert, site, key), site)
-            start(supernode_command(superlink=f"127.0.0.1:{port}", site=site,
-                                    port=free_port(), ca=certs.ca, key=key,
-                                    node_config=node_config_text(site)), site)
+            command = supernode_command(superlink=f"127.0.0.1:{port}", site=site,
+                                       port=free_port(), ca=certs.ca, key=key,
+                                       node_config=node_config_text(site))
+            if stock_node:  # [python, -m, fedcare.runtime.supernode, *flower-supernode's args]
+                command = [flower_program("flower-supernode"), *command[3:]]
+            start(command, site)
         run = start(run_command(app), "run")
         first_round = None
         deadline = time.monotonic() + timeout
@@ -154,6 +163,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 deployment round, plain only")
     parser.add_argument("--schemes", default="plain,secagg,ckks", metavar="A,B",
                         help="protection schemes to measure (default plain,secagg,ckks)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference deployment with Flower's own flower-supernode")
     parser.add_argument("--out", default="benchmarks/results/flower.json")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
@@ -178,7 +189,7 @@ def main() -> None:
                 keys = Path(scratch) / "keys"
                 generate_keys(keys)
             row = measure(default_job(scheme, 20, keys), default_job(scheme, rounds, keys),
-                          Path(scratch) / "deployment")
+                          Path(scratch) / "deployment", not args.no_reference)
         results["schemes"][scheme] = row
         print(scheme, json.dumps(row, indent=1), flush=True)
     results["load_average_after"] = os.getloadavg()
@@ -186,7 +197,8 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def measure(long_job: RunConfig, config: RunConfig, scratch: Path) -> dict[str, Any]:
+def measure(long_job: RunConfig, config: RunConfig, scratch: Path, compare_nodes: bool
+            ) -> dict[str, Any]:
     """One scheme: local rounds, simulation, and a loopback deployment of `config`."""
     row: dict[str, Any] = {}
     local_s, _ = local_rounds(long_job)
@@ -197,15 +209,23 @@ def measure(long_job: RunConfig, config: RunConfig, scratch: Path) -> dict[str, 
     row["simulation_round_s"] = statistics.median(simulated.round_seconds)
     row["simulation_total_s"] = time.perf_counter() - tic
     row["simulation_max_abs_diff"] = float((simulated.params - local_params).abs().max())
-    row["load_average_at_deployment"] = os.getloadavg()
-    deployed = deployment(config, scratch, timeout=3600)
-    seconds = [r["seconds"] for r in deployed["rounds"]]
-    row["deployment_round_s"] = seconds
-    row["deployment_round_s_median"] = statistics.median(seconds)
-    row["deployment_overhead_per_round_s"] = statistics.median(seconds) - local_s
-    row["deployment_max_abs_diff"] = float((deployed["params"] - local_params).abs().max())
-    row["bytes_per_round_per_site"] = per_site_bytes(deployed["summary"]["traffic"])
-    row["serve_to_first_round_end_s"] = deployed["first_round_end_s"]
+    for node in ("fedcare", "flower") if compare_nodes else ("fedcare",):
+        # fedcare's SuperNode (warm ClientApps, 0.5 s poll), then Flower's own as reference.
+        prefix = "deployment" if node == "fedcare" else "flower_supernode"
+        row[f"{prefix}_load_average"] = os.getloadavg()
+        deployed = deployment(config, scratch / node, timeout=3600,
+                              stock_node=node == "flower")
+        seconds = [r["seconds"] for r in deployed["rounds"]]
+        row[f"{prefix}_round_s"] = seconds
+        row[f"{prefix}_round_s_median"] = statistics.median(seconds)
+        row[f"{prefix}_max_abs_diff"] = float((deployed["params"] - local_params).abs().max())
+        row[f"{prefix}_serve_to_first_round_end_s"] = deployed["first_round_end_s"]
+        if node == "fedcare":
+            row["deployment_overhead_per_round_s"] = statistics.median(seconds) - local_s
+            row["bytes_per_round_per_site"] = per_site_bytes(deployed["summary"]["traffic"])
+    if compare_nodes:
+        row["speedup_vs_flower_supernode"] = (row["flower_supernode_round_s_median"]
+                                              / row["deployment_round_s_median"])
     return row
 
 

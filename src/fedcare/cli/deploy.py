@@ -32,9 +32,14 @@ def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
         description="Write DIR/ca.crt and ca.key (keep the key offline), aggregator.crt and "
                     "aggregator.key (the SuperLink's TLS), and NAME.crt / NAME.key per site "
                     "(the site's node identity). For a test deployment; a production one "
-                    "uses the hospitals' own PKI the same way.")
-    certs.add_argument("directory", metavar="DIR")
-    certs.add_argument("--sites", required=True, metavar="A,B,C", help="site names")
+                    "uses the hospitals' own PKI the same way. `fedcare certs add-site NAME "
+                    "--certs DIR` issues one more site's key pair and certificate with the "
+                    "CA in DIR (ca.key needed) and changes nothing else.")
+    certs.add_argument("directory", metavar="DIR | add-site")
+    certs.add_argument("site", nargs="?", metavar="NAME", help="with add-site: the new site")
+    certs.add_argument("--sites", metavar="A,B,C", help="site names")
+    certs.add_argument("--certs", dest="certs_dir", metavar="DIR",
+                       help="with add-site: the fedcare certs directory holding ca.key")
     certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                        help="a name or address the aggregator is reached at (repeatable; "
                             "default localhost and 127.0.0.1)")
@@ -109,8 +114,19 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedcare.runtime.flower_deploy import make_certificates
+    from fedcare.runtime.flower_deploy import add_site, make_certificates
 
+    if args.directory == "add-site":
+        if not args.site or not args.certs_dir:
+            raise ConfigError("usage: fedcare certs add-site NAME --certs DIR")
+        cert, key = add_site(args.certs_dir, args.site)
+        print(f"Wrote {cert} and {key}: site {args.site}'s identity (the key to that site "
+              "only, the certificate to the site and the coordinator). Add the site to "
+              "`fedcare serve --sites`; no other party's files changed.")
+        return 0
+    if not args.sites or args.site:
+        raise ConfigError("usage: fedcare certs DIR --sites A,B,C (a new federation), or "
+                          "fedcare certs add-site NAME --certs DIR (one more site).")
     files = make_certificates(args.directory, _names(args.sites),
                               hosts=args.host or ("localhost", "127.0.0.1"),
                               overwrite=args.overwrite)

@@ -1,9 +1,10 @@
 """A real deployment: certificates, the Flower app fedcare runs, and the Flower processes.
 
-fedcare starts Flower's own programs and writes their configuration; it adds
-no network code:
+fedcare starts Flower's own programs and writes their configuration; its one
+addition on the network path is the SuperLink's request filter:
 
-* the coordinator runs ``flower-superlink`` (TLS, ``--enable-supernode-auth``),
+* the coordinator runs ``flower-superlink`` (behind `fedcare.runtime.superlink`:
+  only the Fleet API for other machines; TLS, ``--enable-supernode-auth``),
   registers each site's public key under the site's name (``flwr supernode
   register``) and submits the run (``flwr run``) of the app `write_app` makes:
   its components are `fedcare.runtime.flower.server_app` and
@@ -28,6 +29,7 @@ import datetime
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -112,6 +114,13 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _check_names(sites: Sequence[str]) -> None:
+    if not sites or len(set(sites)) != len(sites) or not all(
+            s and s.replace("-", "").replace("_", "").isalnum() for s in sites):
+        raise ConfigError(f"fedcare certs needs distinct site names of letters, digits, '-' "
+                          f"and '_'; got {list(sites)}.")
+
+
 def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *,
                       hosts: Sequence[str] = ("localhost", "127.0.0.1"),
                       overwrite: bool = False) -> CertificateFiles:
@@ -125,6 +134,8 @@ def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *
         `hosts`), and per site ``NAME.crt`` / ``NAME.key`` (the site's node
         identity: an EC P-384 key in OpenSSH format, as Flower reads it, and
         the CA's certificate binding it to the site's name). Keys are mode 0600.
+        The CA's name carries a random id (``fedcare federation CA 3f9c1a2b``),
+        so a certificate from another federation's CA is told apart by name.
     sites : sequence of str
         Site names, as in each site's ``--node-config site=...``.
     hosts : sequence of str
@@ -132,10 +143,7 @@ def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *
     overwrite : bool
         Replace existing files.
     """
-    if not sites or len(set(sites)) != len(sites) or not all(
-            s and s.replace("-", "").replace("_", "").isalnum() for s in sites):
-        raise ConfigError(f"fedcare certs needs distinct site names of letters, digits, '-' "
-                          f"and '_'; got {list(sites)}.")
+    _check_names(sites)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     targets = [folder / CA_CERT, folder / AGGREGATOR_CERT,
@@ -143,33 +151,69 @@ def make_certificates(directory: str | os.PathLike[str], sites: Sequence[str], *
     existing = [p.name for p in targets if p.exists()]
     if existing and not overwrite:
         raise ConfigError(f"{folder} already holds {existing}; pass --overwrite to replace "
-                          "them (every party then needs its new files).")
+                          "them (every party then needs its new files), or add a site to "
+                          "this federation with `fedcare certs add-site NAME --certs DIR`.")
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = _name("fedcare federation CA")
-    ca = _certificate("fedcare federation CA", ca_key.public_key(), ca_name, ca_key, ca=True)
-    private = serialization.PrivateFormat.PKCS8
-    _write(folder / CA_KEY, ca_key.private_bytes(serialization.Encoding.PEM, private,
-                                                 serialization.NoEncryption()), 0o600)
+    subject = f"fedcare federation CA {secrets.token_hex(4)}"
+    ca = _certificate(subject, ca_key.public_key(), _name(subject), ca_key, ca=True)
+    _write(folder / CA_KEY, _private_pem(ca_key), 0o600)
     _write(folder / CA_CERT, _pem(ca), 0o644)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server = _certificate("fedcare aggregator", server_key.public_key(), ca_name, ca_key,
+    server = _certificate("fedcare aggregator", server_key.public_key(), ca.subject, ca_key,
                           hosts=hosts, usage=ExtendedKeyUsageOID.SERVER_AUTH)
-    _write(folder / AGGREGATOR_KEY, server_key.private_bytes(
-        serialization.Encoding.PEM, private, serialization.NoEncryption()), 0o600)
+    _write(folder / AGGREGATOR_KEY, _private_pem(server_key), 0o600)
     _write(folder / AGGREGATOR_CERT, _pem(server), 0o644)
-    written: dict[str, tuple[Path, Path]] = {}
-    for site in sites:
-        cert_path, key_path = site_files(folder, site)
-        key = ec.generate_private_key(ec.SECP384R1())
-        cert = _certificate(site, key.public_key(), ca_name, ca_key,
-                            usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-        _write(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()), 0o600)
-        _write(cert_path, _pem(cert), 0o644)
-        written[site] = (cert_path, key_path)
+    written = {site: _issue_site(folder, site, ca, ca_key) for site in sites}
     return CertificateFiles(folder / CA_CERT, (folder / AGGREGATOR_CERT,
                                                folder / AGGREGATOR_KEY), written)
+
+
+def add_site(directory: str | os.PathLike[str], site: str) -> tuple[Path, Path]:
+    """Issue one more site's key pair and certificate with the CA in `directory`.
+
+    Needs ``ca.crt`` and ``ca.key`` (on the machine that keeps the CA key);
+    the other parties' files do not change. Refuses a site that already has a
+    certificate there.
+    """
+    _check_names([site])
+    folder = Path(directory)
+    if site_files(folder, site)[0].exists():
+        raise ConfigError(f"{site_files(folder, site)[0]} exists: site {site!r} already has "
+                          "a certificate in this federation.")
+    ca = load_certificate(folder / CA_CERT, "The federation's CA certificate")
+    try:
+        ca_key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), None)
+    except FileNotFoundError:
+        raise ConfigError(f"{folder / CA_KEY} does not exist: adding a site needs the CA's "
+                          "key (run this where the CA key is kept).") from None
+    except ValueError as exc:
+        raise ConfigError(f"{folder / CA_KEY} is not a PEM private key ({exc}).") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
+            ca_key.public_key() != ca.public_key():
+        raise ConfigError(f"{folder / CA_KEY} is not the key of {folder / CA_CERT}.")
+    return _issue_site(folder, site, ca, ca_key)
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _issue_site(folder: Path, site: str, ca: x509.Certificate,
+                ca_key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = site_files(folder, site)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = _certificate(site, key.public_key(), ca.subject, ca_key,
+                        usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()), 0o600)
+    _write(cert_path, _pem(cert), 0o644)
+    return cert_path, key_path
+
+
+def _common_name(name: x509.Name) -> str:
+    return ", ".join(str(a.value) for a in name.get_attributes_for_oid(NameOID.COMMON_NAME))
 
 
 def check_site_certificate(ca_path: Path, cert_path: Path, site: str,
@@ -189,7 +233,8 @@ def check_site_certificate(ca_path: Path, cert_path: Path, site: str,
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise ConfigError(f"certificate {cert_path} was not issued by the federation's CA "
-                          f"{ca_path} (issuer {cert.issuer.rfc4514_string()!r}); site {site!r} "
+                          f"{ca_path} (it names issuer {_common_name(cert.issuer)!r}; the "
+                          f"federation's CA is {_common_name(ca.subject)!r}); site {site!r} "
                           "is refused. Ask the coordinator for a certificate made with "
                           "`fedcare certs`.") from None
     now = datetime.datetime.now(datetime.UTC)
@@ -314,12 +359,14 @@ def superlink_command(*, host: str, port: int, certs: Path | None,
                       database: Path | None = None) -> list[str]:
     """``flower-superlink`` with TLS and node authentication (or neither, `certs` None).
 
-    With `database`, the SuperLink keeps its state (registered nodes, runs) in
-    that SQLite file, so SuperNodes keep their node ids across a restart of the
-    aggregator and reconnect by themselves.
+    It runs through `fedcare.runtime.superlink`, which serves only the Fleet API
+    to other machines: node registration, run control and logs stay on the
+    coordinator's machine. With `database`, the SuperLink keeps its state
+    (registered nodes, runs) in that SQLite file, so SuperNodes keep their node
+    ids across a restart of the aggregator and reconnect by themselves.
     """
-    command = [flower_program("flower-superlink"), "--host", host, "--port", str(port),
-               "--disable-runtime-dependency-installation"]
+    command = [sys.executable, "-m", "fedcare.runtime.superlink", "--host", host,
+               "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs is None:
         command.append("--insecure")
     else:
@@ -353,8 +400,12 @@ def node_config_text(site: str, *, data_file: str = "", keys: str = "", policy: 
 
 def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
                       key: Path | None, node_config: str) -> list[str]:
-    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure)."""
-    command = [flower_program("flower-supernode"), "--superlink", superlink,
+    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure).
+
+    It runs through `fedcare.runtime.supernode`: warm ClientApp processes and a
+    quicker poll of the SuperLink.
+    """
+    command = [sys.executable, "-m", "fedcare.runtime.supernode", "--superlink", superlink,
                "--port", str(port), "--node-config", node_config]
     if ca is None:
         command.append("--insecure")
