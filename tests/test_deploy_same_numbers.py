@@ -196,6 +196,17 @@ def test_federated_moments_are_summed_under_the_protection_scheme(
                                reference.standardization["site-0"]["mean"], atol=tolerance * 100)
 
 
+def test_moments_beyond_the_schemes_range_are_refused_with_what_to_do() -> None:
+    from fedcare.errors import QuorumError
+    from fedcare.protection.secagg import SecAggScheme
+
+    total = scheme_sum(SecAggScheme())
+    np.testing.assert_allclose(total([np.array([3.0, 1.5]), np.array([2.0, -0.5])]),
+                               [5.0, 1.0])
+    with pytest.raises(QuorumError, match=r"column moments .* must be rescaled in the files"):
+        total([np.array([300.0, 3e12]), np.array([200.0, 1e12])])
+
+
 def test_a_deployed_site_waits_for_the_pooled_statistics_then_encodes_as_fedcare_run(
         tmp_path: Path) -> None:
     config = files_config(tmp_path)  # standardize = auto: federated without privacy

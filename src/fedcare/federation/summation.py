@@ -47,7 +47,8 @@ class Contributor(Protocol):
 
 
 def protected_sum(scheme: Scheme, contributors: Sequence[Contributor], request: object, *,
-                  length: int, round_number: int = 0) -> torch.Tensor:
+                  length: int, round_number: int = 0, what: str = "the sites' vectors"
+                  ) -> torch.Tensor:
     """The sum of every contributor's vector for `request`, as the scheme reveals it.
 
     Parameters
@@ -62,6 +63,8 @@ def protected_sum(scheme: Scheme, contributors: Sequence[Contributor], request: 
         Values in each vector.
     round_number : int
         The scheme's round (its sessions are fresh each call).
+    what : str
+        What is summed, for error messages.
 
     Raises
     ------
@@ -88,7 +91,7 @@ def protected_sum(scheme: Scheme, contributors: Sequence[Contributor], request: 
 
     def refuse(step: str) -> QuorumError:
         detail = "; ".join(f"{site}: {why}" for site, why in failures.items())
-        return QuorumError(f"the {scheme.name} sum of the sites' {step} failed: {detail}")
+        return QuorumError(f"the {scheme.name} sum of {what} failed at the {step}: {detail}")
 
     session = scheme.aggregator_session(round_number, cohort, length)
     ready = set(session.setup(exchange))

@@ -611,7 +611,7 @@ def share_standardization(config: RunConfig, roster: Roster, messenger: Messenge
     from fedcare.data.datasets import standardize_method
     from fedcare.data.preprocess import Standardize, pooled_mean, pooled_std
     from fedcare.federation.summation import protected_sum
-    from fedcare.runtime.local import STANDARDIZATION_ROUND
+    from fedcare.runtime.local import MOMENTS, STANDARDIZATION_ROUND
 
     private = config.privacy.level != "none"
     widths = {s.hello.n_numeric for s in roster.sites if s.hello is not None}
@@ -636,7 +636,7 @@ def share_standardization(config: RunConfig, roster: Roster, messenger: Messenge
             fan_out.sites = roster.sites
             try:
                 return protected_sum(scheme, [RemoteContributor(s, fan_out) for s in sites],
-                                     request, length=length,
+                                     request, length=length, what=MOMENTS,
                                      round_number=STANDARDIZATION_ROUND).double().numpy()
             finally:
                 messenger.attempt = 0

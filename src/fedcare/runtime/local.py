@@ -46,6 +46,10 @@ AggregatorT = TypeVar("AggregatorT", bound=Aggregator)
 
 STANDARDIZATION_ROUND = 0
 """The protection scheme's round of federated standardisation's sums: before round 1."""
+MOMENTS = ("federated standardisation's column moments (a column whose sums pass the "
+           "scheme's range must be rescaled in the files, or standardised with \"bounds\" or "
+           "\"site\")")
+"""What federated standardisation sums, for `protected_sum`'s errors."""
 
 
 def load_federation(config: RunConfig) -> FederatedData:
@@ -68,7 +72,7 @@ def scheme_sum(scheme: Scheme) -> SumVectors:
         sites = [VectorSite(f"site {i}", i, scheme, _constant(v)) for i, v in enumerate(vectors)]
         length = len(vectors[0]) if vectors else 0
         return protected_sum(scheme, sites, None, length=length,
-                             round_number=STANDARDIZATION_ROUND).double().numpy()
+                             round_number=STANDARDIZATION_ROUND, what=MOMENTS).double().numpy()
 
     return total
 
