@@ -165,8 +165,11 @@ def test_node_settings_say_what_is_wrong() -> None:
         NodeSettings.from_node_config({"site": 3})
     settings = NodeSettings.from_node_config({"site": "va", "epsilon-cap": 0.5})
     assert settings.site == "va" and settings.epsilon_cap == 0.5
-    with pytest.raises(ConfigError, match="standardize"):
-        NodeSettings(site="va", data_file="va.csv").apply(RunConfig())
+    # A site with its own file takes federated standardisation (the default) too: the
+    # aggregator sums the moments under the protection scheme (test_deploy_same_numbers).
+    local = NodeSettings(site="va", data_file="va.csv").apply(RunConfig())
+    assert (local.data.dataset, local.data.files, local.data.standardize) == (
+        "files", ["va.csv"], "auto")
 
 
 def test_a_node_refuses_a_message_addressed_to_another_site() -> None:

@@ -17,7 +17,6 @@ import torch
 
 from fedcare import __version__
 from fedcare.config import RunConfig
-from fedcare.data.datasets import build_federation
 from fedcare.data.site_data import FederatedData
 from fedcare.errors import ConfigError, FedcareError
 from fedcare.evaluation import binary_metrics, calibration_curve, roc_curve, subgroups
@@ -45,7 +44,7 @@ from fedcare.report.rundir import (
     round_facts,
     site_facts,
 )
-from fedcare.runtime.local import LocalRuntime, training_plan
+from fedcare.runtime.local import LocalRuntime, load_federation, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
 Metrics = dict[str, float]
@@ -181,7 +180,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     torch.set_num_threads(config.threads)
     private = config.privacy.level != "none"
     baselines = config.baselines.wanted(private=private)
-    data = build_federation(config.data, private=private)
+    data = load_federation(config)
     runtime = LocalRuntime(data, config)  # validates the rest of the config before any write
     model = runtime.model
     params = runtime.initial_params()

@@ -28,11 +28,13 @@ from fedcare.data.partition import Partition, assign_rows, check_nonempty, site_
 from fedcare.data.preprocess import (
     Standardize,
     SumVectors,
+    impute_sites,
     keyed_split,
-    prepare_sites,
     resolve_standardize,
+    site_rng,
     split_key,
     split_rows,
+    standardize_sites,
 )
 from fedcare.data.schema import Schema
 from fedcare.data.site_data import FederatedData
@@ -215,8 +217,38 @@ def _enum(kind: type[E], value: str, key: str) -> E:
             from None
 
 
+def standardize_method(config: DataConfig, *, private: bool) -> Standardize:
+    """The standardisation a run uses (``data.standardize``, ``auto`` resolved)."""
+    return resolve_standardize(_enum(Standardize, config.standardize, "data.standardize"),
+                               private=private)
+
+
 SPLITS = ("auto", "stratified", "keyed")
 """``data.split``: see `fedcare.config.DataConfig.split` and `keyed_split`."""
+
+
+@dataclass(frozen=True)
+class SplitSites:
+    """Every site's imputed (train, test) tables, before encoding and standardisation.
+
+    Attributes
+    ----------
+    schema : Schema
+    splits : list of (SiteTable, SiteTable)
+        Each site's rows, split and imputed from its own training rows only.
+    description : str
+    standardize : Standardize
+        The method the run uses (``auto`` resolved).
+    """
+
+    schema: Schema
+    splits: list[tuple[SiteTable, SiteTable]]
+    description: str
+    standardize: Standardize
+
+    @property
+    def names(self) -> list[str]:
+        return [train.name for train, _ in self.splits]
 
 
 def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, *,
@@ -226,6 +258,27 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
     `private` (a differentially private run) makes preprocessing independent
     of the data (see `fedcare.data.preprocess`) and splits each record into
     train or test by itself (`keyed_split`), not by a stratified shuffle.
+    `sum_vectors` totals the sites' contributions to federated standardisation
+    (default: plain summation; a run passes its protection scheme's,
+    `fedcare.runtime.local.protected_sum`).
+    """
+    split = split_sites(config, private=private)
+    sites, standardization = standardize_sites(split.splits, split.schema, split.standardize,
+                                               sum_vectors)
+    return FederatedData(split.schema, split.schema.encoded_feature_names(), sites,
+                         split.description, standardization)
+
+
+def split_sites(config: DataConfig, *, private: bool = False) -> SplitSites:
+    """Load, validate, split and partition the data, and impute each site from its own rows.
+
+    Natural sites (hospitals, user files) are split each by itself: the keyed
+    split (`keyed_split`, private runs) or a stratified split drawn from the
+    site's own generator (`site_rng`: ``data.split_seed`` and the site's name).
+    So a site gets the same rows whether it is loaded alone (a deployed node
+    reading its own file) or with every other site (``fedcare run
+    --data-dir``). A partitioned cohort (``iid``, ``dirichlet``, ``quantity``:
+    one data set spread over simulated sites) is split once, then partitioned.
     """
     dataset = config.dataset_name
     if dataset not in DATASETS:
@@ -235,13 +288,11 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
                           f"names the bundled dataset {dataset!r}.")
     source = DATASETS[dataset](config)
     partition = _enum(Partition, config.partition, "data.partition")
-    standardize = resolve_standardize(
-        _enum(Standardize, config.standardize, "data.standardize"), private=private)
+    standardize = standardize_method(config, private=private)
     test_fraction = (source.default_test_fraction if config.test_fraction < 0
                      else config.test_fraction)
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in [0, 1); got {test_fraction}.")
-    rng = np.random.default_rng(config.split_seed)
     if config.split not in SPLITS:
         raise ConfigError(f"data.split must be one of {list(SPLITS)}; got {config.split!r}.")
     if private and config.split == "stratified":
@@ -251,7 +302,7 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
                           "(the default, \"auto\").")
     keyed = config.split == "keyed" or (config.split == "auto" and private)
 
-    def split(table: SiteTable) -> tuple[np.ndarray, np.ndarray]:
+    def split(table: SiteTable, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if keyed:
             return keyed_split(table.rows, test_fraction,
                                key=split_key(config.split_seed, table.name))
@@ -267,15 +318,16 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
                               "partition.")
         splits = []
         for table in source.tables:
-            train, test = split(table)
+            train, test = split(table, site_rng(config.split_seed, table.name))
             if len(train) == 0:
                 raise DataError(f"{table.source}: site {table.name!r} has no training rows left "
                                 f"after holding out {test_fraction:.0%} for testing.")
             splits.append((table.subset(train), table.subset(test)))
     else:
+        rng = np.random.default_rng(config.split_seed)
         n_sites = config.sites or source.default_sites
         pooled = _concat(source.tables, dataset)
-        train, test = split(pooled)
+        train, test = split(pooled, rng)
         proportions = site_proportions(partition, n_sites, 2, config.alpha, rng)
         width = len(str(n_sites - 1))
         names = [f"site-{i:0{width}d}" for i in range(n_sites)]
@@ -287,13 +339,11 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
             splits.append((replace(pooled.subset(train[tr]), name=name),
                            replace(pooled.subset(test[te]), name=name)))
 
-    sites, standardization = prepare_sites(splits, source.schema, standardize, sum_vectors,
-                                           private=private)
     description = source.description
     if partition is not Partition.NATURAL:
-        description += f", {len(sites)} sites ({partition.value} partition)"
-    return FederatedData(source.schema, source.schema.encoded_feature_names(), sites, description,
-                         standardization)
+        description += f", {len(splits)} sites ({partition.value} partition)"
+    return SplitSites(source.schema, impute_sites(splits, source.schema, private=private),
+                      description, standardize)
 
 
 def _concat(tables: list[SiteTable], dataset: str) -> SiteTable:

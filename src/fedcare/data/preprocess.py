@@ -1,12 +1,15 @@
 """From validated site tables to model-ready tensors, without pooling raw rows.
 
-Each site splits its own rows into train and test, imputes from its own
-training rows, one-hot encodes with the shared vocabulary and standardises its
-numeric columns. Standardisation statistics are either the site's own
-(``site``) or federated (``federated``): every site contributes the sums
-(n, sum x, sum x^2) of its training rows, only their total is used, so the
-statistics equal those of the pooled training data while no site reveals a
-row. That total goes through the same summation as model updates.
+Each site splits its own rows into train and test (seeded by its name and
+``data.split_seed``: `site_rng`, `split_key`), imputes from its own training
+rows, one-hot encodes with the shared vocabulary and standardises its numeric
+columns, so a site prepared alone gets the tensors it gets among all sites.
+Standardisation statistics are either the site's own (``site``) or federated
+(``federated``): every site contributes sums of its training rows
+(`federated_mean_std`: ``[n, sum x]``, then ``sum (x - mean)^2``), only their
+totals are used, so the statistics equal those of the pooled training data
+while no site reveals a row. The totals go through the run's protection
+scheme, as model updates do (`fedcare.federation.summation`).
 
 Those statistics are exact functions of every patient's values, shared and
 stored in the model file; they also tie each training row to all the others,
@@ -112,6 +115,18 @@ def split_key(split_seed: int, site: str) -> bytes:
     return hashlib.sha256(f"fedcare-split/{split_seed}/{site}".encode()).digest()
 
 
+def site_rng(split_seed: int, site: str) -> np.random.Generator:
+    """The generator of a site's stratified split (`split_rows`): its name and ``data.split_seed``.
+
+    Keyed by the site's name, not its position among the sites, so a site that
+    splits alone (a deployed node reading its own file) draws the same rows as
+    the same site among all the others (``fedcare run --data-dir``), whatever
+    files sit beside it. Not secret: the split is reproducible by design.
+    """
+    digest = hashlib.sha256(f"fedcare-stratified/{split_seed}/{site}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
 def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema, *,
            public: bool = False) -> list[SiteTable]:
     """Fill missing values of `train` and `others` from `train` alone.
@@ -156,15 +171,46 @@ def federated_mean_std(trains: Sequence[SiteTable],
                        sum_vectors: SumVectors) -> tuple[np.ndarray, np.ndarray]:
     """Pooled training mean and std of the numeric columns, from two summations.
 
-    Round one sums ``[n, sum x]`` over sites, giving the mean; round two sums
-    ``sum (x - mean)^2``. Two passes instead of ``E[x^2] - mean^2`` because
-    that difference cancels catastrophically (a constant column of 63.3 came
-    out with std 1.5e-6 and blew up standardised values a million-fold).
+    Round one sums ``[n, sum x]`` over sites (`count_and_sums`), giving the mean;
+    round two sums ``sum (x - mean)^2`` (`squared_deviations`). Two passes
+    instead of ``E[x^2] - mean^2`` because that difference cancels
+    catastrophically (a constant column of 63.3 came out with std 1.5e-6 and
+    blew up standardised values a million-fold), and because the second sum
+    stays near ``n var`` where ``sum x^2`` would need ``n mean^2``: a secagg or
+    ckks sum has a bounded range. A deployed site computes the same two
+    vectors alone, from its own rows (`fedcare.runtime.flower_site`).
     """
-    first = sum_vectors([np.concatenate([[len(t)], t.numeric.sum(axis=0)]) for t in trains])
-    mean = first[1:] / first[0]
-    second = sum_vectors([((t.numeric - mean) ** 2).sum(axis=0) for t in trains])
-    return mean, _safe_std(np.sqrt(second / first[0]))
+    first = sum_vectors([count_and_sums(t) for t in trains])
+    mean = pooled_mean(first)
+    second = sum_vectors([squared_deviations(t, mean) for t in trains])
+    return mean, pooled_std(first, second)
+
+
+def count_and_sums(train: SiteTable) -> np.ndarray:
+    """A site's first contribution to the pooled moments: ``[n, sum x_1, ..., sum x_p]``."""
+    return np.concatenate([[float(len(train))], train.numeric.sum(axis=0)])
+
+
+def squared_deviations(train: SiteTable, mean: np.ndarray) -> np.ndarray:
+    """A site's second contribution: ``sum (x_j - mean_j)^2`` over its training rows."""
+    return np.asarray(((train.numeric - mean) ** 2).sum(axis=0))
+
+
+def pooled_mean(first: np.ndarray) -> np.ndarray:
+    """The pooled mean from the summed `count_and_sums`."""
+    if not first[0] >= 1:
+        raise DataError(f"the summed row count of the federated statistics is {first[0]}; "
+                        "expected at least one training row.")
+    return np.asarray(first[1:] / first[0])
+
+
+def pooled_std(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The pooled standard deviation from the two sums (a column with none: 1).
+
+    A sum revealed under ckks carries flooding noise (about 1e-6), which can take
+    the sum of squares of a constant column just below 0: clipped at 0 first.
+    """
+    return _safe_std(np.sqrt(np.maximum(second, 0.0) / first[0]))
 
 
 def _plain_sum(vectors: Sequence[np.ndarray]) -> np.ndarray:
@@ -210,13 +256,13 @@ def prepare_sites(
     ----------
     splits : sequence of (train, test) site tables
         Each site's rows, already split; missing features are imputed here
-        from the site's own training rows.
+        from the site's own training rows (`impute_sites`).
     schema : Schema
     standardize : Standardize
     sum_vectors : callable, optional
         How sites' contributions are totalled for federated statistics; plain
-        summation (the default) in simulation, the protection scheme's
-        aggregation otherwise.
+        summation (the default) in tests, the protection scheme's aggregation
+        in a run (`fedcare.runtime.local.protected_sum`).
     private : bool
         A differentially private run: missing values are filled with public
         constants (`impute`), never from the data.
@@ -228,12 +274,36 @@ def prepare_sites(
         Per site, the ``mean`` and ``std`` applied to its numeric columns, so
         the model can be used on new records of that site.
     """
+    return standardize_sites(impute_sites(splits, schema, private=private), schema,
+                             standardize, sum_vectors)
+
+
+def impute_sites(splits: Sequence[tuple[SiteTable, SiteTable]], schema: Schema, *,
+                 private: bool = False) -> list[tuple[SiteTable, SiteTable]]:
+    """Each site's (train, test) with missing values filled from its own training rows."""
+    filled = []
+    for train, test in splits:
+        train_filled, test_filled = impute(train, [test], schema, public=private)
+        filled.append((train_filled, test_filled))
+    return filled
+
+
+def standardize_sites(
+    filled: Sequence[tuple[SiteTable, SiteTable]],
+    schema: Schema,
+    standardize: Standardize,
+    sum_vectors: SumVectors | None = None,
+) -> tuple[list[SiteData], dict[str, dict[str, list[float]]]]:
+    """Encode and standardise imputed (train, test) tables (see `prepare_sites`).
+
+    Only ``federated`` reads more than one site's rows, and only through
+    `sum_vectors`; ``site``, ``bounds`` and ``none`` give each site the same
+    tensors whether it is prepared alone or among all the others.
+    """
     if standardize is Standardize.AUTO:
         raise ValueError("resolve data.standardize = 'auto' first (resolve_standardize)")
-    filled = [impute(train, [test], schema, public=private) for train, test in splits]
     p = len(schema.numeric)
-    bounded = standardize is Standardize.BOUNDS
-    if bounded:
+    if standardize is Standardize.BOUNDS:
         low, high = schema.numeric_bounds('data.standardize = "bounds"')
         stats = [((low + high) / 2, (high - low) / 2)] * len(filled)
     elif standardize is Standardize.FEDERATED:
@@ -245,16 +315,23 @@ def prepare_sites(
                  for train, _ in filled]
     else:
         stats = [(np.zeros(p), np.ones(p))] * len(filled)
-    encoder = Encoder(schema)
     sites = []
     standardization = {}
     for (train, test), (mean, std) in zip(filled, stats, strict=True):
         standardization[train.name] = {"mean": mean.tolist(), "std": std.tolist()}
-        sites.append(SiteData(
-            name=train.name,
-            x_train=encoder.encode(train, mean, std, clip=bounded),
-            y_train=torch.from_numpy(train.target.astype(np.float32)),
-            x_test=encoder.encode(test, mean, std, clip=bounded),
-            y_test=torch.from_numpy(test.target.astype(np.float32)),
-        ))
+        sites.append(encode_site(train, test, schema, mean, std,
+                                 clip=standardize is Standardize.BOUNDS))
     return sites, standardization
+
+
+def encode_site(train: SiteTable, test: SiteTable, schema: Schema, mean: np.ndarray,
+                std: np.ndarray, *, clip: bool = False) -> SiteData:
+    """One site's imputed tables as model-ready tensors, standardised with (`mean`, `std`)."""
+    encoder = Encoder(schema)
+    return SiteData(
+        name=train.name,
+        x_train=encoder.encode(train, mean, std, clip=clip),
+        y_train=torch.from_numpy(train.target.astype(np.float32)),
+        x_test=encoder.encode(test, mean, std, clip=clip),
+        y_test=torch.from_numpy(test.target.astype(np.float32)),
+    )

@@ -38,6 +38,7 @@ spends are kept and counted against the aggregator and in every cap check.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -85,7 +87,18 @@ from fedcare.report.rundir import (
     round_facts,
     write_json,
 )
-from fedcare.runtime.flower_site import ERROR, EXCHANGE, FIT, HEADER, HELLO, SiteHello
+from fedcare.runtime.flower_site import (
+    ERROR,
+    EXCHANGE,
+    FIT,
+    HEADER,
+    HELLO,
+    STANDARDIZE,
+    SUM,
+    MomentsRequest,
+    SiteHello,
+    Standardization,
+)
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
 from fedcare.runtime.local import build_aggregator
 from fedcare.seeding import INIT, torch_generator
@@ -219,7 +232,7 @@ class Messenger:
             content[HEADER] = ConfigRecord({
                 "kind": kind, "site": site, "round": round_number, "index": index,
                 "attempt": self.attempt})
-            message_type = {"hello": HELLO, "exchange": EXCHANGE, "fit": FIT}[kind]
+            message_type = {"hello": HELLO, "fit": FIT}.get(kind, EXCHANGE)
             messages[node_id] = (request, Message(content, dst_node_id=node_id,
                                                   message_type=message_type,
                                                   group_id=str(round_number)),
@@ -333,7 +346,7 @@ class FanOut:
         if kind == "exchange" and _deferred(body):
             self._queued.setdefault((site.name, round_number), []).append(body)
             return None
-        if kind == "fit":
+        if kind in ("fit", SUM):
             targets = [i for i in self.cohort(round_number)
                        if (self.sites[i].name, round_number) not in self._failed]
         else:
@@ -431,6 +444,9 @@ class Roster:
         self.log = log
         self.by_node: dict[int, SiteHello | None] = {}
         self.sites: list[RemoteSite] = []
+        self.standardization: Standardization | None = None
+        """Federated standardisation's statistics, once computed: a node that joins later
+        gets them with its hello (`share_standardization`)."""
         self.refusals: dict[int, str] = {}
         """Node -> why it was not let in (its own refusal, or ours), for the operator."""
 
@@ -439,7 +455,7 @@ class Roster:
         infos = {info.node_id: info for info in grid.get_nodes()}
         nodes = set(infos)
         new = sorted(nodes - set(self.by_node))
-        replies = self.messenger.ask_many([(node_id, "", "hello", None, 0, -1)
+        replies = self.messenger.ask_many([(node_id, "", "hello", self.standardization, 0, -1)
                                            for node_id in new]) if new else {}
         for node_id in new:
             hello = replies[str(node_id)]
@@ -552,6 +568,96 @@ class CohortKeeper(Aggregator):
         return list(self._drawn[1])
 
 
+STANDARDIZATION_FILE = "standardization.json"
+"""Run directory file of federated standardisation's pooled mean and std (a resumed run
+reuses them: under ckks a second computation would differ by its flooding noise)."""
+
+
+class RemoteContributor:
+    """A connected site as a `~fedcare.federation.summation.Contributor` of a sum."""
+
+    def __init__(self, site: RemoteSite, fan_out: FanOut) -> None:
+        self.site = site
+        self.fan_out = fan_out
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @property
+    def index(self) -> int:
+        return self.site.index
+
+    def exchange(self, round_number: int, message: object) -> object:
+        return self.fan_out.call(self.site, "exchange", message, round_number)
+
+    def contribute(self, round_number: int, request: object) -> object:
+        return self.fan_out.call(self.site, SUM, request, round_number)
+
+
+def share_standardization(config: RunConfig, roster: Roster, messenger: Messenger,
+                          run_dir: Path | None, log: Callable[[str], None]) -> None:
+    """Federated standardisation: sum the sites' moments under the run's scheme, send the
+    pooled mean and std to every site.
+
+    Two protected sums (`fedcare.federation.summation.protected_sum`) over every connected
+    site, as `fedcare.runtime.local.load_federation` runs them in one process: ``[n, sum
+    x]``, then ``sum (x - mean)^2``. Both are protocol runs of round
+    `~fedcare.runtime.local.STANDARDIZATION_ROUND`, told apart at the sites by the
+    header's attempt (their sessions are kept by round and attempt). Every site must take
+    part, or the run does not start. A resumed run sends the statistics its run directory
+    kept. Nothing happens under any other ``data.standardize``.
+    """
+    from fedcare.data.datasets import standardize_method
+    from fedcare.data.preprocess import Standardize, pooled_mean, pooled_std
+    from fedcare.federation.summation import protected_sum
+    from fedcare.runtime.local import MOMENTS, STANDARDIZATION_ROUND
+
+    private = config.privacy.level != "none"
+    widths = {s.hello.n_numeric for s in roster.sites if s.hello is not None}
+    if standardize_method(config.data, private=private) is not Standardize.FEDERATED \
+            or widths == {0}:
+        return
+    if len(widths) != 1:
+        raise ProtocolError(f"the sites have different numbers of numeric columns {widths}; "
+                            "they must share the schema.")
+    p = widths.pop()
+    sites = [s for s in roster.sites if s.node_id is not None]
+    saved = None if run_dir is None else run_dir / STANDARDIZATION_FILE
+    if saved is not None and saved.exists():
+        kept = json.loads(saved.read_text())
+        stats = Standardization(tuple(kept["mean"]), tuple(kept["std"]))
+    else:
+        scheme = build_scheme(config.protection)
+
+        def total(request: MomentsRequest, length: int) -> np.ndarray:
+            messenger.attempt = request.step - 1
+            fan_out = FanOut(messenger, lambda _: [s.index for s in sites])
+            fan_out.sites = roster.sites
+            try:
+                return protected_sum(scheme, [RemoteContributor(s, fan_out) for s in sites],
+                                     request, length=length, what=MOMENTS,
+                                     round_number=STANDARDIZATION_ROUND).double().numpy()
+            finally:
+                messenger.attempt = 0
+
+        first = total(MomentsRequest(1), p + 1)
+        mean = pooled_mean(first)
+        std = pooled_std(first, total(MomentsRequest(2, tuple(mean.tolist())), p))
+        stats = Standardization(tuple(mean.tolist()), tuple(std.tolist()))
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            write_json(saved, {"mean": list(stats.mean), "std": list(stats.std)})
+        log(f"federated standardisation: pooled mean and std of {p} column(s) from "
+            f"{len(sites)} sites, summed under {config.protection.scheme}")
+    roster.standardization = stats
+    replies = messenger.ask_many([(s.node_id, s.name, STANDARDIZE, stats, 0, s.index)
+                                  for s in sites if s.node_id is not None])
+    refused = {site: str(reply) for site, reply in replies.items() if reply != stats}
+    if refused:
+        raise ProtocolError(f"site(s) refused the federation's standardisation: {refused}")
+
+
 def _privacy_plan(config: RunConfig, sites: Sequence[RemoteSite]) -> PrivacyPlan | None:
     """The run's privacy plan from the sites' introductions (None without DP).
 
@@ -653,6 +759,8 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
     model = FlatModel(build_model(config.model, widths.pop()))
     params = model.init_params(torch_generator(config.seed, INIT))
 
+    share_standardization(config, roster, messenger,
+                          Path(settings.run_dir) if settings.run_dir else None, log)
     privacy = _privacy_plan(config, sites)
     aggregator = build_aggregator(config, model.spec, sites,
                                   protection=build_scheme(config.protection), privacy=privacy,

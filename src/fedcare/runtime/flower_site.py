@@ -8,6 +8,13 @@ for the protection protocol, ``fit`` for a round's training. Nothing but the
 reply to a message leaves the node: the reply is the protected payload, a
 protocol message of the scheme, or an error text.
 
+A site prepares its own rows only (`fedcare.data.datasets.split_sites`): the
+same split, imputation and encoding as ``fedcare run`` gives it. Under federated
+standardisation its rows wait for the pooled mean and std: it answers two
+``sum`` messages (`MomentsRequest`, its moments protected like an update) and
+then takes the statistics from a ``standardize`` message, or from the hello of
+a run that computed them before it joined, and keeps them in the node state.
+
 A SuperNode of Flower 1.42 runs every message in a new ClientApp process, so
 a site's protection session (which holds that round's secrets, e.g. its
 secagg private keys) is kept between the messages of a round in the node's
@@ -29,12 +36,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedcare.config import RunConfig
-from fedcare.data.datasets import build_federation
+from fedcare.data.datasets import split_sites
+from fedcare.data.preprocess import (
+    Standardize,
+    count_and_sums,
+    encode_site,
+    squared_deviations,
+    standardize_sites,
+)
 from fedcare.data.site_data import FederatedData, SiteData
 from fedcare.errors import (
     ConfigError,
@@ -67,7 +82,13 @@ ERROR = "fedcare-error"
 SESSION = "fedcare-session"
 """Context state record holding this site's protection session between messages."""
 
+STANDARDIZATION = "fedcare-standardization"
+"""Context state record holding the federation's pooled mean and std (federated
+standardisation), so every later message's process encodes the site's rows with them."""
+
 HELLO, EXCHANGE, FIT = "query.fedcare_hello", "query.fedcare_exchange", "train"
+SUM, STANDARDIZE = "sum", "standardize"
+"""Message kinds of federated standardisation (sent as `EXCHANGE` messages)."""
 
 SIMULATION_POLICY = SitePolicy(seeded_noise=True, central_noise=True)
 """The policy of a node in Flower's simulation engine: no hospital, no caps of its own, any
@@ -173,14 +194,6 @@ class NodeSettings:
         if self.data_file:
             local.data.dataset, local.data.files, local.data.data_dir = "files", [
                 self.data_file], ""
-            standardize = local.data.standardize
-            if standardize == "federated" or (standardize == "auto"
-                                              and local.privacy.level == "none"):
-                raise JobRefused(
-                    "data.standardize = \"federated\" (the default without privacy) sums "
-                    "every site's column moments, which the Flower runtime does not do yet; "
-                    "with one data file per node set data.standardize = \"bounds\" (the "
-                    "schema's public ranges) or \"site\" in the federation's config.")
         if self.keys:
             local.protection.keys = self.keys
         return local
@@ -231,6 +244,30 @@ class SiteHello:
     record_privacy: RecordPrivacy | None
     epsilon_cap: float
     site_privacy: dict[str, Any] | None = None
+    n_numeric: int = 0
+    """Numeric columns, which federated standardisation sums moments of."""
+
+
+@dataclass(frozen=True)
+class MomentsRequest:
+    """The aggregator asks for a site's part of a federated standardisation sum.
+
+    Step 1: ``[n, sum x_j]`` over the site's training rows; step 2:
+    ``sum (x_j - mean_j)^2`` with the pooled `mean` step 1 gave
+    (`fedcare.data.preprocess.federated_mean_std`). The site protects it with
+    the run's scheme; the aggregator sees only the sum.
+    """
+
+    step: int
+    mean: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Standardization:
+    """The federation's pooled mean and std of the numeric columns, sent to every site."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 class SiteNode:
@@ -266,8 +303,8 @@ class SiteNode:
                 "it with `fedcare site` (or give its SuperNode --node-config policy=FILE, a "
                 "site policy naming a ledger).")
         torch.set_num_threads(local.threads)
-        data = build_federation(local.data, private=private)
-        names = [s.name for s in data.sites]
+        split = split_sites(local.data, private=private)
+        names = split.names
         if settings.site:
             if settings.site not in names:
                 raise ConfigError(f"this node is site {settings.site!r}, but its data hold "
@@ -278,10 +315,25 @@ class SiteNode:
                 raise ConfigError(f"partition-id {settings.partition} is not a site of the "
                                   f"{len(names)} in the data.")
             position = settings.partition
-        self.data: SiteData = data.sites[position]
-        self.name = self.data.name
-        self.n_features = data.n_features
-        self.trainer = LocalTrainer(FlatModel(build_model(local.model, data.n_features)),
+        # Only this site's rows from here on (a simulation node loads the bundled sites).
+        self.tables = split.splits[position]
+        self.schema = split.schema
+        self.standardize = split.standardize
+        self.name = self.tables[0].name
+        self.standardization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        """The mean and std this site's numeric columns are standardised with (None: the
+        federation's pooled ones have not arrived yet)."""
+        self._data: SiteData | None = None
+        if split.standardize is not Standardize.FEDERATED or not split.schema.numeric:
+            [self._data], stats = standardize_sites([self.tables], split.schema,
+                                                    split.standardize)
+            self.standardization = (tuple(stats[self.name]["mean"]),
+                                    tuple(stats[self.name]["std"]))
+        self.n_features = len(split.schema.encoded_feature_names())
+        data = FederatedData(split.schema, split.schema.encoded_feature_names(),
+                             [] if self._data is None else [self._data], split.description,
+                             {})
+        self.trainer = LocalTrainer(FlatModel(build_model(local.model, self.n_features)),
                                     local.privacy.clipping)
         self.record_privacy: RecordPrivacy | None = None
         self.site_privacy: SitePrivacy | None = None
@@ -309,12 +361,55 @@ class SiteNode:
         own.privacy.noise_multiplier = 0.0
         cap = min(own.privacy.epsilon, own.privacy.site_epsilon.get(self.name, math.inf))
         own.privacy.site_epsilon = {self.name: cap}
-        plan = build_privacy_plan(own, replace(data, sites=[self.data]))
+        plan = build_privacy_plan(own, data)
         assert plan is not None
         calibrated = plan.record[self.name]
         if asked > calibrated.noise_multiplier:
             return replace(calibrated, noise_multiplier=asked)
         return calibrated
+
+    @property
+    def data(self) -> SiteData:
+        """This site's encoded records; under federated standardisation, once the pooled
+        statistics arrived (`standardize_with`)."""
+        if self._data is None:
+            raise ProtocolError(f"site {self.name!r} has not received the federation's "
+                                "standardisation (data.standardize = \"federated\") yet; the "
+                                "aggregator sends it before the first round.")
+        return self._data
+
+    def moments(self, request: MomentsRequest) -> np.ndarray:
+        """This site's contribution to a federated standardisation sum, from its own rows."""
+        if self.standardize is not Standardize.FEDERATED:
+            raise ProtocolError(f"site {self.name!r} standardises with "
+                                f"{self.standardize.value!r}, not from federated moments; its "
+                                "configuration differs from the aggregator's.")
+        train = self.tables[0]
+        if request.step == 1:
+            return count_and_sums(train)
+        mean = np.asarray(request.mean, dtype=np.float64)
+        if request.step != 2 or mean.shape != (len(self.schema.numeric),) \
+                or not np.isfinite(mean).all():
+            raise ProtocolError(f"site {self.name!r}: a moments request must be step 1, or "
+                                f"step 2 with {len(self.schema.numeric)} finite means; got "
+                                f"step {request.step} with {mean.shape[0]} value(s).")
+        return squared_deviations(train, mean)
+
+    def standardize_with(self, stats: Standardization) -> None:
+        """Encode this site's rows with the federation's pooled mean and std."""
+        mean, std = (np.asarray(v, dtype=np.float64) for v in (stats.mean, stats.std))
+        p = len(self.schema.numeric)
+        if self.standardize is not Standardize.FEDERATED or mean.shape != (p,) \
+                or std.shape != (p,) or not (np.isfinite(mean).all()
+                                             and (np.isfinite(std) & (std > 0)).all()):
+            raise ProtocolError(f"site {self.name!r}: refused a standardisation of "
+                                f"{mean.shape[0]} means and {std.shape[0]} standard deviations "
+                                f"(expected {p} finite means and positive deviations, under "
+                                "data.standardize = \"federated\").")
+        if self.standardization == (stats.mean, stats.std):
+            return
+        self._data = encode_site(*self.tables, self.schema, mean, std)
+        self.standardization = (stats.mean, stats.std)
 
     def release(self, round_number: int, *, local_epochs: int,
                 cohort: int) -> Release | None:
@@ -332,7 +427,7 @@ class SiteNode:
         self.ledger.check_job(self.job, [r for r in planned if r is not None])
         client_level = None if self.site_privacy is None else asdict(self.site_privacy)
         return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap,
-                         client_level)
+                         client_level, len(self.schema.numeric))
 
     def charge(self, instructions: FitInstructions) -> None:
         """Charge a round to the site ledger before training; refuse what the policy forbids."""
@@ -483,6 +578,34 @@ def error_reply(message: Message, exc: FedcareError, site: str = "") -> Message:
     return Message(content, reply_to=message)
 
 
+def receive_standardization(body: object, node: SiteNode, state: RecordDict) -> object:
+    """Take the federation's pooled statistics if `body` carries them (a ``standardize``
+    message, or the hello of a site that joins after they were computed); keep them in the
+    node state. Returns `body`, the acknowledgement."""
+    if body is None:
+        return None
+    if not isinstance(body, Standardization):
+        raise MessageRefused(f"a hello or standardize message carries a "
+                             f"{type(body).__name__}; expected a Standardization or nothing.")
+    node.standardize_with(body)
+    state[STANDARDIZATION] = ConfigRecord({"mean": list(body.mean), "std": list(body.std)})
+    return body
+
+
+def recall_standardization(state: RecordDict, node: SiteNode) -> None:
+    """Encode the site's rows with the pooled statistics an earlier message left in the
+    node state (each message runs in a new process)."""
+    record = state.config_records.get(STANDARDIZATION)
+    if record is None or node.standardization is not None:
+        return
+    mean, std = record.get("mean"), record.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list)):
+        raise ProtocolError(f"the node state's {STANDARDIZATION!r} record is unreadable; "
+                            "restart the SuperNode to clear it.")
+    node.standardize_with(Standardization(tuple(float(v) for v in mean),
+                                          tuple(float(v) for v in std)))
+
+
 def answer(message: Message, context: Context, node: SiteNode) -> Message:
     """The site's reply to one message of the aggregator (see the module docstring)."""
     header = message.content.config_records.get(HEADER)
@@ -494,22 +617,30 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
             raise MessageRefused(f"this node is site {node.name!r}, but the message was "
                                 f"addressed to site {addressed!r}; refused.")
         kind = str(header["kind"])
-        if kind == "hello":
-            reply: object = node.hello()
+        recall_standardization(context.state, node)
+        if kind in ("hello", STANDARDIZE):
+            reply: object = receive_standardization(from_record(message.content), node,
+                                                    context.state)
+            if kind == "hello":
+                reply = node.hello()
         else:
             round_number, index = int(header["round"]), int(header["index"])  # type: ignore[arg-type]
             sessions = SessionStore(node.protection, context.state, int(header["attempt"]))  # type: ignore[arg-type]
-            site = node.site(index, sessions)
             body = from_record(message.content)
             if not (isinstance(body, tuple) and len(body) == 2 and isinstance(body[0], tuple)):
                 raise MessageRefused("a fedcare message must carry (earlier messages, body).")
             before, body = body
             for earlier in before:  # delivered late, in order (their replies are None)
-                if site.exchange(round_number, earlier) is not None:
+                if sessions.site_session(round_number, index).handle(earlier) is not None:
                     raise MessageRefused(f"{type(earlier).__name__} was sent ahead but needs "
                                         "a reply.")
             if kind == "exchange":
-                reply = site.exchange(round_number, body)
+                reply = sessions.site_session(round_number, index).handle(body)
+            elif kind == SUM:
+                if not isinstance(body, MomentsRequest):
+                    raise MessageRefused("a sum message must carry a MomentsRequest.")
+                reply = sessions.site_session(round_number, index).protect(
+                    torch.from_numpy(node.moments(body)))
             elif kind == "fit":
                 if not (isinstance(body, tuple) and len(body) == 2
                         and isinstance(body[0], torch.Tensor)
@@ -521,7 +652,7 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
                     raise MessageRefused(f"fit instructions of round {instructions.round} "
                                         f"arrived in round {round_number}.")
                 node.charge(instructions)
-                reply = site.fit(params, instructions)
+                reply = node.site(index, sessions).fit(params, instructions)
             else:
                 raise MessageRefused(f"unknown fedcare message kind {kind!r}.")
             sessions.save()

@@ -47,7 +47,7 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
                                   "MaskedInput", "UnmaskRequest", "RevealedShare",
                                   "UnmaskResponse"),
     "fedcare.protection.ckks": ("KeyCheck", "DecryptRequest", "CkksPayload"),
-    "fedcare.runtime.flower_site": ("SiteHello",),
+    "fedcare.runtime.flower_site": ("SiteHello", "MomentsRequest", "Standardization"),
 }
 """The dataclasses a message may carry, by module (imported only when a message names them)."""
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from fedcare.config import RunConfig
+from fedcare.data.datasets import build_federation
+from fedcare.data.preprocess import SumVectors
 from fedcare.data.site_data import FederatedData
 from fedcare.errors import ConfigError
 from fedcare.federation.aggregator import Aggregator, RoundReport, SiteClient
 from fedcare.federation.site import NoiseFor, Site
 from fedcare.federation.strategy import build_strategy
+from fedcare.federation.summation import VectorSite, protected_sum
 from fedcare.federation.training import LocalTrainer, TrainingPlan
 from fedcare.models import FlatModel, build_model
 from fedcare.models.params import ParamSpec
@@ -38,6 +42,43 @@ from fedcare.protection.base import Scheme
 from fedcare.seeding import INIT, torch_generator
 
 AggregatorT = TypeVar("AggregatorT", bound=Aggregator)
+
+
+STANDARDIZATION_ROUND = 0
+"""The protection scheme's round of federated standardisation's sums: before round 1."""
+MOMENTS = ("federated standardisation's column moments (a column whose sums pass the "
+           "scheme's range must be rescaled in the files, or standardised with \"bounds\" or "
+           "\"site\")")
+"""What federated standardisation sums, for `protected_sum`'s errors."""
+
+
+def load_federation(config: RunConfig) -> FederatedData:
+    """The run's data, with federated standardisation summed under its protection scheme.
+
+    Each of the two sums of `fedcare.data.preprocess.federated_mean_std` is one
+    protocol run of ``protection.scheme`` between the sites of this process
+    (`scheme_sum`), as a deployment runs it across Flower: the statistics, and
+    so the model, are those a deployment on the same files gets.
+    """
+    private = config.privacy.level != "none"
+    return build_federation(config.data, scheme_sum(build_scheme(config.protection)),
+                            private=private)
+
+
+def scheme_sum(scheme: Scheme) -> SumVectors:
+    """`SumVectors` that sums site vectors with `scheme` (`protected_sum`), site ``i`` at ``i``."""
+
+    def total(vectors: Sequence[np.ndarray]) -> np.ndarray:
+        sites = [VectorSite(f"site {i}", i, scheme, _constant(v)) for i, v in enumerate(vectors)]
+        length = len(vectors[0]) if vectors else 0
+        return protected_sum(scheme, sites, None, length=length,
+                             round_number=STANDARDIZATION_ROUND, what=MOMENTS).double().numpy()
+
+    return total
+
+
+def _constant(vector: np.ndarray) -> Callable[[object], np.ndarray]:
+    return lambda _: vector
 
 
 def training_plan(config: RunConfig) -> TrainingPlan:
