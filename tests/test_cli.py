@@ -351,6 +351,6 @@ def test_deployment_commands_are_reachable_from_main(capsys: pytest.CaptureFixtu
     assert main(["certs", str(tmp_path / "certs"), "--sites", "a,b"]) == 0
     assert "site a's identity" in capsys.readouterr().out
     assert (tmp_path / "certs" / "a.key").stat().st_mode & 0o077 == 0  # the site's key: private
-    assert main(["site", "--name", "c", "--aggregator", "127.0.0.1:9092",
-                 "--certs", str(tmp_path / "certs")]) == 2  # no certificate for site c
+    assert main(["site", "--name", "c", "--aggregator", "127.0.0.1:9092", "--state",
+                 str(tmp_path / "state"), "--certs", str(tmp_path / "certs")]) == 2  # no c.crt
     assert "c.crt does not exist" in capsys.readouterr().err

@@ -287,6 +287,7 @@ def test_a_site_with_a_wrong_certificate_is_refused_and_told_why(tmp_path: Path)
     add_deploy_parser(parser.add_subparsers(dest="command"))
     shutil.copy(theirs.sites["site-0"][0], tmp_path / "ours" / "site-0.crt")
     args = parser.parse_args(["site", "--name", "site-0", "--aggregator", "127.0.0.1:1",
+                              "--state", str(tmp_path / "state"),
                               "--certs", str(tmp_path / "ours")])
     with pytest.raises(ConfigError, match="not issued by the federation's CA"):
         args.handler(args)
