@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,18 @@ from scipy.stats import rankdata
 from fedcare.data.site_data import FederatedData
 
 METRICS = ("accuracy", "roc_auc", "balanced_accuracy", "brier", "log_loss")
+Metrics = dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on the pooled test set and on each site's test set."""
+
+    pooled: Metrics
+    sites: dict[str, Metrics] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pooled": self.pooled, "sites": self.sites}
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -61,7 +61,6 @@ from fedcare.errors import (
     ProtocolError,
     QuorumError,
 )
-from fedcare.experiment import close_audit_log, log_round_events
 from fedcare.federation.aggregator import Aggregator, RoundReport
 from fedcare.federation.site import FitInstructions, FitResult
 from fedcare.federation.training import TrainingPlan
@@ -71,12 +70,8 @@ from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_facto
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
 from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import (
-    AUDIT_LOG_FILE,
-    AuditLog,
-    audit_key,
-    payload_digests_keyed,
-)
+from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog, audit_key, payload_digests_keyed
+from fedcare.report.events import close_audit_log, log_round_events, log_run_started
 from fedcare.report.rundir import (
     CHECKPOINT_FILE,
     RunWriter,
@@ -690,11 +685,8 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
         if resuming:
             audit.append("run_resumed", after_round=first_round - 1)
         else:
-            audit.append("run_started", config_sha256=hashlib.sha256(
-                config.to_toml().encode()).hexdigest(), sites=[s.name for s in sites],
-                protection=config.protection.scheme, privacy=config.privacy.level,
-                runtime="flower",
-                payload_digest="sha256" if payload_key is None else "hmac-sha256")
+            log_run_started(audit, config, [s.name for s in sites], payload_key,
+                            runtime="flower")
 
     reports: list[RoundReport] = []
     seconds: list[float] = []
