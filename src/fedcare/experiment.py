@@ -252,3 +252,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     writer.close()
     write_report(run_dir)
     return RunResult(run_dir, data, federated, pooled_baseline, local_baselines, summary)
+
+
+__all__ = ["Evaluation", "RunResult", "evaluate", "model_curves", "run_experiment",
+           "subgroup_metrics", "train_centrally"]
