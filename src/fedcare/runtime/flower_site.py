@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation
+from fedcare.data.preprocess import Standardize, resolve_standardize
 from fedcare.data.site_data import FederatedData, SiteData
 from fedcare.errors import (
     ConfigError,
@@ -45,6 +46,7 @@ from fedcare.errors import (
     ProtocolError,
     SchemaError,
 )
+from fedcare.evaluation import binary_metrics, metric_sums
 from fedcare.federation.site import FitInstructions, Site
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel, build_model
@@ -67,7 +69,12 @@ ERROR = "fedcare-error"
 SESSION = "fedcare-session"
 """Context state record holding this site's protection session between messages."""
 
-HELLO, EXCHANGE, FIT = "query.fedcare_hello", "query.fedcare_exchange", "train"
+HELLO, EXCHANGE, FIT, EVALUATE = ("query.fedcare_hello", "query.fedcare_exchange", "train",
+                                  "evaluate")
+EVALUATION_SESSIONS = 1 << 62
+"""The protection session of the evaluation of round ``r``'s global model is
+``EVALUATION_SESSIONS + r``: its own masks and keys (secagg binds the number into every
+key), never those of a training round, whose numbers stay below it."""
 
 SIMULATION_POLICY = SitePolicy(seeded_noise=True, central_noise=True)
 """The policy of a node in Flower's simulation engine: no hospital, no caps of its own, any
@@ -231,6 +238,16 @@ class SiteHello:
     record_privacy: RecordPrivacy | None
     epsilon_cap: float
     site_privacy: dict[str, Any] | None = None
+    schema: dict[str, Any] | None = None
+    """The schema the site encoded its records with (`Schema.to_dict`), for ``model.pt``."""
+    feature_names: tuple[str, ...] = ()
+    """The model's inputs after encoding, in order."""
+    standardization: dict[str, list[float]] | None = None
+    """``mean`` and ``std`` the site applied to its numeric columns, when they are no
+    statistic of its own rows (the schema's bounds, the federation's pooled moments, or
+    none); None when they are (``data.standardize = "site"``): those stay at the site."""
+    data: str = ""
+    """What the site trained and tested on, in words that name no path."""
 
 
 class SiteNode:
@@ -281,6 +298,12 @@ class SiteNode:
         self.data: SiteData = data.sites[position]
         self.name = self.data.name
         self.n_features = data.n_features
+        self.schema, self.feature_names = data.schema.to_dict(), tuple(data.feature_names)
+        own_statistics = resolve_standardize(Standardize(local.data.standardize),
+                                             private=private) is Standardize.SITE
+        self.standardization = None if own_statistics else data.standardization[self.name]
+        self.source = ("its own data file (the path stays at the site)"
+                       if local.data.dataset_name == "files" else f"its part of {data.description}")
         self.trainer = LocalTrainer(FlatModel(build_model(local.model, data.n_features)),
                                     local.privacy.clipping)
         self.record_privacy: RecordPrivacy | None = None
@@ -332,7 +355,8 @@ class SiteNode:
         self.ledger.check_job(self.job, [r for r in planned if r is not None])
         client_level = None if self.site_privacy is None else asdict(self.site_privacy)
         return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap,
-                         client_level)
+                         client_level, self.schema, self.feature_names, self.standardization,
+                         self.source)
 
     def charge(self, instructions: FitInstructions) -> None:
         """Charge a round to the site ledger before training; refuse what the policy forbids."""
@@ -348,6 +372,21 @@ class SiteNode:
                                cohort=instructions.cohort)
         if release is not None:
             self.ledger.charge([release])
+
+    def evaluate(self, params: torch.Tensor, round_number: int) -> torch.Tensor:
+        """`metric_sums` of the global model of `round_number` on this site's test rows.
+
+        The site's own metrics go to its own log (stderr), for its operator; only their
+        protected sum leaves the site.
+        """
+        model = self.trainer.model
+        model.load(params)
+        logits = model.predict_logits(self.data.x_test)
+        metrics = binary_metrics(logits, self.data.y_test)
+        print(f"fedcare: site {self.name!r}: the global model of round {round_number} on its "
+              f"{metrics['n']} test patients: accuracy {metrics['accuracy']:.3f}, ROC AUC "
+              f"{metrics['roc_auc']:.3f}", file=sys.stderr, flush=True)
+        return metric_sums(logits, self.data.y_test)
 
     def site(self, index: int, protection: Scheme) -> Site:
         return Site(self.data, self.trainer, index=index, seed=self.config.seed,
@@ -508,8 +547,17 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
                 if site.exchange(round_number, earlier) is not None:
                     raise MessageRefused(f"{type(earlier).__name__} was sent ahead but needs "
                                         "a reply.")
+            evaluation = round_number >= EVALUATION_SESSIONS
             if kind == "exchange":
                 reply = site.exchange(round_number, body)
+            elif kind == "evaluate":
+                if not (evaluation and isinstance(body, torch.Tensor)):
+                    raise MessageRefused("an evaluation message must carry the global "
+                                         "parameters, in an evaluation session.")
+                sums = node.evaluate(body, round_number - EVALUATION_SESSIONS)
+                reply = site.session(round_number).protect(sums)
+            elif evaluation:
+                raise MessageRefused(f"a {kind} message in an evaluation session; refused.")
             elif kind == "fit":
                 if not (isinstance(body, tuple) and len(body) == 2
                         and isinstance(body[0], torch.Tensor)
