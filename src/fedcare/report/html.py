@@ -346,7 +346,7 @@ def write_report(run_dir: str | Path) -> Path:
     mean_auc = site_mean_auc(pooled)
     body.append(f"<p class='headline' id='headline'>Federated model on the pooled test set "
                 f"({pooled.get('n', '-')} patients): accuracy <b>{accuracy_text}</b>, "
-                f"ROC AUC <b>{auc_text}</b>{f' ({mean_auc})' if mean_auc else ''}.</p>")
+                f"ROC AUC <b>{auc_text}</b>{f' ({escape(mean_auc)})' if mean_auc else ''}.</p>")
     if short_rounds_text(summary):
         body.append(f"<p class='warning' id='short-rounds'>"
                     f"{escape(short_rounds_text(summary))}</p>")
@@ -358,8 +358,8 @@ def write_report(run_dir: str | Path) -> Path:
     body += ["<h2>Federated vs pooled vs each site alone</h2>" if baselines else
              "<h2>Federated model</h2>",
              _html_table(header, _headline_rows(summary, sites)),
-             "<p>Pooled metrics are on all sites' test patients together; acc@site on that "
-             "site's own test patients."
+             "<p>Pooled metrics are on all sites' test patients together"
+             + ("; acc@site on that site's own test patients." if sites else ".")
              + (" The pooled and single-site models are references trained without privacy "
                 "protection." if baselines else "")
              + (" " + PER_SITE_NOT_COVERED

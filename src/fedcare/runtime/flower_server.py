@@ -170,6 +170,13 @@ class ServerSettings:
                 "fedcare-node-keys": ",".join(f"{site}={key}" for site, key in self.node_keys)}
 
 
+def round_label(round_number: int) -> str:
+    """"round 3", or "the evaluation of round 3" for its evaluation's session."""
+    if round_number >= EVALUATION_SESSIONS:
+        return f"the evaluation of round {round_number - EVALUATION_SESSIONS}"
+    return f"round {round_number}"
+
+
 def node_key_fingerprint(public_key: bytes | ec.EllipticCurvePublicKey) -> str:
     """SHA-256 (hex) of a node key's DER SubjectPublicKeyInfo; `public_key` may be the PEM
     bytes Flower's SuperLink keeps for a registered node."""
@@ -244,20 +251,23 @@ class Messenger:
             if reply is None:
                 self.traffic.add(site, round_number, size, 0)
                 out[key] = ProtocolError(
-                    f"{label} did not answer the {kind} message of round {round_number} within "
+                    f"{label} did not answer the {kind} message of {round_label(round_number)} "
+                    f"within "
                     f"{self.timeout:g} s (too slow, or unreachable); it is left out.")
                 continue
             if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 self.traffic.add(site, round_number, size, 0)
                 out[key] = ProtocolError(
                     f"{label} is gone: its node stopped, or missed its heartbeats (the "
-                    f"SuperLink's node state), during the {kind} message of round "
-                    f"{round_number}; it is left out, and rejoins when it reconnects.")
+                    f"SuperLink's node state), during the {kind} message of "
+                    f"{round_label(round_number)}; it is left out, and rejoins when it "
+                    "reconnects.")
                 continue
             if reply.has_error():
                 self.traffic.add(site, round_number, size, 0)
                 out[key] = ProtocolError(f"{label}: its ClientApp failed on the {kind} message "
-                                         f"of round {round_number}: {reply.error.reason}")
+                                         f"of {round_label(round_number)}: "
+                                         f"{reply.error.reason}")
                 continue
             self.traffic.add(site, round_number, size, wire_bytes(reply.content))
             refusal = reply.content.config_records.get(ERROR)
@@ -979,7 +989,9 @@ def traffic_summary(traffic: Traffic) -> dict[str, Any]:
     """Bytes per site and round, both directions (for summary.json and the benchmark)."""
     rows: dict[str, dict[str, dict[str, int]]] = {}
     for (site, round_number), sent in sorted(traffic.sent.items()):
-        rows.setdefault(site or "(hello)", {})[str(round_number)] = {
+        key = str(round_number) if round_number < EVALUATION_SESSIONS else \
+            f"{round_number - EVALUATION_SESSIONS} (evaluation)"
+        rows.setdefault(site or "(hello)", {})[key] = {
             "to_site": sent, "from_site": traffic.received.get((site, round_number), 0)}
     return rows
 
