@@ -19,9 +19,13 @@ from loopback import small_config
 
 import fedcare
 from fedcare.cli.main import main
+from fedcare.data.datasets import build_federation
+from fedcare.errors import ConfigError
 from fedcare.experiment import run_experiment
+from fedcare.federation.site import FitInstructions
 from fedcare.report.html import MODEL_CARD_FILE, REPORT_FILE
 from fedcare.report.rundir import result_line
+from fedcare.runtime import flower_site
 
 pytest.importorskip("flwr")
 
@@ -141,3 +145,123 @@ def test_fedcare_report_runs_and_serve_show_a_deployed_run(
     assert line.startswith("run completed, 2 of 2 rounds; accuracy ")
     assert "(mean of 3 sites' AUCs) on 250 test patients" in line
     assert str(run_dir.resolve()) in line and "report.html" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["secagg", "ckks"])
+def test_the_aggregator_learns_only_the_sum_of_the_sites_test_metrics(
+        scheme: str, deployed: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcare.evaluation import metric_sums
+    from fedcare.protection.ckks import CkksPayload, generate_keys
+    from fedcare.protection.secagg import MaskedInput
+    from fedcare.runtime import flower_server
+    from fedcare.runtime.flower import run_simulation
+
+    received: list[tuple[str, object]] = []
+    sums: list[torch.Tensor] = []
+    evaluate, site_sums = flower_server.RemoteSite.evaluate, flower_site.SiteNode.evaluate
+
+    def aggregator_reads(self: flower_server.RemoteSite, params: torch.Tensor,
+                         session: int) -> object:
+        payload = evaluate(self, params, session)
+        received.append((self.name, payload))
+        return payload
+
+    def site_computes(self: flower_site.SiteNode, params: torch.Tensor,
+                      round_number: int) -> torch.Tensor:
+        sums.append(site_sums(self, params, round_number))
+        return sums[-1]
+
+    monkeypatch.setattr(flower_server.RemoteSite, "evaluate", aggregator_reads)
+    monkeypatch.setattr(flower_site.SiteNode, "evaluate", site_computes)
+    config = small_config(scheme, rounds=2)
+    if scheme == "ckks":
+        generate_keys(tmp_path / "keys")
+        config.protection.keys = str(tmp_path / "keys")
+    run_simulation(config, n_sites=4, run_dir=tmp_path / "run")
+    # Every site's metrics reached the aggregator masked or encrypted, never as they are.
+    kind = MaskedInput if scheme == "secagg" else CkksPayload
+    assert len(received) == 8 and all(isinstance(p, kind) for _, p in received)
+    assert all(s.shape == metric_sums(torch.zeros(1), torch.zeros(1)).shape for s in sums)
+    if scheme == "secagg":
+        for (_, payload), plain in zip(received, sums, strict=True):
+            assert isinstance(payload, MaskedInput)
+            encoded = (plain * 2.0**32).round().to(torch.int64).numpy().astype("<u8").tobytes()
+            assert payload.masked != encoded
+    # ... and their sum gives what the plain deployment reports (ckks: counts rounded
+    # after the flooding noise, the rest to about 1e-6).
+    for mine, plain_row in zip(rows(tmp_path / "run"), rows(deployed[0]), strict=True):
+        for key in ("accuracy", "balanced_accuracy", "n", "roc_auc_sites", "sites"):
+            assert mine["pooled"][key] == plain_row["pooled"][key]
+        for key in ("brier", "log_loss", "roc_auc"):
+            assert mine["pooled"][key] == pytest.approx(plain_row["pooled"][key], abs=1e-5)
+
+
+def failing_in_round(monkeypatch: pytest.MonkeyPatch, site: str, round_number: int) -> None:
+    """`site` refuses its fit of `round_number` (a fault at the site, as a dead node's)."""
+    charge = flower_site.SiteNode.charge
+
+    def refusing(self: flower_site.SiteNode, instructions: FitInstructions) -> None:
+        if self.name == site and instructions.round == round_number:
+            raise ConfigError("the site's disk is full")
+        charge(self, instructions)
+
+    monkeypatch.setattr(flower_site.SiteNode, "charge", refusing)
+
+
+@pytest.mark.slow
+def test_rounds_short_of_sites_are_named_in_every_artefact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcare.runtime.flower import run_simulation
+
+    failing_in_round(monkeypatch, "va", 2)
+    run_dir = tmp_path / "run"
+    result = run_simulation(small_config("plain", rounds=2), n_sites=4, run_dir=run_dir)
+    assert result.rounds_completed == 2  # min_sites = 1: the run went on quietly with 3 of 4
+    summary = summary_of(run_dir)
+    assert summary["short_rounds"] == [{"round": 2, "sites": 3, "of": 4, "missing": ["va"]}]
+    assert rows(run_dir)[1]["pooled"]["sites"] == 4  # va still evaluated the model
+    page = (run_dir / REPORT_FILE).read_text(encoding="utf-8")
+    assert "1 of 2 rounds ran short of sites: round 2: 3 of 4 sites (missing va)" in page
+    assert "round 2: 3 of 4" in result_line(run_dir)
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path)]) == 0
+    assert "2 (1 short)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_site_level_private_deployment_names_no_cohort_and_no_test_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from fedcare.runtime.flower import run_simulation
+
+    config = small_config("secagg", rounds=2)
+    config.federation.fraction = 0.75
+    config.privacy.level, config.privacy.noise = "site", "distributed"
+    config.privacy.epsilon, config.privacy.secure = 4.0, False  # seeded: the same cohorts
+    failing_in_round(monkeypatch, "va", 2)
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded noise warns
+        result = run_simulation(config, n_sites=4, run_dir=run_dir)
+    assert result.rounds_completed == 2
+    # There is something to hide: a round whose cohort left a site out.
+    assert any(len(report.participants) < len(SITES) for report in result.reports)
+    sizes = build_federation(config.data, private=True).sites
+    texts = {name: (run_dir / name).read_text(encoding="utf-8") for name in
+             ("summary.json", "metrics.jsonl", REPORT_FILE, MODEL_CARD_FILE)}
+    for name, text in texts.items():
+        assert '"participants"' not in text and '"failures"' not in text, name
+        assert '"n_test"' not in text and "short of sites" not in text, name
+        for site in sizes:
+            assert f"| {site.name} | {site.n_test} |" not in text, name
+        for report in result.reports:  # no round's cohort
+            assert json.dumps(report.selected) not in text, name
+    assert all("pooled" in row for row in rows(run_dir))
+    summary = summary_of(run_dir)
+    assert summary["short_rounds"] is None
+    for text in (summary["federated"]["note"], texts[REPORT_FILE], texts[MODEL_CARD_FILE]):
+        assert "not covered by the site-level differential privacy guarantee" in text
