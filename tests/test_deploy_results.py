@@ -10,12 +10,14 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from loopback import small_config
+from loopback import SITES as SITES_3
+from loopback import Loopback, rounds_done, small_config, three_site_config, wait_until
 
 import fedcare
 from fedcare.cli.main import main
@@ -265,3 +267,41 @@ def test_a_site_level_private_deployment_names_no_cohort_and_no_test_size(
     assert summary["short_rounds"] is None
     for text in (summary["federated"]["note"], texts[REPORT_FILE], texts[MODEL_CARD_FILE]):
         assert "not covered by the site-level differential privacy guarantee" in text
+
+
+# ----------------------------------------------------------------------------- dead sites
+@pytest.mark.slow
+def test_a_dead_site_is_seen_within_seconds_and_rejoins_when_back(
+        tmp_path: Path, loopback_factory: Callable[..., Loopback]) -> None:
+    from fedcare.runtime.flower_server import ServerSettings
+    from fedcare.runtime.flower_supernode import HEARTBEAT_SECONDS
+
+    config = three_site_config("plain", rounds=6)
+    net = loopback_factory(tls=False)
+    net.start_superlink()
+    for site in SITES_3:
+        net.start_site(site)
+    run_dir = tmp_path / "run"
+    timeout = 300.0  # `fedcare serve`'s default --message-timeout
+    run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES_3),
+                                         wait_timeout=240, message_timeout=timeout,
+                                         round_retries=0), 900)
+    wait_until(lambda: len(rounds_done(run_dir)) >= 1, 600, "round 1", net)
+    net.stop("site-2")  # SIGKILL of its SuperNode: no goodbye, only silence
+    wait_until(lambda: len(rounds_done(run_dir)) >= 3, 600, "round 3", net)
+    net.start_site("site-2")  # back, as a new node
+    wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
+    rounds = rounds_done(run_dir)
+    assert summary_of(run_dir)["status"] == "completed"
+    gone = [r for r in rounds if "site-2" in r["failures"]]
+    # The round it died in learnt it from the SuperLink's node state (two missed
+    # heartbeats), not by waiting out the message timeout; later rounds did not ask it.
+    assert "is gone" in gone[0]["failures"]["site-2"]
+    assert gone[0]["seconds"] < 2 * HEARTBEAT_SECONDS + timeout / 4
+    assert all("not connected" in r["failures"]["site-2"] for r in gone[1:])
+    assert all(r["seconds"] < timeout / 4 for r in gone[1:])
+    # Back, it takes part again.
+    assert rounds[-1]["participants"] == SITES_3
+    short = summary_of(run_dir)["short_rounds"]
+    assert [r["round"] for r in short] == [r["round"] for r in gone]
+    assert all(r["pooled"]["sites"] == (2 if r in gone else 3) for r in rounds[1:])

@@ -353,9 +353,13 @@ def node_config_text(site: str, *, data_file: str = "", keys: str = "", policy: 
 
 def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
                       key: Path | None, node_config: str) -> list[str]:
-    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure)."""
-    command = [flower_program("flower-supernode"), "--superlink", superlink,
-               "--port", str(port), "--node-config", node_config]
+    """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure).
+
+    Started as `fedcare.runtime.flower_supernode`: Flower's SuperNode with a heartbeat
+    short enough that the aggregator learns within seconds that a site is gone.
+    """
+    command = [sys.executable, "-m", "fedcare.runtime.flower_supernode", "--superlink",
+               superlink, "--port", str(port), "--node-config", node_config]
     if ca is None:
         command.append("--insecure")
     else:
