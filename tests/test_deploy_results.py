@@ -76,6 +76,29 @@ def site_mean(metrics: dict[str, dict[str, float]]) -> float:
     return sum(aucs) / len(aucs)
 
 
+def test_sums_over_sites_give_the_pooled_metrics_and_the_mean_of_the_sites_aucs() -> None:
+    from fedcare.evaluation import binary_metrics, metric_sums, metrics_from_sums
+
+    generator = torch.Generator().manual_seed(0)
+    sites = [(torch.randn(n, generator=generator) * 3,
+              (torch.rand(n, generator=generator) < 0.4).float()) for n in (40, 25, 60)]
+    sites.append((torch.randn(9, generator=generator), torch.ones(9)))  # one class: no AUC
+    sites.append((torch.zeros(0), torch.zeros(0)))  # no test rows
+    total = torch.stack([metric_sums(z, y) for z, y in sites]).sum(dim=0)
+    got = metrics_from_sums(total)
+    pooled = binary_metrics(torch.cat([z for z, _ in sites]), torch.cat([y for _, y in sites]))
+    for key in ("accuracy", "balanced_accuracy", "brier", "log_loss"):
+        assert got[key] == pytest.approx(pooled[key], rel=1e-12), key
+    assert (got["n"], got["sites"], got["roc_auc_sites"]) == (134, 5, 3)
+    aucs = [binary_metrics(z, y)["roc_auc"] for z, y in sites[:3]]
+    assert got["roc_auc"] == pytest.approx(sum(aucs) / 3, rel=1e-12)
+    assert got["roc_auc"] != pytest.approx(pooled["roc_auc"], abs=1e-3)
+    # ckks's flooding noise (std 2**-20) on the sum leaves the counts exact.
+    noisy = metrics_from_sums(total + torch.randn(total.shape, generator=generator,
+                                                  dtype=torch.float64) * 2.0**-20)
+    assert (noisy["n"], noisy["accuracy"]) == (got["n"], got["accuracy"])
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A plain deployed run (Flower simulation) and `fedcare run` of the same config."""

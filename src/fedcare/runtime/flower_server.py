@@ -68,6 +68,7 @@ from fedcare.federation.aggregator import Aggregator, RoundReport
 from fedcare.federation.site import FitInstructions, FitResult
 from fedcare.federation.training import TrainingPlan
 from fedcare.models import FlatModel, build_model
+from fedcare.models.params import all_finite
 from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry
 from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_factory, record_entry
 from fedcare.privacy.site_level import SitePrivacy
@@ -707,7 +708,14 @@ def evaluate_global(round_number: int, params: torch.Tensor, sites: Sequence[Rem
         if i not in ready:
             continue
         try:
-            session.add(i, sites[i].evaluate(params, session_number))
+            payload = sites[i].evaluate(params, session_number)
+            if isinstance(payload, torch.Tensor) and not (
+                    payload.shape == (len(EVALUATION_SUMS),) and all_finite(payload)):
+                # Readable (plain): checked here, as `Aggregator.check_payload` does updates.
+                raise ProtocolError(f"site {sites[i].name!r} sent test metrics of shape "
+                                    f"{tuple(payload.shape)}, or non-finite; expected "
+                                    f"{len(EVALUATION_SUMS)} finite sums.")
+            session.add(i, payload)
             added += 1
         except FedcareError as exc:
             failures[sites[i].name] = str(exc)
