@@ -98,6 +98,21 @@ def round_facts(report: RoundReport, *, public: bool) -> dict[str, Any]:
     return facts
 
 
+def evaluation_facts(evaluation: dict[str, Any], *, public: bool) -> dict[str, Any]:
+    """What ``metrics.jsonl`` says of a deployed round's evaluation (`round_facts`' sibling).
+
+    With `public` False the pooled counts (``n``, ``sites``, ``roc_auc_sites``) are
+    left out: from one round to the next they would change by the test size of a site
+    that left or came back. ``summary.json`` keeps the final evaluation's, as `fedcare
+    run` publishes its pooled test size.
+    """
+    pooled = evaluation.get("pooled")
+    if public or pooled is None:
+        return evaluation
+    counts = ("n", "sites", "roc_auc_sites")
+    return {**evaluation, "pooled": {k: v for k, v in pooled.items() if k not in counts}}
+
+
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "curves.json"
 

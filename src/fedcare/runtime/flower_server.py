@@ -81,6 +81,7 @@ from fedcare.report.rundir import (
     CHECKPOINT_FILE,
     RunWriter,
     cohorts_public,
+    evaluation_facts,
     load_checkpoint,
     result_line,
     round_facts,
@@ -969,7 +970,8 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                 short.append({"round": report.round, "sites": len(report.participants),
                               "of": len(report.selected), "missing": sorted(report.failures)})
             if writer is not None and audit is not None:
-                writer.log_round({**round_facts(report, public=public), **evaluation,
+                writer.log_round({**round_facts(report, public=public),
+                                  **evaluation_facts(evaluation, public=public),
                                   "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger, payload_key)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
