@@ -4,9 +4,12 @@ The node configuration of the site's SuperNode says which site it is and
 where its data are (`NodeSettings`); the run configuration (``fedcare-config``,
 the TOML of a `RunConfig`) says how the federation trains. Each message is
 answered by the same `Site` methods the local runtime calls: ``exchange``
-for the protection protocol, ``fit`` for a round's training. Nothing but the
-reply to a message leaves the node: the reply is the protected payload, a
-protocol message of the scheme, or an error text.
+for the protection protocol, ``fit`` for a round's training; and ``evaluate``
+(`SiteNode.evaluate`) for the new global model's counts and loss sums on the
+site's test rows, protected like an update in a session of their own
+(`EVALUATION_SESSIONS`). Nothing but the reply to a message leaves the node:
+the reply is the protected payload, a protocol message of the scheme, or an
+error text.
 
 A SuperNode of Flower 1.42 runs every message in a new ClientApp process, so
 a site's protection session (which holds that round's secrets, e.g. its
