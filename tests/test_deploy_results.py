@@ -152,6 +152,7 @@ def test_fedcare_report_runs_and_serve_show_a_deployed_run(
     shutil.copytree(deployed[0], run_dir)
     (run_dir / REPORT_FILE).unlink()
     assert main(["report", str(run_dir)]) == 0
+    assert main(["verify", str(run_dir)]) == 0  # the audit log, in report/events.py's words
     page = (run_dir / REPORT_FILE).read_text(encoding="utf-8")
     accuracy = summary_of(run_dir)["federated"]["pooled"]["accuracy"]
     assert f"accuracy <b>{accuracy:.3f}</b>" in page
