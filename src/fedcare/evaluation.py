@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,18 @@ from scipy.stats import rankdata
 from fedcare.data.site_data import FederatedData
 
 METRICS = ("accuracy", "roc_auc", "balanced_accuracy", "brier", "log_loss")
+Metrics = dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on the pooled test set and on each site's test set."""
+
+    pooled: Metrics
+    sites: dict[str, Metrics] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pooled": self.pooled, "sites": self.sites}
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -124,3 +138,74 @@ def subgroups(data: FederatedData) -> dict[str, torch.Tensor]:
         for low, high, label in AGE_BANDS:
             masks[label] = (age >= low) & (age < high)
     return {label: mask for label, mask in masks.items() if bool(mask.any())}
+
+
+# --------------------------------------------------------------------------- from sums
+EVALUATION_SUMS = ("n", "correct", "brier", "log_loss", "positives", "true_positives",
+                   "true_negatives", "roc_auc", "auc_sites", "sites")
+"""What a deployed site sends of its test rows, through the protection scheme, so that
+only the sum over sites is revealed: row counts and sums of per-row losses (pooled metrics
+follow exactly), and its own ROC AUC with a 1 in ``auc_sites`` when the AUC is defined
+(AUC is no sum over rows: the federation gets the mean of the sites' AUCs)."""
+COUNTS = ("n", "correct", "positives", "true_positives", "true_negatives", "auc_sites",
+          "sites")
+"""Slots of `EVALUATION_SUMS` that hold integers (rounded after a ckks decryption, which
+adds flooding noise of about 1e-6)."""
+SITE_MEAN_AUC = ("ROC AUC is the mean of the sites' own AUCs (each on its own test "
+                 "patients), not the AUC of the pooled test set, which no site can compute.")
+
+
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One site's `EVALUATION_SUMS` (float64) for a model's logits on its test rows."""
+    metrics = binary_metrics(logits, labels)
+    n = int(metrics["n"])
+    if n == 0:
+        return torch.zeros(len(EVALUATION_SUMS), dtype=torch.float64).index_fill_(
+            0, torch.tensor([EVALUATION_SUMS.index("sites")]), 1.0)
+    z = logits.detach().to(torch.float64).numpy()
+    predicted = 1.0 / (1.0 + np.exp(-z)) >= 0.5  # as `binary_metrics` decides
+    positive = labels.detach().numpy() == 1
+    auc = metrics["roc_auc"]
+    values = {
+        "n": n,
+        "correct": int((predicted == positive).sum()),
+        # The means times n: the same float64 arithmetic as `binary_metrics`.
+        "brier": metrics["brier"] * n,
+        "log_loss": metrics["log_loss"] * n,
+        "positives": int(positive.sum()),
+        "true_positives": int((predicted & positive).sum()),
+        "true_negatives": int((~predicted & ~positive).sum()),
+        "roc_auc": 0.0 if math.isnan(auc) else auc,
+        "auc_sites": 0 if math.isnan(auc) else 1,
+        "sites": 1,
+    }
+    return torch.tensor([float(values[k]) for k in EVALUATION_SUMS], dtype=torch.float64)
+
+
+def metrics_from_sums(total: torch.Tensor) -> Metrics:
+    """Pooled metrics from the sum of the sites' `metric_sums` (`binary_metrics`' names).
+
+    Accuracy, balanced accuracy, Brier score and log loss are those of the pooled test
+    set, exactly. ``roc_auc`` is the mean of the sites' AUCs (`SITE_MEAN_AUC`), over
+    ``roc_auc_sites`` sites (those with both classes among their test rows);
+    ``sites`` is the number of sites whose rows are counted.
+    """
+    if total.shape != (len(EVALUATION_SUMS),):
+        raise ValueError(f"expected {len(EVALUATION_SUMS)} sums {EVALUATION_SUMS}; got shape "
+                         f"{tuple(total.shape)}.")
+    s = {k: float(v) for k, v in zip(EVALUATION_SUMS, total.tolist(), strict=True)}
+    for key in COUNTS:
+        s[key] = float(round(s[key]))
+    n, positives = s["n"], s["positives"]
+    negatives = n - positives
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else math.nan
+
+    balanced = 0.5 * (ratio(s["true_positives"], positives)
+                      + ratio(s["true_negatives"], negatives)) if positives and negatives \
+        else math.nan
+    return {"accuracy": ratio(s["correct"], n), "roc_auc": ratio(s["roc_auc"], s["auc_sites"]),
+            "balanced_accuracy": balanced, "brier": ratio(s["brier"], n),
+            "log_loss": ratio(s["log_loss"], n), "n": int(n),
+            "roc_auc_sites": int(s["auc_sites"]), "sites": int(s["sites"])}

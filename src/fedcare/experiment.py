@@ -6,10 +6,9 @@ sweeps get the same behaviour without the CLI.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,22 @@ from fedcare import __version__
 from fedcare.config import RunConfig
 from fedcare.data.site_data import FederatedData
 from fedcare.errors import ConfigError, FedcareError
-from fedcare.evaluation import binary_metrics, calibration_curve, roc_curve, subgroups
+from fedcare.evaluation import (
+    Evaluation,
+    Metrics,
+    binary_metrics,
+    calibration_curve,
+    roc_curve,
+    subgroups,
+)
 from fedcare.federation.aggregator import RoundReport
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel
-from fedcare.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.privacy.plan import BASELINES_NOT_PRIVATE
 from fedcare.protection import who_sees_what
-from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import (
-    AUDIT_LOG_FILE,
-    AuditLog,
-    audit_key,
-    payload_digest,
-    payload_digests_keyed,
-)
+from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog, audit_key, payload_digests_keyed
+from fedcare.report.events import close_audit_log, log_round_events, log_run_started
 from fedcare.report.html import write_report
 from fedcare.report.rundir import (
     CURVES_FILE,
@@ -47,21 +47,9 @@ from fedcare.report.rundir import (
 from fedcare.runtime.local import LocalRuntime, load_federation, training_plan
 from fedcare.seeding import BASELINE, INIT, torch_generator
 
-Metrics = dict[str, float]
 # Per-round per-site evaluation costs one forward pass per site; past this many
 # sites only the pooled test set is evaluated every round (sites at the end).
 PER_SITE_EVAL_MAX_SITES = 50
-
-
-@dataclass
-class Evaluation:
-    """Metrics of one model on the pooled test set and on each site's test set."""
-
-    pooled: Metrics
-    sites: dict[str, Metrics] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pooled": self.pooled, "sites": self.sites}
 
 
 @dataclass
@@ -121,34 +109,6 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
     params, _ = LocalTrainer(model).train(x, y, start, plan,
                                           torch_generator(config.seed, BASELINE, stream))
     return params
-
-
-def log_round_events(audit: AuditLog, report: RoundReport, params: torch.Tensor,
-                     ledger: PrivacyLedger | None, payload_key: bytes | None = None) -> None:
-    """One completed round in the audit log: who was asked, what arrived, what was spent.
-
-    `payload_key` (`audit_key`, when `payload_digests_keyed`) keys the payload
-    digests, so that the log is no oracle on a site's data.
-    """
-    audit.append("round", round=report.round, selected=report.selected, empty=report.empty)
-    for site, (size, sha256) in report.received.items():
-        name, digest = payload_digest(sha256, payload_key)
-        audit.append("payload_received", round=report.round, site=site, bytes=size,
-                     **{name: digest})
-    for site, reason in report.failures.items():
-        audit.append("site_failed", round=report.round, site=site, reason=reason)
-    if ledger is not None:
-        spent = [asdict(e) for party in ledger.parties() for e in ledger.entries(party)
-                 if e.round == report.round]
-        audit.append("budget_spent", round=report.round, entries=spent)
-    audit.append("model_released", round=report.round, sha256=wire_digest(params))
-    audit.sync()
-
-
-def close_audit_log(audit: AuditLog) -> dict[str, Any]:
-    """Close the log; what ``summary.json`` records of it (checked by `fedcare verify`)."""
-    audit.close()
-    return {"file": AUDIT_LOG_FILE, "entries": audit.entries, "head": audit.head}
 
 
 def run_experiment(config: RunConfig, out: str | Path | None = None,
@@ -220,11 +180,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     audit = AuditLog(run_dir / AUDIT_LOG_FILE, resume=resume is not None)
     payload_key = audit_key(run_dir) if payload_digests_keyed(config) else None
     if resume is None:
-        audit.append("run_started", config_sha256=hashlib.sha256(
-                         config.to_toml().encode()).hexdigest(),
-                     sites=[s.name for s in data.sites], protection=config.protection.scheme,
-                     privacy=config.privacy.level,
-                     payload_digest="sha256" if payload_key is None else "hmac-sha256")
+        log_run_started(audit, config, [s.name for s in data.sites], payload_key)
     else:
         audit.append("run_resumed", after_round=first_round - 1)
     meta = {"spec": model.spec.to_dict(), "model": config.to_dict()["model"],
@@ -295,3 +251,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     writer.close()
     write_report(run_dir)
     return RunResult(run_dir, data, federated, pooled_baseline, local_baselines, summary)
+
+
+__all__ = ["Evaluation", "RunResult", "evaluate", "model_curves", "run_experiment",
+           "subgroup_metrics", "train_centrally"]

@@ -14,9 +14,10 @@ from typing import Any
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.evaluation import SITE_MEAN_AUC
 from fedcare.report.auditlog import AUDIT_LOG_FILE
 from fedcare.report.auditlog import verify as verify_audit_log
-from fedcare.report.html import MODEL_CARD_FILE, write_report
+from fedcare.report.html import MODEL_CARD_FILE, site_mean_auc, write_report
 from fedcare.sweep import ALIASES, GridAxis, run_sweep, sweep_markdown
 
 
@@ -96,16 +97,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not parent.is_dir():
         raise FedcareError(f"{parent} is not a directory of runs.")
     rows = []
+    site_means = False
     for summary_file in sorted(parent.glob("*/summary.json")):
         s = json.loads(summary_file.read_text(encoding="utf-8"))
         pooled = (s.get("federated") or {}).get("pooled") or {}
         privacy = s.get("privacy")
+        accuracy, auc = (f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
+                         for m in ("accuracy", "roc_auc"))
+        if site_mean_auc(pooled) and auc != "-":
+            auc += " (site mean)"
+            site_means = True
         rows.append((summary_file.parent.name, s.get("status", "?"), s.get("dataset", "?"),
                      s.get("strategy", "?"), (s.get("protection") or {}).get("scheme", "plain"),
-                     _privacy_cell(privacy),
-                     str(s.get("rounds_completed", "?")),
-                     *(f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
-                       for m in ("accuracy", "roc_auc"))))
+                     _privacy_cell(privacy), str(s.get("rounds_completed", "?")) + (
+                         f" ({len(s['short_rounds'])} short)" if s.get("short_rounds") else ""),
+                     accuracy, auc))
     if not rows:
         print(f"No runs under {parent}.")
         return 0
@@ -114,6 +120,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if site_means:
+        print(f"site mean: {SITE_MEAN_AUC}")
+    if any("short)" in row[6] for row in rows):
+        print("short: rounds in which a selected site sent no update (summary.json "
+              "short_rounds).")
     return 0
 
 

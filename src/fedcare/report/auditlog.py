@@ -16,7 +16,7 @@ files and recompute every hash can forge a history: the head hash is what a
 site or an ethics board copies elsewhere (or what a later, signed, log
 anchors to) to make that detectable.
 
-Events written by `fedcare.experiment.run_experiment`: ``run_started``
+Events written by both runtimes (`fedcare.report.events`): ``run_started``
 (config digest, sites, protection, privacy level, ``payload_digest``: how
 payloads are digested), ``round`` (selected sites),
 ``payload_received`` (site, bytes, and a digest of the protected payload:

@@ -98,6 +98,34 @@ def _protection(summary: Mapping[str, Any]) -> tuple[str, str]:
     return scheme, str(recorded.get("sentence") or WHO_SEES_WHAT[scheme])
 
 
+def site_mean_auc(metrics: Mapping[str, Any] | None) -> str:
+    """"" or, for a deployed run's metrics, what its ROC AUC is: the mean of the sites' own."""
+    count = (metrics or {}).get("roc_auc_sites")
+    return "" if count is None else f"mean of {count} sites' AUCs, not the pooled AUC"
+
+
+def short_rounds_text(summary: Mapping[str, Any]) -> str:
+    """"" or a sentence naming the rounds that ran short of sites (``short_rounds``)."""
+    short = summary.get("short_rounds") or []
+    if not short:
+        return ""
+    rounds = "; ".join(f"round {r['round']}: {r['sites']} of {r['of']} sites"
+                       + (f" (missing {', '.join(r['missing'])})" if r.get("missing") else "")
+                       for r in short[:20])
+    more = f"; and {len(short) - 20} more" if len(short) > 20 else ""
+    return (f"{len(short)} of {summary.get('rounds_completed')} rounds ran short of sites: "
+            f"{rounds}{more}.")
+
+
+def _metric_sites(summary: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
+    """The sites with metrics of their own in the summary (none for a deployed run)."""
+    evaluations = [summary.get("federated") or {}]
+    baselines = summary.get("baselines") or {}
+    evaluations += [baselines.get("pooled") or {}, *(baselines.get("local") or {}).values()]
+    known = {name for ev in evaluations for name in (ev.get("sites") or {})}
+    return [s for s in sites if s in known]
+
+
 def _headline_rows(summary: Mapping[str, Any], sites: Sequence[str]) -> list[list[str]]:
     rows = [("federated (" + str(summary.get("strategy")) + ")", summary.get("federated"))]
     baselines = summary.get("baselines") or {}
@@ -146,10 +174,22 @@ def model_card(run_dir: Path) -> str:
         "only on the held-out patients below, and must be validated locally before any use "
         "in care.",
         "## Sites and data",
-        _markdown_table(["site", "training patients", "test patients"],
-                        [[s["name"], str(s.get("n_train", "not released")),
-                          str(s.get("n_test", "-"))] for s in sites]),
     ]
+    used = summary.get("data") or {}
+    if used:  # a deployed run: the coordinator knows what each site says it used, no sizes
+        parts += [_markdown_table(["site", "data"], [[name, str(source)] for name, source in
+                                                     (used.get("sites") or {}).items()]),
+                  f"Every site encoded its records with the same schema (SHA-256 "
+                  f"`{used.get('schema_sha256')}`). The coordinator saw no site's records; "
+                  + ("under plain protection it read each site's test counts and metrics as "
+                     "they arrived, " if _protection(summary)[0] == "plain" else
+                     "it saw only the sums over sites of their test counts and metrics, ")
+                  + "and no site's own is in this run directory: each site's own test metrics "
+                  "are in its own log."]
+    else:
+        parts.append(_markdown_table(["site", "training patients", "test patients"],
+                                     [[s["name"], str(s.get("n_train", "not released")),
+                                       str(s.get("n_test", "-"))] for s in sites]))
     site_level = (privacy or {}).get("level") == "site"
     if site_level:
         parts.append("Each site's number of training patients is not released: site-level "
@@ -176,6 +216,10 @@ def model_card(run_dir: Path) -> str:
                                  for name, v in per_site.items()])]
     if site_level and per_site:
         parts.append(PER_SITE_NOT_COVERED)
+    if federated.get("note"):
+        parts.append(str(federated["note"]))
+    if short_rounds_text(summary):
+        parts.append(short_rounds_text(summary))
     subgroups = summary.get("subgroups") or {}
     if subgroups:
         parts += ["### By subgroup (pooled test set)",
@@ -299,20 +343,28 @@ def write_report(run_dir: str | Path) -> Path:
         body.append(f"<p class='warning'>The run stopped early: "
                     f"{escape(str(summary.get('error')))}</p>")
     accuracy_text, auc_text = _fmt(_metric(pooled, "accuracy")), _fmt(_metric(pooled, "roc_auc"))
+    mean_auc = site_mean_auc(pooled)
     body.append(f"<p class='headline' id='headline'>Federated model on the pooled test set "
                 f"({pooled.get('n', '-')} patients): accuracy <b>{accuracy_text}</b>, "
-                f"ROC AUC <b>{auc_text}</b>.</p>")
+                f"ROC AUC <b>{auc_text}</b>{f' ({escape(mean_auc)})' if mean_auc else ''}.</p>")
+    if short_rounds_text(summary):
+        body.append(f"<p class='warning' id='short-rounds'>"
+                    f"{escape(short_rounds_text(summary))}</p>")
+    if summary.get("data"):  # a deployed run: only the sites with metrics of their own
+        sites = _metric_sites(summary, sites)
+        shown = sites if len(sites) <= MAX_SITE_LINES else []
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"] + [f"acc@{s}" for s in sites]
     baselines = summary.get("baselines") or {}
     body += ["<h2>Federated vs pooled vs each site alone</h2>" if baselines else
              "<h2>Federated model</h2>",
              _html_table(header, _headline_rows(summary, sites)),
-             "<p>Pooled metrics are on all sites' test patients together; acc@site on that "
-             "site's own test patients."
+             "<p>Pooled metrics are on all sites' test patients together"
+             + ("; acc@site on that site's own test patients." if sites else ".")
              + (" The pooled and single-site models are references trained without privacy "
                 "protection." if baselines else "")
              + (" " + PER_SITE_NOT_COVERED
-                if (summary.get("privacy") or {}).get("level") == "site" else "") + "</p>"]
+                if (summary.get("privacy") or {}).get("level") == "site" and sites else "")
+             + (" " + str((summary.get("federated") or {}).get("note") or "")) + "</p>"]
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
 
@@ -351,7 +403,8 @@ def write_report(run_dir: str | Path) -> Path:
         body += ["<h2 id='training'>Training, round by round</h2><div class='charts'>",
                  line_chart(accuracy, title="Accuracy of the global model", x_label="round",
                             y_label="accuracy", y_range=(0.0, 1.0)),
-                 line_chart(auc, title="ROC AUC of the global model", x_label="round",
+                 line_chart(auc, title="ROC AUC of the global model" + (
+                     " (mean of the sites' AUCs)" if mean_auc else ""), x_label="round",
                             y_label="ROC AUC", y_range=(0.0, 1.0)),
                  "</div>"]
         failed = [(r["round"], s, why) for r in rounds for s, why in r.get("failures", {}).items()]

@@ -98,6 +98,21 @@ def round_facts(report: RoundReport, *, public: bool) -> dict[str, Any]:
     return facts
 
 
+def evaluation_facts(evaluation: dict[str, Any], *, public: bool) -> dict[str, Any]:
+    """What ``metrics.jsonl`` says of a deployed round's evaluation (`round_facts`' sibling).
+
+    With `public` False the pooled counts (``n``, ``sites``, ``roc_auc_sites``) are
+    left out: from one round to the next they would change by the test size of a site
+    that left or came back. ``summary.json`` keeps the final evaluation's, as `fedcare
+    run` publishes its pooled test size.
+    """
+    pooled = evaluation.get("pooled")
+    if public or pooled is None:
+        return evaluation
+    counts = ("n", "sites", "roc_auc_sites")
+    return {**evaluation, "pooled": {k: v for k, v in pooled.items() if k not in counts}}
+
+
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "curves.json"
 
@@ -160,3 +175,41 @@ class RunWriter:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def shortfall_summary(short: list[dict[str, Any]], *, public: bool) -> dict[str, Any]:
+    """``summary.json``'s ``short_rounds``: each round in which a selected site sent no update
+    (``round``, ``sites`` that did, ``of`` selected, ``missing``), so that a federation
+    running on fewer sites than it has is seen. None when the rounds' cohorts are not
+    public (`cohorts_public`): the coordinator's audit log keeps them."""
+    return {"short_rounds": short if public else None}
+
+
+def result_line(run_dir: Path) -> str:
+    """One line saying how a run ended, its headline metric and where it wrote.
+
+    For the end of ``fedcare serve`` (and anyone reading a run directory).
+    """
+    summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    rounds = (summary.get("config") or {}).get("federation", {}).get("rounds", "?")
+    done = summary.get("rounds_completed", 0)
+    status = summary.get("status", "?")
+    text = f"run {status}, {done} of {rounds} rounds"
+    pooled = (summary.get("federated") or {}).get("pooled") or {}
+    if pooled.get("accuracy") is not None:
+        text += f"; accuracy {pooled['accuracy']:.3f}"
+        if pooled.get("roc_auc") is not None:
+            mean = pooled.get("roc_auc_sites")
+            text += f", ROC AUC {pooled['roc_auc']:.3f}" + (
+                f" (mean of {mean} sites' AUCs)" if mean is not None else "")
+        text += f" on {pooled.get('n', '?')} test patients"
+    short = summary.get("short_rounds")
+    if short:
+        text += (f"; {len(short)} round(s) short of sites (round "
+                 + ", ".join(f"{r['round']}: {r['sites']} of {r['of']}" for r in short[:5])
+                 + (", ..." if len(short) > 5 else "") + ")")
+    if summary.get("error"):
+        text += f"; error: {summary['error']}"
+    files = sorted(p.name for p in Path(run_dir).iterdir()
+                   if p.suffix in (".json", ".html", ".pt", ".md") and p.name != CHECKPOINT_FILE)
+    return text + f"; wrote {Path(run_dir).resolve()} ({', '.join(files)})"

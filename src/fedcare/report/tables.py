@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
-from fedcare.experiment import Evaluation, RunResult
+from fedcare.data.site_data import FederatedData
+from fedcare.evaluation import Evaluation
+
+
+class RunResult(Protocol):
+    """What a results table reads of a finished run (`fedcare.experiment.RunResult`)."""
+
+    data: FederatedData
+    federated: Evaluation
+    pooled_baseline: Evaluation | None
+    local_baselines: dict[str, Evaluation]
+    summary: dict[str, Any]
 
 # Per-site accuracy columns are shown up to this many sites; beyond, their range.
 MAX_SITE_COLUMNS = 8

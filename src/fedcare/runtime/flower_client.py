@@ -66,6 +66,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         return answer(message, context, node)
 
     app.train()(handle)
+    app.evaluate()(handle)
     app.query("fedcare_hello")(handle)
     app.query("fedcare_exchange")(handle)
     return app

@@ -402,8 +402,9 @@ def supernode_command(*, superlink: str, site: str, port: int, ca: Path | None,
                       key: Path | None, node_config: str) -> list[str]:
     """``flower-supernode`` for one site: TLS against `ca`, identity `key` (or insecure).
 
-    It runs through `fedcare.runtime.supernode`: warm ClientApp processes and a
-    quicker poll of the SuperLink.
+    It runs through `fedcare.runtime.supernode`: warm ClientApp processes, a
+    quicker poll of the SuperLink, and a heartbeat short enough that the
+    aggregator learns within seconds that a site is gone.
     """
     command = [sys.executable, "-m", "fedcare.runtime.supernode", "--superlink", superlink,
                "--port", str(port), "--node-config", node_config]

@@ -41,7 +41,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedcare import __version__
@@ -63,32 +64,35 @@ from fedcare.errors import (
     ProtocolError,
     QuorumError,
 )
-from fedcare.experiment import close_audit_log, log_round_events
+from fedcare.evaluation import EVALUATION_SUMS, SITE_MEAN_AUC, Metrics, metrics_from_sums
 from fedcare.federation.aggregator import Aggregator, RoundReport
 from fedcare.federation.site import FitInstructions, FitResult
 from fedcare.federation.training import TrainingPlan
 from fedcare.models import FlatModel, build_model
+from fedcare.models.params import all_finite
 from fedcare.privacy.ledger import LEDGER_FILE, LedgerEntry
 from fedcare.privacy.plan import PrivacyPlan, build_site_level_plan, noise_factory, record_entry
 from fedcare.privacy.site_level import SitePrivacy
 from fedcare.protection import WHO_SEES_WHAT, build_scheme
-from fedcare.protection.base import wire_digest
-from fedcare.report.auditlog import (
-    AUDIT_LOG_FILE,
-    AuditLog,
-    audit_key,
-    payload_digests_keyed,
-)
+from fedcare.protection.base import Scheme, min_contributors, wire_digest
+from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog, audit_key, payload_digests_keyed
+from fedcare.report.events import close_audit_log, log_round_events, log_run_started
+from fedcare.report.html import write_report
 from fedcare.report.rundir import (
     CHECKPOINT_FILE,
     RunWriter,
     cohorts_public,
+    evaluation_facts,
     load_checkpoint,
+    result_line,
     round_facts,
+    shortfall_summary,
     write_json,
 )
 from fedcare.runtime.flower_site import (
     ERROR,
+    EVALUATE,
+    EVALUATION_SESSIONS,
     EXCHANGE,
     FIT,
     HEADER,
@@ -173,6 +177,13 @@ class ServerSettings:
                 "fedcare-node-keys": ",".join(f"{site}={key}" for site, key in self.node_keys)}
 
 
+def round_label(round_number: int) -> str:
+    """"round 3", or "the evaluation of round 3" for its evaluation's session."""
+    if round_number >= EVALUATION_SESSIONS:
+        return f"the evaluation of round {round_number - EVALUATION_SESSIONS}"
+    return f"round {round_number}"
+
+
 def node_key_fingerprint(public_key: bytes | ec.EllipticCurvePublicKey) -> str:
     """SHA-256 (hex) of a node key's DER SubjectPublicKeyInfo; `public_key` may be the PEM
     bytes Flower's SuperLink keeps for a registered node."""
@@ -232,13 +243,12 @@ class Messenger:
             content[HEADER] = ConfigRecord({
                 "kind": kind, "site": site, "round": round_number, "index": index,
                 "attempt": self.attempt})
-            message_type = {"hello": HELLO, "fit": FIT}.get(kind, EXCHANGE)
+            message_type = {"hello": HELLO, "fit": FIT, "evaluate": EVALUATE}.get(kind, EXCHANGE)
             messages[node_id] = (request, Message(content, dst_node_id=node_id,
                                                   message_type=message_type,
                                                   group_id=str(round_number)),
                                  wire_bytes(content))
-        replies = {reply.metadata.src_node_id: reply for reply in self._send_and_receive(
-            [m for _, m, _ in messages.values()])}
+        replies = self._send_and_receive({node_id: m for node_id, (_, m, _) in messages.items()})
         out: dict[str, object | FedcareError] = {}
         for node_id, ((_, site, kind, _, round_number, _), _, size) in messages.items():
             label = f"site {site!r}" if site else f"node {node_id}"
@@ -247,13 +257,23 @@ class Messenger:
             if reply is None:
                 self.traffic.add(site, round_number, size, 0)
                 out[key] = ProtocolError(
-                    f"{label} did not answer the {kind} message of round {round_number} within "
-                    f"{self.timeout:g} s (disconnected or too slow); it is left out.")
+                    f"{label} did not answer the {kind} message of {round_label(round_number)} "
+                    f"within "
+                    f"{self.timeout:g} s (too slow, or unreachable); it is left out.")
+                continue
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                self.traffic.add(site, round_number, size, 0)
+                out[key] = ProtocolError(
+                    f"{label} is gone: its node stopped, or missed its heartbeats (the "
+                    f"SuperLink's node state), during the {kind} message of "
+                    f"{round_label(round_number)}; it is left out, and rejoins when it "
+                    "reconnects.")
                 continue
             if reply.has_error():
                 self.traffic.add(site, round_number, size, 0)
                 out[key] = ProtocolError(f"{label}: its ClientApp failed on the {kind} message "
-                                         f"of round {round_number}: {reply.error.reason}")
+                                         f"of {round_label(round_number)}: "
+                                         f"{reply.error.reason}")
                 continue
             self.traffic.add(site, round_number, size, wire_bytes(reply.content))
             refusal = reply.content.config_records.get(ERROR)
@@ -269,19 +289,33 @@ class Messenger:
                 out[key] = exc
         return out
 
-    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def _send_and_receive(self, messages: dict[int, Message]) -> dict[int, Message]:
         """`Grid.send_and_receive` (push, then pull until all replied or `timeout`), looking
-        every `poll_interval` seconds."""
-        waiting = set(self.grid.push_messages(messages))
+        every `poll_interval` seconds; the reply of each node that answered.
+
+        Replies are matched to messages by message id: the reply Flower's SuperLink writes
+        for a node that is gone (``NODE_UNAVAILABLE``: the node deactivated itself, or its
+        heartbeats stopped) comes from the SuperLink, not from that node. A message the
+        SuperLink would not store (its node is unknown to it) is not waited for.
+        """
+        nodes = list(messages)
+        pushed = list(self.grid.push_messages(list(messages.values())))
+        # Flower returns no ids at all for a batch too large to push: nothing to wait for.
+        node_of = {message_id: node for node, message_id in zip(nodes, pushed, strict=False)
+                   if message_id}
+        waiting = set(node_of)
         deadline = time.monotonic() + self.timeout
-        replies: list[Message] = []
-        while True:
-            pulled = list(self.grid.pull_messages(waiting))
-            replies += pulled
-            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        replies: dict[int, Message] = {}
+        while waiting:
+            for reply in self.grid.pull_messages(waiting):
+                message_id = reply.metadata.reply_to_message_id
+                if message_id in waiting:
+                    replies[node_of[message_id]] = reply
+                    waiting.discard(message_id)
             if not waiting or time.monotonic() >= deadline:
-                return replies
+                break
             time.sleep(self.poll_interval)
+        return replies
 
     def ask(self, node_id: int, site: str, kind: str, body: object, *, round_number: int = 0,
             index: int = -1) -> object:
@@ -346,7 +380,7 @@ class FanOut:
         if kind == "exchange" and _deferred(body):
             self._queued.setdefault((site.name, round_number), []).append(body)
             return None
-        if kind in ("fit", SUM):
+        if kind in ("fit", "evaluate", SUM):
             targets = [i for i in self.cohort(round_number)
                        if (self.sites[i].name, round_number) not in self._failed]
         else:
@@ -410,6 +444,11 @@ class RemoteSite:
 
     def exchange(self, round_number: int, message: object) -> object:
         return self.fan_out.call(self, "exchange", message, round_number)
+
+    def evaluate(self, params: torch.Tensor, session: int) -> object:
+        """The site's protected `metric_sums` of `params` on its test rows (`session`: the
+        evaluation's protection session, `EVALUATION_SESSIONS` + the round)."""
+        return self.fan_out.call(self, "evaluate", params, session)
 
     def planned_spend(self, round_number: int, plan: TrainingPlan) -> list[LedgerEntry]:
         privacy = None if self.hello is None else self.hello.record_privacy
@@ -718,6 +757,163 @@ def check_client_level(site: str, told: dict[str, Any] | None, ours: SitePrivacy
                       f"every site must run the federation's [privacy] settings.{hint}")
 
 
+def evaluate_global(round_number: int, params: torch.Tensor, sites: Sequence[RemoteSite],
+                    protection: Scheme, cohorts: dict[int, list[int]]) -> Metrics:
+    """Pooled test metrics of the global model of `round_number`, from the sites' sums.
+
+    Every connected site evaluates `params` on its held-out rows and sends its
+    `metric_sums` through the run's protection scheme, in a protection session of
+    its own (`EVALUATION_SESSIONS` + the round: fresh masks and keys): under
+    ``secagg`` and ``ckks`` the aggregator learns only their sum, as of an
+    update. Accuracy, balanced accuracy, Brier score and log loss follow
+    exactly (`metrics_from_sums`); ROC AUC is the mean of the sites' AUCs.
+
+    Parameters
+    ----------
+    cohorts : dict
+        Session -> site indices asked; this evaluation's cohort is put there for
+        the `FanOut`.
+
+    Raises
+    ------
+    QuorumError
+        If fewer sites answered than the scheme reveals a sum of (`min_contributors`).
+    FedcareError
+        If the protocol failed (nothing was revealed).
+    """
+    session_number = EVALUATION_SESSIONS + round_number
+    cohort = [s.index for s in sites if s.node_id is not None]
+    least = min_contributors(protection)
+    if len(cohort) < least:
+        raise QuorumError(f"{len(cohort)} site(s) connected; {protection.name} reveals only a "
+                          f"sum of at least {least}.")
+    cohorts[session_number] = cohort
+    failures: dict[str, str] = {}
+
+    def exchange(messages: Mapping[int, object]) -> dict[int, object]:
+        replies = {}
+        for i, message in messages.items():
+            try:
+                replies[i] = sites[i].exchange(session_number, message)
+            except FedcareError as exc:
+                failures.setdefault(sites[i].name, str(exc))
+        return replies
+
+    session = protection.aggregator_session(session_number, cohort, len(EVALUATION_SUMS))
+    ready = set(session.setup(exchange))
+    added = 0
+    for i in cohort:
+        if i not in ready:
+            continue
+        try:
+            payload = sites[i].evaluate(params, session_number)
+            if isinstance(payload, torch.Tensor) and not (
+                    payload.shape == (len(EVALUATION_SUMS),) and all_finite(payload)):
+                # Readable (plain): checked here, as `Aggregator.check_payload` does updates.
+                raise ProtocolError(f"site {sites[i].name!r} sent test metrics of shape "
+                                    f"{tuple(payload.shape)}, or non-finite; expected "
+                                    f"{len(EVALUATION_SUMS)} finite sums.")
+            session.add(i, payload)
+            added += 1
+        except FedcareError as exc:
+            failures[sites[i].name] = str(exc)
+    if added < least:
+        detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
+        raise QuorumError(f"{added} site(s) sent their test metrics; {protection.name} reveals "
+                          f"only a sum of at least {least} ({detail}).")
+    return metrics_from_sums(session.reveal(exchange).to(torch.float64))
+
+
+def evaluation_record(round_number: int, params: torch.Tensor, sites: Sequence[RemoteSite],
+                      protection: Scheme, cohorts: dict[int, list[int]], *, public: bool,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """What ``metrics.jsonl`` and ``summary.json`` say of the evaluation of a round's model.
+
+    ``pooled`` (`evaluate_global`'s metrics) and an empty ``sites`` (the
+    aggregator sees no site's own metrics; each site logs its own), or, if it
+    failed, ``evaluation_error``: the reason, which may name sites, only when
+    cohorts are public (`cohorts_public`); the run goes on either way.
+    """
+    try:
+        return {"pooled": evaluate_global(round_number, params, sites, protection, cohorts),
+                "sites": {}}
+    except FedcareError as exc:
+        log(f"round {round_number}: the global model could not be evaluated: {exc}")
+        return {"evaluation_error": str(exc) if public else
+                "the evaluation failed; why (which may name sites) is in the coordinator's "
+                "log only, since site-level DP protects who takes part."}
+
+
+def evaluation_note(config: RunConfig) -> str:
+    """How to read a deployed run's test metrics (``summary.json``, ``federated.note``)."""
+    note = ("Accuracy, balanced accuracy, Brier score and log loss are those of all sites' "
+            "test patients together, summed through the protection scheme. " + SITE_MEAN_AUC)
+    level = config.privacy.level
+    if level != "none":
+        note += (f" Test metrics are exact measurements on the sites' held-out patients, not "
+                 f"covered by the {level}-level differential privacy guarantee.")
+    return note
+
+
+def model_meta(config: RunConfig, model: FlatModel, sites: Sequence[RemoteSite],
+               pooled: Standardization | None = None) -> dict[str, Any]:
+    """What ``model.pt`` holds beside the parameters, as `fedcare run` writes it.
+
+    The schema and input layout are the sites' (`SiteHello`; all must agree);
+    ``standardization`` has each site whose standardisation is no statistic of
+    its own rows: the schema's bounds or none (from its hello), or the
+    federation's `pooled` moments (federated standardisation). The others keep
+    theirs, and say so in ``standardization_note``.
+    """
+    hellos = [s.hello for s in sites if s.hello is not None]
+    schemas = {json.dumps(h.schema, sort_keys=True) for h in hellos}
+    layouts = {h.feature_names for h in hellos}
+    if len(schemas) > 1 or len(layouts) > 1:
+        raise ProtocolError("the sites encode their records with different schemas or input "
+                            "layouts; they must share the federation's schema (and its "
+                            "vocabularies).")
+    standardization = {s.name: s.hello.standardization for s in sites
+                       if s.hello is not None and s.hello.standardization is not None}
+    if pooled is not None:
+        standardization = {s.name: {"mean": list(pooled.mean), "std": list(pooled.std)}
+                           for s in sites}
+    meta: dict[str, Any] = {
+        "spec": model.spec.to_dict(), "model": config.to_dict()["model"],
+        "schema": hellos[0].schema if hellos else None,
+        "feature_names": list(hellos[0].feature_names) if hellos else [],
+        "standardization": standardization}
+    kept = [s.name for s in sites if s.name not in standardization]
+    if kept:
+        meta["standardization_note"] = (
+            f"site(s) {kept} standardise with the means and standard deviations of their own "
+            "rows (data.standardize = \"site\"), which stay at the site.")
+    return meta
+
+
+def data_used(sites: Sequence[RemoteSite]) -> dict[str, Any]:
+    """``summary.json``'s ``data``: what each site trained and tested on (no path), and a
+    digest of the schema they share."""
+    hellos = [s.hello for s in sites if s.hello is not None]
+    schema = hellos[0].schema if hellos else None
+    return {"schema_sha256": None if schema is None else hashlib.sha256(
+                json.dumps(schema, sort_keys=True).encode()).hexdigest(),
+            "sites": {s.name: s.hello.data if s.hello is not None else "unknown"
+                      for s in sites}}
+
+
+def previous_short_rounds(run_dir: Path | None, first_round: int) -> list[dict[str, Any]]:
+    """Rounds before `first_round` that ran short of sites, from ``metrics.jsonl`` (a resumed
+    run; only where the rounds' cohorts are public)."""
+    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return []
+    rows = [json.loads(line) for line in
+            (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"round": r["round"], "sites": len(r.get("participants", [])),
+             "of": len(r.get("participants", [])) + len(r["failures"]),
+             "missing": sorted(r["failures"])}
+            for r in rows if r.get("failures") and r["round"] < first_round]
+
+
 def round_retries(settings: ServerSettings, privacy: PrivacyPlan | None) -> int:
     """How often a round below the quorum is tried again.
 
@@ -745,7 +941,10 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
     messenger = Messenger(grid, settings.message_timeout)
     # The cohort the aggregator drew for the round tells the fan-out whom to ask ahead
     # (a random draw under client-level DP: `CohortKeeper`).
-    fan_out = FanOut(messenger, lambda r: aggregator.cohort(r))
+    # An evaluation's cohort is every site connected then (`evaluate_global`).
+    evaluations: dict[int, list[int]] = {}
+    fan_out = FanOut(messenger, lambda r: evaluations[r] if r in evaluations
+                     else aggregator.cohort(r))
     roster = Roster(config, settings, messenger, fan_out, log)
     _wait_for_sites(grid, roster, config, settings, log)
     sites = roster.sites
@@ -758,12 +957,13 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                             "they must share the schema (and its vocabularies).")
     model = FlatModel(build_model(config.model, widths.pop()))
     params = model.init_params(torch_generator(config.seed, INIT))
-
     share_standardization(config, roster, messenger,
                           Path(settings.run_dir) if settings.run_dir else None, log)
+    meta = model_meta(config, model, sites, roster.standardization)
     privacy = _privacy_plan(config, sites)
+    protection = build_scheme(config.protection)
     aggregator = build_aggregator(config, model.spec, sites,
-                                  protection=build_scheme(config.protection), privacy=privacy,
+                                  protection=protection, privacy=privacy,
                                   noise_for=None if privacy is None else noise_factory(config),
                                   kind=CohortKeeper)
     ledger = aggregator.ledger
@@ -798,23 +998,25 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
         if resuming:
             audit.append("run_resumed", after_round=first_round - 1)
         else:
-            audit.append("run_started", config_sha256=hashlib.sha256(
-                config.to_toml().encode()).hexdigest(), sites=[s.name for s in sites],
-                protection=config.protection.scheme, privacy=config.privacy.level,
-                runtime="flower",
-                payload_digest="sha256" if payload_key is None else "hmac-sha256")
+            log_run_started(audit, config, [s.name for s in sites], payload_key,
+                            runtime="flower")
 
     reports: list[RoundReport] = []
     seconds: list[float] = []
     first_round_at: float | None = None
+    public = cohorts_public(config)
     summary: dict[str, Any] = {
         "fedcare_version": __version__, "runtime": "flower", "status": "running",
-        "dataset": config.data.dataset_name, "strategy": f.strategy, "model": config.model.name,
+        "dataset": config.data.dataset_name,
+        "description": f"{config.data.dataset_name} data at {len(sites)} sites (deployed)",
+        "data": data_used(sites),
+        "strategy": f.strategy, "model": config.model.name,
         "n_parameters": model.spec.size, "seed": config.seed,
         "sites": [s.name for s in sites], "rounds_completed": first_round - 1,
         "protection": {"scheme": config.protection.scheme,
                        "sentence": WHO_SEES_WHAT[config.protection.scheme]},
     }
+    short: list[dict[str, Any]] = previous_short_rounds(run_dir, first_round)
 
     def finish(status: str, error: str | None = None) -> None:
         if run_dir is None or writer is None or audit is None:
@@ -823,11 +1025,11 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             audit.append("run_failed", error=error)
         else:
             audit.append("run_completed", rounds=summary["rounds_completed"])
-        writer.save_model(params, {"spec": model.spec.to_dict(),
-                                   "model": config.to_dict()["model"]})
+        writer.save_model(params, meta)
         summary.update(status=status, elapsed_seconds=time.perf_counter() - started,
                        audit_log=close_audit_log(audit), config=config.to_dict())
-        if cohorts_public(config):
+        summary.update(shortfall_summary(short, public=public))
+        if public:
             # Bytes per site and round name each round's cohort: not under site-level DP.
             summary["traffic"] = traffic_summary(messenger.traffic)
         if error is not None:
@@ -836,10 +1038,14 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
             summary["privacy"] = privacy.guarantee(ledger)
         writer.write_summary(summary)
         writer.close()
+        write_report(run_dir)
+        log(result_line(run_dir))
 
     try:
         for round_number in range(first_round, f.rounds + 1):
             tic = time.perf_counter()
+            if round_number > first_round:
+                roster.refresh(grid)  # a site that is gone is not asked; one back rejoins
             for attempt in range(retries + 1):
                 messenger.attempt = attempt
                 try:
@@ -857,19 +1063,30 @@ def serve(grid: Grid, config: RunConfig, settings: ServerSettings,
                     roster.refresh(grid)
             if first_round_at is None:
                 first_round_at = time.perf_counter()
+            evaluation = evaluation_record(report.round, params, sites, protection,
+                                           evaluations, public=public, log=log)
+            if "pooled" in evaluation:
+                summary["federated"] = {**evaluation, "note": evaluation_note(config)}
             seconds.append(time.perf_counter() - tic)
             reports.append(report)
+            if report.failures:
+                short.append({"round": report.round, "sites": len(report.participants),
+                              "of": len(report.selected), "missing": sorted(report.failures)})
             if writer is not None and audit is not None:
-                writer.log_round({**round_facts(report, public=cohorts_public(config)),
+                writer.log_round({**round_facts(report, public=public),
+                                  **evaluation_facts(evaluation, public=public),
                                   "seconds": seconds[-1]})
                 log_round_events(audit, report, params, ledger, payload_key)
                 writer.save_checkpoint(report.round, params, aggregator.strategy.state_dict(),
                                        aggregator.clip_norm)
             summary["rounds_completed"] = report.round
+            pooled = evaluation.get("pooled") or {}
             log(f"round {report.round}: " + (
                 "released from noise alone (too few sites for a sum)" if report.empty else
                 f"{len(report.participants)} of {len(report.selected)} sites, train loss "
                 f"{report.train_loss:.4f}")
+                + (f", accuracy {pooled['accuracy']:.3f}, ROC AUC (site mean) "
+                   f"{pooled['roc_auc']:.3f}" if pooled else "")
                 + (f", left out: {report.failures}" if report.failures else ""))
             if on_round is not None:
                 on_round(params, report)
@@ -885,7 +1102,9 @@ def traffic_summary(traffic: Traffic) -> dict[str, Any]:
     """Bytes per site and round, both directions (for summary.json and the benchmark)."""
     rows: dict[str, dict[str, dict[str, int]]] = {}
     for (site, round_number), sent in sorted(traffic.sent.items()):
-        rows.setdefault(site or "(hello)", {})[str(round_number)] = {
+        key = str(round_number) if round_number < EVALUATION_SESSIONS else \
+            f"{round_number - EVALUATION_SESSIONS} (evaluation)"
+        rows.setdefault(site or "(hello)", {})[key] = {
             "to_site": sent, "from_site": traffic.received.get((site, round_number), 0)}
     return rows
 

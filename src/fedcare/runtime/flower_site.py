@@ -4,9 +4,12 @@ The node configuration of the site's SuperNode says which site it is and
 where its data are (`NodeSettings`); the run configuration (``fedcare-config``,
 the TOML of a `RunConfig`) says how the federation trains. Each message is
 answered by the same `Site` methods the local runtime calls: ``exchange``
-for the protection protocol, ``fit`` for a round's training. Nothing but the
-reply to a message leaves the node: the reply is the protected payload, a
-protocol message of the scheme, or an error text.
+for the protection protocol, ``fit`` for a round's training; and ``evaluate``
+(`SiteNode.evaluate`) for the new global model's counts and loss sums on the
+site's test rows, protected like an update in a session of their own
+(`EVALUATION_SESSIONS`). Nothing but the reply to a message leaves the node:
+the reply is the protected payload, a protocol message of the scheme, or an
+error text.
 
 A site prepares its own rows only (`fedcare.data.datasets.split_sites`): the
 same split, imputation and encoding as ``fedcare run`` gives it. Under federated
@@ -60,6 +63,7 @@ from fedcare.errors import (
     ProtocolError,
     SchemaError,
 )
+from fedcare.evaluation import binary_metrics, metric_sums
 from fedcare.federation.site import FitInstructions, Site
 from fedcare.federation.training import LocalTrainer
 from fedcare.models import FlatModel, build_model
@@ -86,9 +90,14 @@ STANDARDIZATION = "fedcare-standardization"
 """Context state record holding the federation's pooled mean and std (federated
 standardisation), so every later message's process encodes the site's rows with them."""
 
-HELLO, EXCHANGE, FIT = "query.fedcare_hello", "query.fedcare_exchange", "train"
+HELLO, EXCHANGE, FIT, EVALUATE = ("query.fedcare_hello", "query.fedcare_exchange", "train",
+                                  "evaluate")
 SUM, STANDARDIZE = "sum", "standardize"
 """Message kinds of federated standardisation (sent as `EXCHANGE` messages)."""
+EVALUATION_SESSIONS = 1 << 62
+"""The protection session of the evaluation of round ``r``'s global model is
+``EVALUATION_SESSIONS + r``: its own masks and keys (secagg binds the number into every
+key), never those of a training round, whose numbers stay below it."""
 
 SIMULATION_POLICY = SitePolicy(seeded_noise=True, central_noise=True)
 """The policy of a node in Flower's simulation engine: no hospital, no caps of its own, any
@@ -246,6 +255,17 @@ class SiteHello:
     site_privacy: dict[str, Any] | None = None
     n_numeric: int = 0
     """Numeric columns, which federated standardisation sums moments of."""
+    schema: dict[str, Any] | None = None
+    """The schema the site encoded its records with (`Schema.to_dict`), for ``model.pt``."""
+    feature_names: tuple[str, ...] = ()
+    """The model's inputs after encoding, in order."""
+    standardization: dict[str, list[float]] | None = None
+    """``mean`` and ``std`` the site applied to its numeric columns, when they are no
+    statistic of its own rows (the schema's bounds, or none); None when they are
+    (``data.standardize = "site"``: those stay at the site) or are the federation's pooled
+    ones (sent after the hello; the aggregator has them)."""
+    data: str = ""
+    """What the site trained and tested on, in words that name no path."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +350,9 @@ class SiteNode:
             self.standardization = (tuple(stats[self.name]["mean"]),
                                     tuple(stats[self.name]["std"]))
         self.n_features = len(split.schema.encoded_feature_names())
+        self.source = ("its own data file (the path stays at the site)"
+                       if local.data.dataset_name == "files"
+                       else f"its part of {split.description}")
         data = FederatedData(split.schema, split.schema.encoded_feature_names(),
                              [] if self._data is None else [self._data], split.description,
                              {})
@@ -427,7 +450,17 @@ class SiteNode:
         self.ledger.check_job(self.job, [r for r in planned if r is not None])
         client_level = None if self.site_privacy is None else asdict(self.site_privacy)
         return SiteHello(self.name, self.n_features, self.record_privacy, self.epsilon_cap,
-                         client_level, len(self.schema.numeric))
+                         client_level, len(self.schema.numeric), self.schema.to_dict(),
+                         tuple(self.schema.encoded_feature_names()), self._applied(),
+                         self.source)
+
+    def _applied(self) -> dict[str, list[float]] | None:
+        """The standardisation the hello names: none of the site's own statistics."""
+        if self.standardize in (Standardize.SITE, Standardize.FEDERATED) or \
+                self.standardization is None:
+            return None
+        mean, std = self.standardization
+        return {"mean": list(mean), "std": list(std)}
 
     def charge(self, instructions: FitInstructions) -> None:
         """Charge a round to the site ledger before training; refuse what the policy forbids."""
@@ -443,6 +476,21 @@ class SiteNode:
                                cohort=instructions.cohort)
         if release is not None:
             self.ledger.charge([release])
+
+    def evaluate(self, params: torch.Tensor, round_number: int) -> torch.Tensor:
+        """`metric_sums` of the global model of `round_number` on this site's test rows.
+
+        The site's own metrics go to its own log (stderr), for its operator; only their
+        protected sum leaves the site.
+        """
+        model = self.trainer.model
+        model.load(params)
+        logits = model.predict_logits(self.data.x_test)
+        metrics = binary_metrics(logits, self.data.y_test)
+        print(f"fedcare: site {self.name!r}: the global model of round {round_number} on its "
+              f"{metrics['n']} test patients: accuracy {metrics['accuracy']:.3f}, ROC AUC "
+              f"{metrics['roc_auc']:.3f}", file=sys.stderr, flush=True)
+        return metric_sums(logits, self.data.y_test)
 
     def site(self, index: int, protection: Scheme) -> Site:
         return Site(self.data, self.trainer, index=index, seed=self.config.seed,
@@ -634,8 +682,17 @@ def answer(message: Message, context: Context, node: SiteNode) -> Message:
                 if sessions.site_session(round_number, index).handle(earlier) is not None:
                     raise MessageRefused(f"{type(earlier).__name__} was sent ahead but needs "
                                         "a reply.")
+            evaluation = round_number >= EVALUATION_SESSIONS
             if kind == "exchange":
                 reply = sessions.site_session(round_number, index).handle(body)
+            elif kind == "evaluate":
+                if not (evaluation and isinstance(body, torch.Tensor)):
+                    raise MessageRefused("an evaluation message must carry the global "
+                                         "parameters, in an evaluation session.")
+                sums = node.evaluate(body, round_number - EVALUATION_SESSIONS)
+                reply = sessions.site_session(round_number, index).protect(sums)
+            elif evaluation:
+                raise MessageRefused(f"a {kind} message in an evaluation session; refused.")
             elif kind == SUM:
                 if not isinstance(body, MomentsRequest):
                     raise MessageRefused("a sum message must carry a MomentsRequest.")

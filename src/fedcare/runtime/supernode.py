@@ -13,7 +13,8 @@ which forks each ClientApp from a fork server that imported Flower, torch
 and fedcare's ClientApp module once. Each message still runs in a process of
 its own (a fresh copy of the warm one: nothing a ClientApp does is seen by
 the next), so the isolation Flower gives is kept. The SuperNode's idle poll
-is `NODE_POLL` seconds instead of 3.
+is `NODE_POLL` seconds instead of 3, and its heartbeat `HEARTBEAT_SECONDS`
+instead of 30, so that a dead site is seen within 20 s.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ NODE_POLL = 0.5
 
 Each look is one signed HTTPS request to the SuperLink; with 4 sites at 0.5 s
 the SuperLink answers 8 a second while idle (see BENCHMARKS.md, Deployment)."""
+
+HEARTBEAT_SECONDS = 10.0
+"""The node's announced heartbeat interval (Flower 1.42: a fixed 30 s).
+
+Flower's SuperLink holds a node online for ``HEARTBEAT_PATIENCE`` (2) times the
+interval the node announces and answers every message to a node no longer
+online with ``NODE_UNAVAILABLE`` at once (``flwr/server/superlink/linkstate``);
+the aggregator then leaves that site out of the round. 10 s is the least a
+Flower 1.42 SuperLink accepts (``HEARTBEAT_MIN_INTERVAL``): the node sends one
+every (10 - 5) x 0.8 s (Flower's call timeout and jitter) and a dead site is
+seen within 2 x 10 s instead of a minute. A node that stops normally
+deactivates itself and is seen at once either way."""
 
 PRELOAD = ["torch", "flwr.supernode.runtime.run_clientapp", "fedcare.runtime.flower_client"]
 """Modules the fork server imports once, so that a ClientApp starts without importing."""
@@ -132,6 +145,15 @@ def run_supernode(argv: Sequence[str]) -> None:
     subprocess.Popen([sys.executable, "-m", MODULE, "--superexec", f"{host}:{known.port}",
                       str(os.getpid())])
     start_client_internal.time = _QuickTime()  # type: ignore[attr-defined,assignment]
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    for module in (heartbeat, fleet_http_connection):  # read by the node's heartbeat sender
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise SystemExit(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL: this is "
+                             "not the Flower 1.42 fedcare was built on; run flower-supernode "
+                             "itself (slower, and a dead site is seen within a minute).")
+        module.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # type: ignore[attr-defined]
     sys.argv = ["flower-supernode", *argv, "--isolation", "process"]
     flower_supernode()
 
