@@ -97,9 +97,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def marked_processes(token: str) -> list[int]:
-    """Ids of the live processes whose environment holds ``FEDCARE_SUPERVISOR=token``."""
-    needle = f"{MARK}={token}".encode()
+def marked_processes(token: str, variable: str = MARK) -> list[int]:
+    """Ids of the live processes whose environment holds ``variable=token``
+    (default ``FEDCARE_SUPERVISOR=token``)."""
+    needle = f"{variable}={token}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
