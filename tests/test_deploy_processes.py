@@ -147,3 +147,162 @@ def test_a_signal_to_serve_or_site_stops_every_process_it_started(
                             f"every process of {name} to be gone", timeout=60)
         assert len(before) >= 3
     assert "are stopped" in commands.log("serve")
+
+
+# ----------------------------------------------------------------------------- port, lock
+def parse(*arguments: str) -> object:
+    import argparse
+
+    from fedcare.cli.deploy import add_deploy_parser
+
+    parser = argparse.ArgumentParser()
+    add_deploy_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(list(arguments))
+
+
+def serve_args(run_dir: Path, port: int) -> object:
+    return parse("serve", "--sites", ",".join(SITES), "--run-dir", str(run_dir),
+                 "--address", f"127.0.0.1:{port}", "--insecure")
+
+
+def test_serve_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
+    from fedcare.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = serve_args(tmp_path / "run", port)
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            args.handler(args)  # type: ignore[attr-defined]
+    assert not (tmp_path / "run" / "flower" / "superlink.log").exists()
+
+
+def test_serve_refuses_a_run_directory_another_aggregator_holds(tmp_path: Path) -> None:
+    import fcntl
+
+    from fedcare.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = (run_dir / "serve.lock").open("a+")
+    holder.write(json.dumps({"pid": 4242, "token": "x", "started": "earlier"}))
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a live `fedcare serve` holds it
+    args = serve_args(run_dir, free_port())
+    with pytest.raises(ConfigError, match="in use by another `fedcare serve` \\(pid 4242"):
+        args.handler(args)  # type: ignore[attr-defined]
+    holder.close()
+
+
+def test_a_stale_lock_is_taken_over_and_what_its_holder_left_is_stopped(
+        tmp_path: Path) -> None:
+    from fedcare.runtime.supervise import MARK, RunDirectoryLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # A SuperLink the killed aggregator left running (it carries the aggregator's mark).
+    orphan = subprocess.Popen(["sleep", "600"], env={**os.environ, MARK: "deadbeef"})
+    (run_dir / "serve.lock").write_text(json.dumps({"pid": dead.pid, "token": "deadbeef"}))
+    said: list[str] = []
+    lock = RunDirectoryLock(run_dir)
+    lock.acquire("ours", log=said.append)
+    try:
+        assert orphan.wait(timeout=30) == -signal.SIGTERM
+        assert said and "stopped 1 process(es) left running" in said[0]
+        assert json.loads((run_dir / "serve.lock").read_text())["pid"] == os.getpid()
+        second = RunDirectoryLock(run_dir)
+        from fedcare.errors import ConfigError
+
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            second.acquire("theirs", log=said.append)
+    finally:
+        lock.release()
+    again = RunDirectoryLock(run_dir)  # released: free again
+    again.acquire("again", log=said.append)
+    again.release()
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.slow
+def test_an_aggregator_stopped_or_killed_mid_run_resumes_to_the_same_model(
+        tmp_path: Path, commands: Commands) -> None:
+    """SIGTERM, SIGKILL, then Ctrl-C of `fedcare serve`, each time the documented restart
+    (the same command): one model, every round once in the ledger, an intact audit log."""
+    from fedcare.cli.main import main
+    from fedcare.data.datasets import build_federation
+    from fedcare.privacy.ledger import PrivacyLedger
+    from fedcare.runtime.local import LocalRuntime
+
+    config = three_site_config("plain", rounds=4)
+    config.privacy.level, config.privacy.secure = "record", False  # seeded noise: comparable
+    # Room under the cap: a kill between a round's spend and its checkpoint has the
+    # aggregator see that round twice.
+    config.privacy.epsilon, config.privacy.noise_multiplier = 50.0, 1.5
+    config_file = tmp_path / "federation.toml"
+    config_file.write_text(config.to_toml(), encoding="utf-8")
+    port = free_port()
+    for name in SITES:  # seeded noise only in a loopback test (--insecure)
+        policy = tmp_path / f"policy-{name}.toml"
+        policy.write_text('seeded_noise = true\n', encoding="utf-8")
+        site(commands, name, port, "--insecure", "--policy", str(policy))
+    run_dir = tmp_path / "run"
+    for attempt, signum in enumerate([signal.SIGTERM, signal.SIGKILL, signal.SIGINT], 1):
+        name = f"serve-{attempt}"
+        serve(commands, name, config_file, run_dir, port, "--insecure")
+        commands.wait_until(lambda n=attempt: len(rounds_done(run_dir)) >= n,  # type: ignore[misc]
+                            f"round {attempt}")
+        commands.processes[name][0].send_signal(signum)
+        code = commands.wait_exit(name, timeout=120)
+        assert code == (-signum if signum == signal.SIGKILL else 128 + signum), \
+            commands.logs()
+        # Killed outright, its children still go (the kernel's parent-death signal).
+        commands.wait_until(lambda n=name: not commands.tree(n),  # type: ignore[misc]
+                            f"every process of {name} to be gone", timeout=120)
+    serve(commands, "serve-4", config_file, run_dir, port, "--insecure")
+    assert commands.wait_exit("serve-4", timeout=900) == 0, commands.logs()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary.get("error")
+    assert [r["round"] for r in rounds_done(run_dir)] == [1, 2, 3, 4]
+    final = torch.load(run_dir / "model.pt", weights_only=True)["params"]
+    local = LocalRuntime(build_federation(config.data, private=True), config).run()
+    assert torch.allclose(final, local, atol=1e-6, rtol=0)
+    ledger = PrivacyLedger(None, delta=config.privacy.delta, accountant="pld", caps={})
+    ledger.resume_from(run_dir / "privacy_ledger.jsonl", 4)
+    for name in SITES:
+        assert sorted(e.round for e in ledger.entries(name)) == [1, 2, 3, 4]
+    assert main(["verify", str(run_dir)]) == 0
+    assert "resuming" in commands.log("serve-4")
+
+
+# ----------------------------------------------------------------------------- config paths
+def test_relative_paths_in_a_config_are_relative_to_its_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_cli import SCHEMA_TOML, write_site_csvs
+
+    from fedcare.cli.main import main
+    from fedcare.config import RunConfig
+
+    project = tmp_path / "project"
+    write_site_csvs(project / "sites", {"north": 40, "south": 40})
+    (project / "schema.toml").write_text(SCHEMA_TOML, encoding="utf-8")
+    config = project / "federation.toml"
+    config.write_text('out = "runs"\n[data]\ndata_dir = "sites"\nschema = "schema.toml"\n'
+                      f'files = []\n[protection]\nkeys = "{tmp_path / "keys"}"\n',
+                      encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = RunConfig.load(Path("..") / "project" / "federation.toml")
+    assert loaded.data.data_dir == str(project / "sites")
+    assert loaded.data.schema == str(project / "schema.toml")
+    assert loaded.out == str(project / "runs")
+    assert loaded.protection.keys == str(tmp_path / "keys")  # absolute: kept
+    loaded.set("data.schema=other.toml")  # the command line: the working directory's
+    assert loaded.data.schema == "other.toml"
+    # `fedcare run` reads the same file from anywhere.
+    assert main(["run", str(config), "--rounds", "1", "--no-baselines", "--quiet"]) == 0
+    assert list((project / "runs").glob("*/summary.json"))
+    assert not (elsewhere / "runs").exists()

@@ -218,7 +218,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 register_site(home, key, site)
                 _say(f"registered site {site}")
             run = supervisor.start("run", run_command(app), env, on_line=console_writer())
-            return run.wait()
+            code = run.wait()
+            # `flwr run --stream` returns when the SuperLink ends the log stream; the
+            # ServerApp may still be writing the run's last artefacts.
+            supervisor.wait_for_exit("flwr-serverapp", timeout=120.0)
+            return code
     except Stopped as stop:
         _say(f"fedcare serve: {stop} received; the SuperLink, the ServerApp and `flwr run` "
              "are stopped. Run the same command again to resume after the last "

@@ -172,6 +172,24 @@ class Supervisor:
         self._pumps.append(pump)
         return process
 
+    def running(self, program: str) -> list[int]:
+        """Marked processes running `program` (the name of their executable or script)."""
+        found = []
+        for pid in marked_processes(self.token):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(part.decode(errors="replace")).name == program for part in argv[:2]):
+                found.append(pid)
+        return found
+
+    def wait_for_exit(self, program: str, timeout: float) -> None:
+        """Wait up to `timeout` s for every marked process running `program` to end."""
+        deadline = time.monotonic() + timeout
+        while self.running(program) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def stop(self, grace: float = 15.0) -> int:
         """Stop every child and descendant; return how many processes there were."""
         count = stop_marked(self.token, grace)
