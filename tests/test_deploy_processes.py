@@ -301,7 +301,7 @@ def test_relative_paths_in_a_config_are_relative_to_its_folder(
     assert loaded.out == str(project / "runs")
     assert loaded.protection.keys == str(tmp_path / "keys")  # absolute: kept
     loaded.set("data.schema=other.toml")  # the command line: the working directory's
-    assert loaded.data.schema == "other.toml"
+    assert loaded.data.schema == str(elsewhere / "other.toml")
     # `fedcare run` reads the same file from anywhere.
     assert main(["run", str(config), "--rounds", "1", "--no-baselines", "--quiet"]) == 0
     assert list((project / "runs").glob("*/summary.json"))

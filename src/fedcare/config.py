@@ -6,7 +6,9 @@ sections below, e.g. ``federation.rounds`` or ``data.partition``.
 
 A relative path in a config file (`PATH_KEYS`) is relative to the file's own
 folder, wherever the command runs; a path given on the command line
-(``--set``, ``--data-dir``) is relative to the working directory.
+(``--set``, ``--data-dir``) is relative to the working directory. Both are
+stored absolute, so the ``config.toml`` a run writes names the same files
+from anywhere (``fedcare run --resume``).
 """
 
 from __future__ import annotations
@@ -234,11 +236,16 @@ class RunConfig:
         self.set_value(key.strip(), value, source="--set")
 
     def set_value(self, key: str, value: Any, source: str = "config") -> None:
-        """Set the dotted `key` to an already typed `value` (validated like a file's)."""
+        """Set the dotted `key` to an already typed `value` (validated like a file's).
+
+        A relative path (`PATH_KEYS`) is made absolute against the working directory, so
+        the run directory's ``config.toml`` names the same files from anywhere.
+        """
         *sections, leaf = key.split(".")
         nested: dict[str, Any] = {leaf: value}
         for section in reversed(sections):
             nested = {section: nested}
+        _anchor_paths(nested, Path.cwd())
         _merge(self, nested, prefix="", source=source)
 
     def to_dict(self) -> dict[str, Any]:
