@@ -8,6 +8,7 @@ events (a log line, metrics.jsonl, summary.json, a process exit), never on time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,10 +79,8 @@ class Commands:
     def kill_all(self) -> None:
         for process, tree in self.processes.values():
             for pid in [process.pid, *marked_processes(tree, TREE)]:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             process.wait(timeout=30)
 
 
@@ -110,16 +109,17 @@ def site(commands: Commands, name: str, port: int, *extra: str) -> subprocess.Po
                           str(commands.root / f"state-{name}"), *extra)
 
 
-def flower_programs(commands: Commands, name: str) -> set[str]:
-    """Names of the Flower programs running in command `name`'s tree."""
-    found = set()
+def programs(commands: Commands, name: str) -> list[str]:
+    """The programs running in command `name`'s tree: a script's name (``flwr-serverapp``)
+    or a module's (``python -m fedcare.runtime.supernode``)."""
+    found = []
     for pid in commands.tree(name):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            argv = [part.decode() for part in
+                    Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        found.update(Path(part.decode()).name for part in argv[:2]
-                     if b"flower-" in part or b"flwr" in part)
+        found.append(argv[2] if argv[1:2] == ["-m"] else Path(argv[min(1, len(argv) - 1)]).name)
     return found
 
 
@@ -136,9 +136,10 @@ def test_a_signal_to_serve_or_site_stops_every_process_it_started(
     # The whole tree is up: the SuperLink's detached SuperExec runs the ServerApp, which
     # has started rounds (a ClientApp per message at the sites).
     commands.wait_until(lambda: len(rounds_done(tmp_path / "run")) >= 1, "round 1")
-    assert {"flower-superlink", "flower-superexec", "flwr-serverapp"} <= \
-        flower_programs(commands, "serve")
-    assert {"flower-supernode", "flower-superexec"} <= flower_programs(commands, "site-0")
+    assert {"fedcare.runtime.superlink", "flower-superexec", "flwr-serverapp"} <= \
+        set(programs(commands, "serve"))
+    # The SuperNode and its SuperExec (with the warm ClientApp fork server).
+    assert programs(commands, "site-0").count("fedcare.runtime.supernode") >= 2
     for name in ["site-0", "serve"]:
         before = commands.tree(name)
         commands.processes[name][0].send_signal(signum)
