@@ -307,3 +307,47 @@ def test_relative_paths_in_a_config_are_relative_to_its_folder(
     assert main(["run", str(config), "--rounds", "1", "--no-baselines", "--quiet"]) == 0
     assert list((project / "runs").glob("*/summary.json"))
     assert not (elsewhere / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- refused sites
+def test_a_refused_site_is_asked_again_once_it_reconnects() -> None:
+    """A site refused for its data (the coordinator sees the category only) is let in once
+    its operator fixed the file and restarted it: the SuperLink says it activated again."""
+    import math
+
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from fedcare.config import RunConfig
+    from fedcare.errors import ProtocolError
+    from fedcare.runtime.flower_server import FanOut, Roster, ServerSettings
+    from fedcare.runtime.flower_site import SiteHello
+
+    asked: list[int] = []
+    fixed = {"data": False}
+
+    class Grid:
+        def __init__(self, activated: str) -> None:
+            self.activated = activated
+
+        def get_nodes(self) -> list[object]:
+            return [NodeInfo(node_id=7, last_activated_at=self.activated)]
+
+    class Messenger:
+        def ask_many(self, requests: list[tuple[int, ...]]) -> dict[str, object]:
+            asked.extend(int(r[0]) for r in requests)
+            return {str(r[0]): SiteHello("site-0", 13, None, math.inf) if fixed["data"] else
+                    ProtocolError("site 'site-0': its data do not match the federation's "
+                                  "schema (SchemaError)") for r in requests}
+
+    logged: list[str] = []
+    roster = Roster(RunConfig(), ServerSettings(roster=("site-0",)), Messenger(),  # type: ignore[arg-type]
+                    FanOut(Messenger(), lambda round_number: []),  # type: ignore[arg-type]
+                    logged.append)
+    roster.refresh(Grid("10:00"))  # type: ignore[arg-type]
+    assert roster.connected() == [] and "(SchemaError)" in roster.refusals[7]
+    roster.refresh(Grid("10:00"))  # type: ignore[arg-type]
+    assert asked == [7]  # not asked again while it stays as it was
+    fixed["data"] = True
+    roster.refresh(Grid("10:05"))  # type: ignore[arg-type]  # restarted: activated again
+    assert asked == [7, 7]
+    assert roster.connected() == ["site-0"] and not roster.refusals
