@@ -351,3 +351,88 @@ def test_a_refused_site_is_asked_again_once_it_reconnects() -> None:
     roster.refresh(Grid("10:05"))  # type: ignore[arg-type]  # restarted: activated again
     assert asked == [7, 7]
     assert roster.connected() == ["site-0"] and not roster.refusals
+
+
+# ----------------------------------------------------------------------------- sites
+def certs_args(directory: Path) -> tuple[str, ...]:
+    return ("--certs", str(directory))
+
+
+@pytest.mark.slow
+def test_a_site_says_why_it_is_not_in_and_keeps_trying(
+        tmp_path: Path, commands: Commands) -> None:
+    """Before the coordinator: waiting. Then, with TLS: not registered, a certificate from
+    another CA, a name the coordinator's certificate does not hold. Each site keeps trying."""
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    ours = make_certificates(tmp_path / "certs", SITES, hosts=("127.0.0.1",))
+    theirs = make_certificates(tmp_path / "theirs", SITES)
+    port = free_port()
+    site(commands, "site-0", port, *certs_args(ours.ca.parent))  # not registered below
+    commands.start("site-1", "site", "--name", "site-1", "--aggregator", f"localhost:{port}",
+                   "--port", str(free_port()), *certs_args(ours.ca.parent))
+    site(commands, "site-2", port, *certs_args(theirs.ca.parent))
+    for name in SITES:
+        commands.wait_until(lambda n=name: f"site {n}: waiting for the coordinator at "  # type: ignore[misc]
+                            in commands.log(n), f"{name} to say it waits")
+    serve(commands, "serve", write_config(tmp_path / "federation.toml"), tmp_path / "run",
+          port, "--certs", str(ours.ca.parent), "--sites", "site-1,site-2")
+    commands.wait_until(lambda: "site site-0: the coordinator's SuperLink refused this "
+                        "site's node key: it is not registered" in commands.log("site-0"),
+                        "site-0 to say it is not registered")
+    commands.wait_until(lambda: "not for 'localhost' (certificate name mismatch)"
+                        in commands.log("site-1"), "site-1 to name the certificate's names")
+    commands.wait_until(lambda: "was not issued by this site's CA" in commands.log("site-2"),
+                        "site-2 to say the coordinator's certificate is another CA's")
+    for name in SITES:
+        assert commands.processes[name][0].poll() is None  # still trying
+        assert "Connection attempt failed" not in commands.log(name)
+        assert "\x1b[" not in commands.log(name)  # a file: no colour codes
+    assert "\x1b[" not in (tmp_path / "run" / "flower" / "superlink.log").read_text()
+
+
+@pytest.mark.slow
+def test_sites_started_before_the_coordinator_join_and_stay_for_the_next_job(
+        tmp_path: Path, commands: Commands) -> None:
+    from fedcare.runtime.flower_deploy import make_certificates
+
+    certs = make_certificates(tmp_path / "certs", SITES).ca.parent
+    port = free_port()
+    for name in SITES:  # before the coordinator; their keys get registered after it starts
+        site(commands, name, port, *certs_args(certs))
+    config = write_config(tmp_path / "federation.toml", rounds=1)
+    for job in ("job-1", "job-2"):  # a new job: a new run directory, a new SuperLink state
+        serve(commands, job, config, tmp_path / job, port, *certs_args(certs))
+        assert commands.wait_exit(job, timeout=900) == 0, commands.logs()
+        summary = json.loads((tmp_path / job / "summary.json").read_text())
+        assert summary["status"] == "completed", summary.get("error")
+        assert [r["participants"] for r in rounds_done(tmp_path / job)] == [SITES]
+    for name in SITES:
+        assert commands.processes[name][0].poll() is None, commands.log(name)
+        assert "Traceback" not in commands.log(name)
+        assert commands.log(name).count("connected to the coordinator") >= 2
+    assert not (tmp_path / "state-site-0" / "flower" / "apps").exists() or \
+        len(list((tmp_path / "state-site-0" / "flower" / "apps").iterdir())) <= 1
+
+
+def test_a_site_says_each_reason_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    from fedcare.runtime import site_link
+
+    now = [0.0]
+    monkeypatch.setattr(site_link.time, "monotonic", lambda: now[0])
+    said: list[str] = []
+    status = site_link.StatusLine(said.append)
+    forwarded: list[str] = []
+    watch = site_link.SupernodeWatch(forwarded.append)
+    for second in range(0, 130, 5):  # Flower's line for every attempt, for two minutes
+        now[0] = float(second)
+        watch("\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 4.2 seconds")
+        status(watch.reason("coordinator:9092", None, 0))
+    assert forwarded == []  # none of them in the site's log
+    assert said == ["waiting for the coordinator at coordinator:9092 (not answering); "
+                    "retrying"] * 3  # at 0, 60 and 120 s
+    status("something else")  # a new reason: at once
+    assert said[-1] == "something else"
+    watch("[code: 2004] Failed to activate SuperNode.")
+    assert "not registered" in watch.reason("coordinator:9092", None, 1)
