@@ -436,3 +436,37 @@ def test_a_site_says_each_reason_at_most_once_a_minute(monkeypatch: pytest.Monke
     assert said[-1] == "something else"
     watch("[code: 2004] Failed to activate SuperNode.")
     assert "not registered" in watch.reason("coordinator:9092", None, 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_supervisor_stopped_or_killed_leaves_no_descendant(signum: int, tmp_path: Path
+                                                             ) -> None:
+    """Even a grandchild in a session of its own (as the SuperLink starts its SuperExec) and
+    a wrapper killed outright (SIGKILL: no handler runs) leave nothing behind."""
+    token = uuid.uuid4().hex
+    script = tmp_path / "wrapper.py"
+    script.write_text(f"""
+import os, sys
+from fedcare.runtime.supervise import Stopped, Supervisor, stop_signals
+with Supervisor({token!r}) as supervisor:
+    try:
+        with stop_signals():
+            supervisor.start("a", ["sleep", "600"], os.environ, on_line=print)
+            supervisor.start("b", ["sh", "-c", "setsid sleep 601 & exec sleep 602"],
+                             os.environ, on_line=print)
+            print("started", flush=True)
+            supervisor.children["a"].wait()
+    except Stopped as stop:
+        sys.exit(stop.exit_code)
+""", encoding="utf-8")
+    wrapper = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    assert wrapper.stdout is not None and wrapper.stdout.readline() == b"started\n"
+    deadline = time.monotonic() + 60
+    while len(marked_processes(token)) < 3:  # sleep 600, sleep 602, the detached sleep 601
+        assert time.monotonic() < deadline, marked_processes(token)
+        time.sleep(0.1)
+    wrapper.send_signal(signum)
+    assert wrapper.wait(timeout=60) == (-signum if signum == signal.SIGKILL else 128 + signum)
+    while marked_processes(token):
+        assert time.monotonic() < deadline + 60, marked_processes(token)
+        time.sleep(0.1)

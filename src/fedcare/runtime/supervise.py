@@ -13,7 +13,12 @@ message. Killing the first process alone leaves the rest running. A
 * starts each child in a session of its own (Ctrl-C in the terminal reaches
   the wrapper only, which stops the rest in order) with ``PR_SET_PDEATHSIG``:
   if the wrapper itself is killed (SIGKILL), its children get SIGTERM from the
-  kernel, and Flower's own parent watches (``--parent-pid``) stop theirs;
+  kernel;
+* starts a watchdog (``python -m fedcare.runtime.supervise TOKEN``) that
+  waits for the end of a pipe only the wrapper holds: when the wrapper is
+  gone, however it went, the watchdog stops every marked process. Flower's
+  own parent watches (``--parent-pid``) are not enough: a ServerApp whose
+  SuperLink is gone hangs in its exit handler (seen with Flower 1.42);
 * stops them all (`Supervisor.stop`): SIGTERM to every marked process, then
   SIGKILL to what is still there after a grace period;
 * pipes their output through `Supervisor.start`'s ``on_line``, without
@@ -154,6 +159,17 @@ class Supervisor:
         self.token = token or secrets.token_hex(8)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._pumps: list[threading.Thread] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None
+
+    def _start_watchdog(self) -> None:
+        """The watchdog reads a pipe whose writing end only this process holds (pipes are
+        not inherited): end of file means this process is gone."""
+        read, self._lifeline = os.pipe()
+        env = {key: value for key, value in os.environ.items() if key != MARK}
+        self._watchdog = subprocess.Popen([sys.executable, "-m", __name__, self.token],
+                                          stdin=read, env=env, start_new_session=True)
+        os.close(read)
 
     def environment(self, env: Mapping[str, str]) -> dict[str, str]:
         return {**env, MARK: self.token}
@@ -161,6 +177,8 @@ class Supervisor:
     def start(self, name: str, command: list[str], env: Mapping[str, str], *,
               on_line: Callable[[str], None]) -> subprocess.Popen[bytes]:
         """Start `command` as child `name`; each line of its output goes to `on_line`."""
+        if self._watchdog is None:
+            self._start_watchdog()
         process = subprocess.Popen(command, env=self.environment(env), stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=_die_with_parent)
@@ -199,6 +217,10 @@ class Supervisor:
             pump.join(timeout=5)
         self.children.clear()
         self._pumps.clear()
+        if self._lifeline is not None and self._watchdog is not None:
+            os.close(self._lifeline)  # nothing left to stop: the watchdog ends
+            self._watchdog.wait()
+            self._lifeline = self._watchdog = None
         return count
 
     def __enter__(self) -> Supervisor:
@@ -331,3 +353,15 @@ class RunDirectoryLock:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock; the file keeps the last holder
             self._fd = None
+
+
+def _watch(token: str) -> None:
+    """The watchdog's body: wait for the supervisor's end, then stop what it left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    stop_marked(token)
+
+
+if __name__ == "__main__":
+    _watch(sys.argv[1])
