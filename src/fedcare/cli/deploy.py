@@ -185,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if certs is not None:
         for site in sites:  # refuse before anything starts
             keys[site] = check_site_certificate(certs / CA_CERT, site_files(certs, site)[0], site)
-    supervisor = Supervisor()
+    supervisor = Supervisor(stop_first=("flwr-serverapp",))
     lock = RunDirectoryLock(run_dir)
     lock.acquire(supervisor.token, log=_say)
     try:

@@ -44,8 +44,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -126,15 +127,17 @@ def _signal_all(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
-def stop_marked(token: str, grace: float = 15.0) -> int:
-    """SIGTERM every process marked with `token`, SIGKILL what is left after `grace` s.
+def stop_marked(token: str, grace: float = 15.0,
+                which: Callable[[list[int]], list[int]] = lambda pids: pids) -> int:
+    """SIGTERM every process marked with `token` (of those, `which`), SIGKILL what is left
+    after `grace` s.
 
     Returns how many there were. Repeats until none is left, since a process
     may start another (a SuperExec its next task) while being stopped.
     """
     stopped: set[int] = set()
     deadline = time.monotonic() + grace
-    while pids := marked_processes(token):
+    while pids := which(marked_processes(token)):
         fresh = [pid for pid in pids if pid not in stopped]
         _signal_all(fresh, signal.SIGTERM)
         stopped.update(fresh)
@@ -153,10 +156,14 @@ class Supervisor:
         The mark (default: a fresh random one). `RunDirectoryLock` records it so
         that the next aggregator on the same run directory can stop what a killed
         one left behind.
+    stop_first : sequence of str
+        Programs stopped before the others (`running`): the ServerApp, whose exit
+        handler reports to the SuperLink, while the SuperLink still runs.
     """
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, stop_first: Sequence[str] = ()) -> None:
         self.token = token or secrets.token_hex(8)
+        self.stop_first = tuple(stop_first)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._pumps: list[threading.Thread] = []
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -190,10 +197,11 @@ class Supervisor:
         self._pumps.append(pump)
         return process
 
-    def running(self, program: str) -> list[int]:
-        """Marked processes running `program` (the name of their executable or script)."""
+    def running(self, program: str, among: list[int] | None = None) -> list[int]:
+        """Marked processes (or those of `among`) running `program` (the name of their
+        executable or script)."""
         found = []
-        for pid in marked_processes(self.token):
+        for pid in marked_processes(self.token) if among is None else among:
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
@@ -201,6 +209,9 @@ class Supervisor:
             if any(Path(part.decode(errors="replace")).name == program for part in argv[:2]):
                 found.append(pid)
         return found
+
+    def _among(self, program: str, pids: list[int]) -> list[int]:
+        return self.running(program, among=pids)
 
     def wait_for_exit(self, program: str, timeout: float) -> None:
         """Wait up to `timeout` s for every marked process running `program` to end."""
@@ -210,7 +221,10 @@ class Supervisor:
 
     def stop(self, grace: float = 15.0) -> int:
         """Stop every child and descendant; return how many processes there were."""
-        count = stop_marked(self.token, grace)
+        count = 0
+        for program in self.stop_first:
+            count += stop_marked(self.token, grace, partial(self._among, program))
+        count += stop_marked(self.token, grace)
         for process in self.children.values():
             process.wait()
         for pump in self._pumps:
