@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -40,14 +41,17 @@ class Commands:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.processes: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        self.home = root / "home"
         (root / "logs").mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
 
     def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
         tree = uuid.uuid4().hex
         log = (self.root / "logs" / f"{name}.log").open("ab")
+        # A home of their own: whatever Flower would put in ~/.flwr is seen.
         process = subprocess.Popen([sys.executable, "-m", "fedcare.cli.main", *arguments],
-                                   env={**os.environ, TREE: tree}, stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=self.root)
+                                   env={**os.environ, TREE: tree, "HOME": str(self.home)},
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.processes[name] = (process, tree)
         return process
 
@@ -411,8 +415,14 @@ def test_sites_started_before_the_coordinator_join_and_stay_for_the_next_job(
         assert commands.processes[name][0].poll() is None, commands.log(name)
         assert "Traceback" not in commands.log(name)
         assert commands.log(name).count("connected to the coordinator") >= 2
-    assert not (tmp_path / "state-site-0" / "flower" / "apps").exists() or \
-        len(list((tmp_path / "state-site-0" / "flower" / "apps").iterdir())) <= 1
+    # Flower's files stay in the run directory and the site's state, private.
+    assert not (commands.home / ".flwr").exists()
+    apps = tmp_path / "state-site-0" / "flower" / "apps"
+    assert len(list(apps.iterdir())) <= 1  # this job's only, not one per job
+    for job in ("job-1", "job-2"):
+        assert stat.S_IMODE((tmp_path / job / "flower").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / job / "flower" / "superlink.db").stat().st_mode) \
+            == 0o600
 
 
 def test_a_site_says_each_reason_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch
