@@ -205,6 +205,9 @@ def keep_site_connected(command: list[str], env: Mapping[str, str], *, aggregato
                     announced, backoff = True, 1.0
                 if watch.retrying_since is not None:
                     status(_waiting(aggregator))
+            # Its SuperExec and ClientApps follow it (Flower's parent watch): a signal now
+            # would interrupt their own orderly exit, with a traceback in the site's log.
+            supervisor.wait_for_exit(None, timeout=15.0)
         status(watch.reason(aggregator, ca, exit_code))
         time.sleep(backoff)
         backoff = min(2 * backoff, MAX_BACKOFF)

@@ -213,10 +213,12 @@ class Supervisor:
     def _among(self, program: str, pids: list[int]) -> list[int]:
         return self.running(program, among=pids)
 
-    def wait_for_exit(self, program: str, timeout: float) -> None:
-        """Wait up to `timeout` s for every marked process running `program` to end."""
+    def wait_for_exit(self, program: str | None, timeout: float) -> None:
+        """Wait up to `timeout` s for every marked process running `program` (None: every
+        marked process) to end by itself."""
         deadline = time.monotonic() + timeout
-        while self.running(program) and time.monotonic() < deadline:
+        while (self.running(program) if program else marked_processes(self.token)) and \
+                time.monotonic() < deadline:
             time.sleep(0.2)
 
     def stop(self, grace: float = 15.0) -> int:
