@@ -413,7 +413,8 @@ def test_sites_started_before_the_coordinator_join_and_stay_for_the_next_job(
         assert [r["participants"] for r in rounds_done(tmp_path / job)] == [SITES]
     for name in SITES:
         assert commands.processes[name][0].poll() is None, commands.log(name)
-        assert "Traceback" not in commands.log(name)
+        log = commands.log(name)
+        assert "Traceback" not in log, log[log.find("Traceback") - 1500:][:5000]
         assert commands.log(name).count("connected to the coordinator") >= 2
     # Flower's files stay in the run directory and the site's state, private.
     assert not (commands.home / ".flwr").exists()
@@ -446,6 +447,20 @@ def test_a_site_says_each_reason_at_most_once_a_minute(monkeypatch: pytest.Monke
     assert said[-1] == "something else"
     watch("[code: 2004] Failed to activate SuperNode.")
     assert "not registered" in watch.reason("coordinator:9092", None, 1)
+    # Flower's heartbeat thread dies with a traceback when a new SuperLink no longer knows
+    # the node (HTTP 401): the status line says so instead. Any other traceback is kept.
+    heartbeat = ["Exception in thread Thread-2 (_run):", "Traceback (most recent call last):",
+                 '  File "flwr/supercore/heartbeat.py", line 98, in _run',
+                 "INFO:     Shutting down",  # another thread's line, in between
+                 "    self._retry_invoker.invoke(self._heartbeat)",
+                 "httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://x'",
+                 "For more information check: https://developer.mozilla.org/401"]
+    other = ["Exception in thread Thread-3 (_run):", "Traceback (most recent call last):",
+             '  File "x.py", line 1, in f', "RuntimeError: something else"]
+    for line in [*heartbeat, *other]:
+        watch(line)
+    assert forwarded == ["[code: 2004] Failed to activate SuperNode.",
+                         "INFO:     Shutting down", *other]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

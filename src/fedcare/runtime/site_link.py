@@ -25,6 +25,7 @@ its category, and once the operator has fixed the cause and restarted
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import ssl
@@ -50,6 +51,10 @@ _NOT_REGISTERED = "Failed to activate SuperNode"
 _TLS_MARKS = ("SSL/TLS handshake error", "CERTIFICATE_VERIFY_FAILED", "SSLError")
 _CONNECTED = "SuperNode ID:"
 _RECONNECTED = "Connection successful after"
+_THREAD_FAILED = "Exception in thread"
+_UNAUTHORIZED = "401 Unauthorized"
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_]\w*\.)*\w*(Error|Exception|Interrupt|Exit)(: |$)")
+"""The last line of a traceback (``httpx.HTTPStatusError: ...``)."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SupernodeWatch:
     not_registered: bool = False
     tls_failed: bool = False
     last_lines: list[str] = field(default_factory=list)
+    _traceback: list[str] = field(default_factory=list)
+    _skip_note: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, line: str) -> None:
@@ -75,7 +82,38 @@ class SupernodeWatch:
             self.not_registered |= _NOT_REGISTERED in line
             self.tls_failed |= any(mark in line for mark in _TLS_MARKS)
             self.last_lines = [*self.last_lines[-5:], line]
-        self.forward(line)
+            if self._skip_note and line.startswith("For more information check:"):
+                self._skip_note = False
+                return
+            if self._traceback or line.startswith(_THREAD_FAILED):
+                lines = self._held(line)
+            else:
+                lines = [line]
+        for held in lines:
+            self.forward(held)
+
+    def _held(self, line: str) -> list[str]:
+        """Hold a thread's traceback until its last line: Flower's heartbeat thread dies
+        with one when a new SuperLink answers 401 (it no longer knows the node), which
+        `reason` says in words; any other traceback is passed on whole."""
+        if not line.strip() or line.startswith(
+                (_THREAD_FAILED, "Traceback", " ", "During handling", "The above exception")):
+            self._traceback.append(line)
+            return []
+        if not _EXCEPTION_LINE.match(line):
+            return [line]  # another thread's line in between
+        block, self._traceback = [*self._traceback, line], []
+        if _UNAUTHORIZED in line:
+            self._skip_note = True  # httpx's second line of the message
+            return []
+        return block
+
+    def flush(self) -> None:
+        """Pass on a traceback still held when the SuperNode exited."""
+        with self._lock:
+            block, self._traceback = self._traceback, []
+        for line in block:
+            self.forward(line)
 
     def reason(self, aggregator: str, ca: Path | None, exit_code: int) -> str:
         """Why the SuperNode exited, for the site's operator."""
@@ -208,6 +246,7 @@ def keep_site_connected(command: list[str], env: Mapping[str, str], *, aggregato
             # Its SuperExec and ClientApps follow it (Flower's parent watch): a signal now
             # would interrupt their own orderly exit, with a traceback in the site's log.
             supervisor.wait_for_exit(None, timeout=15.0)
+        watch.flush()
         status(watch.reason(aggregator, ca, exit_code))
         time.sleep(backoff)
         backoff = min(2 * backoff, MAX_BACKOFF)
