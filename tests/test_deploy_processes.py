@@ -457,7 +457,9 @@ def test_a_site_says_each_reason_at_most_once_a_minute(monkeypatch: pytest.Monke
                  "For more information check: https://developer.mozilla.org/401"]
     other = ["Exception in thread Thread-3 (_run):", "Traceback (most recent call last):",
              '  File "x.py", line 1, in f', "RuntimeError: something else"]
-    for line in [*heartbeat, *other]:
+    interrupted = ["Traceback (most recent call last):", '  File "<frozen runpy>", line 198',
+                   "KeyboardInterrupt"]  # the SuperExec, as its SuperNode ends
+    for line in [*heartbeat, *interrupted, *other]:
         watch(line)
     assert forwarded == ["[code: 2004] Failed to activate SuperNode.",
                          "INFO:     Shutting down", *other]

@@ -85,7 +85,7 @@ class SupernodeWatch:
             if self._skip_note and line.startswith("For more information check:"):
                 self._skip_note = False
                 return
-            if self._traceback or line.startswith(_THREAD_FAILED):
+            if self._traceback or line.startswith((_THREAD_FAILED, "Traceback")):
                 lines = self._held(line)
             else:
                 lines = [line]
@@ -93,9 +93,11 @@ class SupernodeWatch:
             self.forward(held)
 
     def _held(self, line: str) -> list[str]:
-        """Hold a thread's traceback until its last line: Flower's heartbeat thread dies
-        with one when a new SuperLink answers 401 (it no longer knows the node), which
-        `reason` says in words; any other traceback is passed on whole."""
+        """Hold a traceback until its last line. Two are expected and left out: Flower's
+        heartbeat thread dies with one when a new SuperLink answers 401 (it no longer
+        knows the node), which `reason` says in words, and the SuperNode's SuperExec,
+        interrupted by Flower's parent watch when the SuperNode ends (KeyboardInterrupt);
+        any other traceback is passed on whole."""
         if not line.strip() or line.startswith(
                 (_THREAD_FAILED, "Traceback", " ", "During handling", "The above exception")):
             self._traceback.append(line)
@@ -105,6 +107,8 @@ class SupernodeWatch:
         block, self._traceback = [*self._traceback, line], []
         if _UNAUTHORIZED in line:
             self._skip_note = True  # httpx's second line of the message
+            return []
+        if line.strip() == "KeyboardInterrupt":  # its SuperExec, stopped as it ends
             return []
         return block
 
