@@ -7,16 +7,21 @@ process exit), bounded by a timeout that prints the processes' logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from fedcare.config import RunConfig
+
+MARK = "FEDCARE_LOOPBACK_PROCESS"
+"""Environment variable marking one started process and all its descendants."""
 
 
 def small_config(scheme: str, rounds: int = 3) -> RunConfig:
@@ -49,11 +54,14 @@ class Loopback:
                                       self.certs.ca if self.certs else None)
         self.env = flower_environment(self.home)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.marks: dict[str, str] = {}
         (root / "logs").mkdir(exist_ok=True)
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         log = (self.root / "logs" / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.marks[name] = uuid.uuid4().hex  # inherited by all it starts, in any session
+        process = subprocess.Popen(command, env={**self.env, MARK: self.marks[name]},
+                                   stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         self.processes[name] = process
         return process
@@ -107,10 +115,21 @@ class Loopback:
         return self.start("run", run_command(app))
 
     def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
+        """SIGKILL process `name` and everything it started, the SuperLink's detached
+        SuperExec and ServerApp included; return once they are all gone."""
+        from fedcare.runtime.supervise import marked_processes
+
+        process, mark = self.processes.pop(name), self.marks.pop(name)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while pids := marked_processes(mark, MARK):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            assert time.monotonic() < deadline, f"processes {pids} of {name} do not die"
+            time.sleep(0.1)
 
     def close(self) -> None:
         for name in list(self.processes):

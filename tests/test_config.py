@@ -48,13 +48,13 @@ def test_defaults_are_not_shared_between_configs() -> None:
     ("federation.tau=1e-6", ("federation", "tau"), 1e-6),
     ("data.dataset=breast-cancer", ("data", "dataset"), "breast-cancer"),  # bare string
     ('data.dataset="synthetic"', ("data", "dataset"), "synthetic"),  # quoted string
-    ("data.schema=conf/a=b.toml", ("data", "schema"), "conf/a=b.toml"),  # '=' in the value
+    ("data.schema=/conf/a=b.toml", ("data", "schema"), "/conf/a=b.toml"),  # '=' in the value
     ("data.protocol=7", ("data", "protocol"), "7"),  # a number is accepted as text
     ("name=", ("name",), ""),
     ("  federation.rounds =  3 ", ("federation", "rounds"), 3),
     ("model.hidden=[32, 16]", ("model", "hidden"), [32, 16]),
     ("model.hidden=8", ("model", "hidden"), [8]),  # one value is a list of one
-    ('data.files=["a.csv", "b.csv"]', ("data", "files"), ["a.csv", "b.csv"]),
+    ('data.files=["/a.csv", "/b.csv"]', ("data", "files"), ["/a.csv", "/b.csv"]),
     ("baselines.enabled=false", ("baselines", "enabled"), False),
     ("baselines.enabled=true", ("baselines", "enabled"), True),
     ("baselines.enabled=auto", ("baselines", "enabled"), "auto"),
@@ -204,7 +204,10 @@ def test_to_toml_round_trips_through_load(tmp_path: Path, config: RunConfig) -> 
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml(), encoding="utf-8")
 
-    assert RunConfig.load(path).to_dict() == config.to_dict()
+    expected = config.to_dict()  # relative paths in a file are relative to its folder
+    expected["out"] = str(tmp_path / config.out)
+    expected["data"]["files"] = [str(tmp_path / name) for name in config.data.files]
+    assert RunConfig.load(path).to_dict() == expected
 
 
 def test_to_toml_is_sectioned_toml() -> None:

@@ -239,10 +239,10 @@ def test_three_supernodes_with_tls_and_node_authentication(
     intruder = make_certificates_elsewhere(tmp_path / "other", "site-0")
     net.start_site("intruder", key=intruder)
     run_dir = tmp_path / "run"
-    run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
-                                         wait_timeout=240, message_timeout=240,
-                                         node_keys=net.node_keys()), 900)
-    wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
+    net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
+                                   wait_timeout=240, message_timeout=240,
+                                   node_keys=net.node_keys()), 900)
+    wait_until(lambda: (run_dir / "summary.json").exists(), 900, "the run's summary", net)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("error")
     assert [r["participants"] for r in rounds_done(run_dir)] == [SITES, SITES]
@@ -305,12 +305,11 @@ def test_a_site_killed_mid_round_leaves_the_others_to_finish_it(
     for site in SITES:
         net.start_site(site)
     run_dir = tmp_path / "run"
-    run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
-                                         wait_timeout=240, message_timeout=45,
-                                         round_retries=1), 900)
+    net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
+                                   wait_timeout=240, message_timeout=45, round_retries=1), 900)
     wait_until(lambda: len(rounds_done(run_dir)) >= 1, 600, "round 1", net)
     net.stop("site-2")  # SIGKILL, while round 2 is under way
-    wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
+    wait_until(lambda: (run_dir / "summary.json").exists(), 900, "the run's summary", net)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("error")
     rounds = rounds_done(run_dir)
@@ -345,8 +344,10 @@ def test_an_aggregator_killed_and_restarted_resumes_to_the_same_model(
     net.stop("run")
     net.stop("superlink")  # the aggregator dies (with its ServerApp), mid-run
     net.start_superlink()
-    run = net.run(config, settings, 900)
-    wait_until(lambda: run.poll() is not None, 900, "the resumed run to finish", net)
+    # The summary, not `flwr run`'s exit: the log stream it follows may end first.
+    net.run(config, settings, 900)
+    wait_until(lambda: (run_dir / "summary.json").exists(), 900, "the resumed run's summary",
+               net)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("error")
     final = torch.load(run_dir / "model.pt", weights_only=True)["params"]

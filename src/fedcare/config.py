@@ -3,6 +3,12 @@
 Every key has a default, so an empty config is the default job (the bundled
 heart-disease data across its 4 hospitals). Keys are dotted paths into the
 sections below, e.g. ``federation.rounds`` or ``data.partition``.
+
+A relative path in a config file (`PATH_KEYS`) is relative to the file's own
+folder, wherever the command runs; a path given on the command line
+(``--set``, ``--data-dir``) is relative to the working directory. Both are
+stored absolute, so the ``config.toml`` a run writes names the same files
+from anywhere (``fedcare run --resume``).
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ class FederationConfig:
 
 
 AUTO = "auto"
+
+PATH_KEYS = ("out", "data.data_dir", "data.files", "data.schema", "protection.keys")
+"""Keys holding file or folder paths (`RunConfig.load` anchors them at the file's folder)."""
 """The value of an on/off switch (a ``bool | str`` field) that lets the run decide."""
 
 
@@ -211,6 +220,7 @@ class RunConfig:
             raise ConfigError(f"Config file {path} does not exist.") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+        _anchor_paths(raw, path.resolve().parent)
         return cls.from_dict(raw, source=str(path))
 
     def set(self, assignment: str) -> None:
@@ -226,11 +236,16 @@ class RunConfig:
         self.set_value(key.strip(), value, source="--set")
 
     def set_value(self, key: str, value: Any, source: str = "config") -> None:
-        """Set the dotted `key` to an already typed `value` (validated like a file's)."""
+        """Set the dotted `key` to an already typed `value` (validated like a file's).
+
+        A relative path (`PATH_KEYS`) is made absolute against the working directory, so
+        the run directory's ``config.toml`` names the same files from anywhere.
+        """
         *sections, leaf = key.split(".")
         nested: dict[str, Any] = {leaf: value}
         for section in reversed(sections):
             nested = {section: nested}
+        _anchor_paths(nested, Path.cwd())
         _merge(self, nested, prefix="", source=source)
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +264,23 @@ class RunConfig:
             lines += ["", f"[{name}]"]
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
+
+
+def _anchor_paths(raw: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of `PATH_KEYS` in a file's `raw` table relative to `folder`."""
+
+    def anchor(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value  # a wrong type is reported by _merge, naming the key
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else folder / path)
+
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        table = raw.get(section) if section else raw
+        if isinstance(table, dict) and leaf in table:
+            value = table[leaf]
+            table[leaf] = [anchor(v) for v in value] if isinstance(value, list) else anchor(value)
 
 
 def _merge(target: Any, raw: Mapping[str, Any], prefix: str, source: str) -> None:

@@ -11,14 +11,22 @@ docs/deployment.md walks through a three-site deployment.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import time
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 from fedcare.errors import ConfigError, FedcareError
 from fedcare.privacy.policy import SitePolicy
+from fedcare.runtime.supervise import (
+    RunDirectoryLock,
+    Stopped,
+    Supervisor,
+    check_port_free,
+    console_writer,
+    file_writer,
+    stop_signals,
+    wait_for_port,
+)
 
 
 def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -148,27 +156,13 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
-    """Block until something listens on (host, port); `ConfigError` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            probe.settimeout(1.0)
-            if probe.connect_ex((target, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise ConfigError(f"the SuperLink did not start listening on {host}:{port} within "
-                      f"{timeout:g} s; see its log.")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedcare.config import RunConfig
     from fedcare.runtime.flower_deploy import (
         CA_CERT,
         check_site_certificate,
         flower_environment,
-        register_site,
+        register_sites,
         run_command,
         site_files,
         superlink_command,
@@ -192,34 +186,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if certs is not None:
         for site in sites:  # refuse before anything starts
             keys[site] = check_site_certificate(certs / CA_CERT, site_files(certs, site)[0], site)
-    connect = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    home = write_flower_home(work / "home", connect, None if certs is None else certs / CA_CERT)
-    app = write_app(work / "app", config, ServerSettings(
-        run_dir=str(run_dir), roster=tuple(sites), wait_timeout=args.wait,
-        message_timeout=args.message_timeout,
-        node_keys=tuple((site, node_key_fingerprint(key)) for site, key in keys.items())))
-    env = flower_environment(home)
-    log = (work / "superlink.log").open("a", encoding="utf-8")
-    # A persistent state: SuperNodes keep their node ids when the aggregator is restarted.
-    superlink = subprocess.Popen(superlink_command(host=host, port=port, certs=certs,
-                                                   database=work / "superlink.db"),
-                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+    supervisor = Supervisor(stop_first=("flwr-serverapp",))
+    lock = RunDirectoryLock(run_dir)
+    lock.acquire(supervisor.token, log=_say)
     try:
-        wait_for_port(host, port, timeout=60.0)
-        security = "insecure" if certs is None else "TLS, SuperNode authentication"
-        print(f"SuperLink listening on {args.address} ({security}); log: "
-              f"{work / 'superlink.log'}", flush=True)
-        for site, key in keys.items():
-            register_site(home, key, site)
-            print(f"registered site {site}", flush=True)
-        return subprocess.run(run_command(app), env=env, check=False).returncode
+        check_port_free(host, port)
+        # The SuperLink's database holds the run's configuration and in-flight messages.
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        work.chmod(0o700)
+        database = work / "superlink.db"
+        database.touch(mode=0o600)
+        database.chmod(0o600)  # SQLite keeps the mode; its -wal/-shm files copy it
+        connect = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        home = write_flower_home(work / "home", connect,
+                                 None if certs is None else certs / CA_CERT)
+        app = write_app(work / "app", config, ServerSettings(
+            run_dir=str(run_dir), roster=tuple(sites), wait_timeout=args.wait,
+            message_timeout=args.message_timeout,
+            node_keys=tuple((site, node_key_fingerprint(key)) for site, key in keys.items())))
+        env = flower_environment(home)  # FLWR_HOME: the ServerApp unpacks the app under it
+        with stop_signals(), supervisor:
+            # A persistent state: SuperNodes keep their node ids when the aggregator restarts.
+            superlink = supervisor.start(
+                "superlink", superlink_command(host=host, port=port, certs=certs,
+                                               database=database),
+                env, on_line=file_writer(work / "superlink.log"))
+            wait_for_port(host, port, timeout=60.0, process=superlink)
+            security = "insecure" if certs is None else "TLS, SuperNode authentication"
+            _say(f"SuperLink listening on {args.address} ({security}); log: "
+                 f"{work / 'superlink.log'}")
+            if keys:
+                register_sites(home, keys)
+                _say(f"registered sites {', '.join(keys)}")
+            run = supervisor.start("run", run_command(app), env, on_line=console_writer())
+            code = run.wait()
+            # `flwr run --stream` returns when the SuperLink ends the log stream; the
+            # ServerApp may still be writing the run's last artefacts.
+            supervisor.wait_for_exit("flwr-serverapp", timeout=120.0)
+            summary = run_dir / "summary.json"
+            if summary.is_file():
+                from fedcare.report.rundir import result_line
+
+                _say(result_line(run_dir))
+                if json.loads(summary.read_text(encoding="utf-8")).get("status") != "completed":
+                    return code or 1  # the run failed, whatever `flwr run` says
+            return code
+    except Stopped as stop:
+        _say(f"fedcare serve: {stop} received; the SuperLink, the ServerApp and `flwr run` "
+             "are stopped. Run the same command again to resume after the last "
+             "checkpointed round.")
+        return stop.exit_code
     finally:
-        superlink.terminate()
-        try:
-            superlink.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            superlink.kill()
-        log.close()
+        lock.release()
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 def cmd_site(args: argparse.Namespace) -> int:
@@ -231,6 +253,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         site_files,
         supernode_command,
     )
+    from fedcare.runtime.site_link import keep_site_connected
 
     policy_file = site_policy_file(args)
     if args.budget:
@@ -264,10 +287,17 @@ def cmd_site(args: argparse.Namespace) -> int:
         superlink=args.aggregator, site=args.name, port=args.port, ca=ca, key=key,
         node_config=node_config_text(args.name, data_file=args.data, keys=args.keys,
                                      policy=str(policy_file), identity=identity))
+    say = console_writer()
     try:
-        return subprocess.run(command, env=flower_environment(), check=False).returncode
-    except KeyboardInterrupt:
-        return 130
+        with stop_signals():
+            keep_site_connected(command, flower_environment(), aggregator=args.aggregator,
+                                ca=ca, flower_home=policy_file.parent / "flower",
+                                say=lambda text: say(f"site {args.name}: {text}"),
+                                forward=say)
+    except Stopped as stop:
+        say(f"site {args.name}: {stop} received; its SuperNode and ClientApps are stopped.")
+        return stop.exit_code
+    return 0  # pragma: no cover - keep_site_connected returns only when stopped
 
 
 def site_policy_file(args: argparse.Namespace) -> Path:

@@ -343,13 +343,20 @@ leaves the CPU to the ClientApp processes, which are CPU-bound.
 
 
 def flower_environment(home: Path | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: its programs on PATH, quick task polling.
+    """Environment for Flower's processes: its programs on PATH, quick task polling, no
+    telemetry, no update check.
 
-    A ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` already in the environment is kept.
+    Flower 1.42 sends usage events to Flower's servers unless ``FLWR_TELEMETRY_ENABLED``
+    is ``0`` (`flwr.supercore.telemetry`; every Flower process waits up to 4 s for that
+    event when it exits) and asks for a newer release when a SuperLink or SuperNode
+    starts unless ``FLWR_DISABLE_UPDATE_CHECK`` is ``1``: a hospital's machine sends
+    nothing it was not asked to. Values already in the environment are kept.
     """
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_TASK_POLL_INTERVAL))
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     if home is not None:
         env["FLWR_HOME"] = str(home)
     return env

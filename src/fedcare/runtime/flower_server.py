@@ -488,17 +488,27 @@ class Roster:
         gets them with its hello (`share_standardization`)."""
         self.refusals: dict[int, str] = {}
         """Node -> why it was not let in (its own refusal, or ours), for the operator."""
+        self.activated: dict[int, str] = {}
+        """Node -> when it connected, as the SuperLink says, when it was last asked."""
 
     def refresh(self, grid: Grid) -> None:
         """Introduce new nodes, forget nodes that left, and point each site at its node."""
         infos = {info.node_id: info for info in grid.get_nodes()}
         nodes = set(infos)
+        for node_id, info in infos.items():
+            # A refused node that connected again since (its operator fixed the cause and
+            # restarted it: same key, same node id) is asked again.
+            if self.by_node.get(node_id, "") is None and \
+                    self.activated.get(node_id) != info.last_activated_at:
+                del self.by_node[node_id]
+                self.refusals.pop(node_id, None)
         new = sorted(nodes - set(self.by_node))
         replies = self.messenger.ask_many([(node_id, "", "hello", self.standardization, 0, -1)
                                            for node_id in new]) if new else {}
         for node_id in new:
             hello = replies[str(node_id)]
             self.by_node[node_id] = None
+            self.activated[node_id] = infos[node_id].last_activated_at
             if isinstance(hello, FedcareError):
                 refusal = f"node {node_id} refused or failed to introduce itself: {hello}"
             elif not isinstance(hello, SiteHello):
@@ -518,6 +528,7 @@ class Roster:
         for gone in set(self.by_node) - nodes:
             del self.by_node[gone]
             self.refusals.pop(gone, None)
+            self.activated.pop(gone, None)
         self._place()
 
     def _authenticated_as(self, site: str, public_key: bytes) -> bool:
