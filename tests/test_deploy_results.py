@@ -332,3 +332,40 @@ def test_a_dead_site_is_seen_within_seconds_and_rejoins_when_back(
     short = summary_of(run_dir)["short_rounds"]
     assert [r["round"] for r in short] == [r["round"] for r in gone]
     assert all(r["pooled"]["sites"] == (2 if r in gone else 3) for r in rounds[1:])
+
+
+def test_a_node_offline_when_first_asked_is_asked_again_not_refused() -> None:
+    """A node still reconnecting when a restarted aggregator says hello joins at the next look.
+
+    (Seen in a loopback restart: the node was offline for an instant, Flower answered
+    ``NODE_UNAVAILABLE``, and the aggregator waited for that site until its deadline.)
+    """
+    import math
+
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from fedcare.config import RunConfig
+    from fedcare.errors import SiteUnreachable
+    from fedcare.runtime.flower_server import FanOut, Roster, ServerSettings
+    from fedcare.runtime.flower_site import SiteHello
+
+    class Grid:
+        def get_nodes(self) -> list[Any]:
+            return [NodeInfo(node_id=7, last_activated_at="t0")]
+
+    answers: list[object] = [SiteUnreachable("node 7 is gone"),
+                             SiteHello("va", 13, None, math.inf)]
+
+    class Messenger:
+        def ask_many(self, requests: list[Any]) -> dict[str, object]:
+            return {str(r[0]): answers.pop(0) for r in requests}
+
+    logged: list[str] = []
+    fan_out = FanOut(Messenger(), lambda round_number: [])  # type: ignore[arg-type]
+    roster = Roster(RunConfig(), ServerSettings(roster=("va",)),
+                    Messenger(), fan_out, logged.append)  # type: ignore[arg-type]
+    roster.refresh(Grid())  # type: ignore[arg-type]
+    assert roster.connected() == [] and "did not introduce itself yet" in roster.refusals[7]
+    roster.refresh(Grid())  # type: ignore[arg-type]  # same node, same activation time
+    assert roster.connected() == ["va"] and roster.refusals == {}
+    assert len(logged) == 1

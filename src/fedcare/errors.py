@@ -36,6 +36,13 @@ class ProtocolError(FedcareError):
     """A site or the aggregator sent something the protocol does not allow."""
 
 
+class SiteUnreachable(ProtocolError):
+    """A site's node did not answer a message: gone (Flower's node state) or too slow.
+
+    Not the site's refusal: the same node may answer the next time it is asked.
+    """
+
+
 class MessageRefused(ProtocolError):
     """A site refuses a message of the coordinator's for its form (a message about it only)."""
 

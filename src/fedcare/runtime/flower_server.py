@@ -63,6 +63,7 @@ from fedcare.errors import (
     FedcareError,
     ProtocolError,
     QuorumError,
+    SiteUnreachable,
 )
 from fedcare.evaluation import EVALUATION_SUMS, SITE_MEAN_AUC, Metrics, metrics_from_sums
 from fedcare.federation.aggregator import Aggregator, RoundReport
@@ -256,14 +257,14 @@ class Messenger:
             reply = replies.get(node_id)
             if reply is None:
                 self.traffic.add(site, round_number, size, 0)
-                out[key] = ProtocolError(
+                out[key] = SiteUnreachable(
                     f"{label} did not answer the {kind} message of {round_label(round_number)} "
                     f"within "
                     f"{self.timeout:g} s (too slow, or unreachable); it is left out.")
                 continue
             if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 self.traffic.add(site, round_number, size, 0)
-                out[key] = ProtocolError(
+                out[key] = SiteUnreachable(
                     f"{label} is gone: its node stopped, or missed its heartbeats (the "
                     f"SuperLink's node state), during the {kind} message of "
                     f"{round_label(round_number)}; it is left out, and rejoins when it "
@@ -507,6 +508,14 @@ class Roster:
                                            for node_id in new]) if new else {}
         for node_id in new:
             hello = replies[str(node_id)]
+            if isinstance(hello, SiteUnreachable):
+                # Not an answer: a node that was offline or slow when asked (e.g. still
+                # reconnecting after the aggregator restarted) is asked again next time.
+                refusal = f"node {node_id} did not introduce itself yet: {hello}"
+                if self.refusals.get(node_id) != refusal:
+                    self.log(refusal)
+                self.refusals[node_id] = refusal
+                continue
             self.by_node[node_id] = None
             self.activated[node_id] = infos[node_id].last_activated_at
             if isinstance(hello, FedcareError):
@@ -522,13 +531,15 @@ class Roster:
                            "refused.")
             else:
                 self.by_node[node_id] = hello
+                self.refusals.pop(node_id, None)
                 continue
             self.refusals[node_id] = refusal
             self.log(refusal)
         for gone in set(self.by_node) - nodes:
             del self.by_node[gone]
-            self.refusals.pop(gone, None)
             self.activated.pop(gone, None)
+        for gone in set(self.refusals) - nodes:
+            del self.refusals[gone]
         self._place()
 
     def _authenticated_as(self, site: str, public_key: bytes) -> bool:
