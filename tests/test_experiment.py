@@ -80,7 +80,10 @@ def test_run_directory_holds_exactly_the_artefacts(completed: CompletedRun) -> N
 def test_config_toml_is_the_resolved_config(completed: CompletedRun) -> None:
     written = RunConfig.load(completed.result.run_dir / "config.toml")
 
-    assert written.to_dict() == completed.config.to_dict()
+    # Its relative paths (the default out = "runs") are written absolute, so that it names
+    # the same folders wherever it is read from (fedcare run --resume).
+    assert written.to_dict() == completed.config.anchored(Path.cwd()).to_dict()
+    assert Path(written.out).is_absolute()
 
 
 def test_metrics_jsonl_has_one_strict_json_line_per_round(completed: CompletedRun) -> None:

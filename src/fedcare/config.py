@@ -223,6 +223,13 @@ class RunConfig:
         _anchor_paths(raw, path.resolve().parent)
         return cls.from_dict(raw, source=str(path))
 
+    def anchored(self, folder: Path) -> RunConfig:
+        """A copy whose relative paths (`PATH_KEYS`, e.g. the default ``out``) are made
+        absolute against `folder`: what a run directory's ``config.toml`` holds."""
+        raw = tomllib.loads(self.to_toml())
+        _anchor_paths(raw, folder)
+        return type(self).from_dict(raw, source="the run's configuration")
+
     def set(self, assignment: str) -> None:
         """Apply one ``key=value`` override; the value is read as TOML, else as a string."""
         key, sep, text = assignment.partition("=")

@@ -138,7 +138,8 @@ class RunWriter:
         self.path = path
         metrics = path / "metrics.jsonl"
         if resume_round is None:
-            (path / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+            (path / "config.toml").write_text(config.anchored(Path.cwd()).to_toml(),
+                                              encoding="utf-8")
         elif metrics.exists():
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("round", 0) <= resume_round]
