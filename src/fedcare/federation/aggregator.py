@@ -58,6 +58,35 @@ class RoundReport:
     """Client-level DP: released from noise alone (too few sites for a sum; nobody's update)."""
 
 
+
+class Exchanging(Protocol):
+    """A site as a protection scheme's setup reaches it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def exchange(self, round_number: int, message: object) -> object: ...
+
+
+def relay(sites: Sequence[Exchanging] | Mapping[int, Exchanging], round_number: int,
+          failures: dict[str, str]) -> Callable[[Mapping[int, object]], dict[int, object]]:
+    """The `exchange` callback of a scheme's setup: each message to its site (by index).
+
+    A site that fails is left out of the replies and its first reason kept in `failures`.
+    """
+
+    def exchange(messages: Mapping[int, object]) -> dict[int, object]:
+        replies = {}
+        for i, message in messages.items():
+            try:
+                replies[i] = sites[i].exchange(round_number, message)
+            except FedcareError as exc:
+                failures.setdefault(sites[i].name, str(exc))
+        return replies
+
+    return exchange
+
+
 class Aggregator:
     """Runs rounds: select sites, collect protected updates, combine, apply the strategy.
 
@@ -170,15 +199,7 @@ class Aggregator:
             return self.release_empty(round_number, params, selected, failures, site_spend,
                                       instructions)
 
-        def exchange(messages: Mapping[int, object]) -> dict[int, object]:
-            replies = {}
-            for i, message in messages.items():
-                try:
-                    replies[i] = clients[i].exchange(round_number, message)
-                except FedcareError as exc:
-                    failures.setdefault(clients[i].name, str(exc))
-            return replies
-
+        exchange = relay(clients, round_number, failures)
         try:
             session = self.protection.aggregator_session(round_number, chosen,
                                                          self.spec.size + 1)

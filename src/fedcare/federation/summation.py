@@ -16,13 +16,14 @@ must take part: a sum over fewer sites would be silently another statistic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from fedcare.errors import FedcareError, QuorumError
+from fedcare.federation.aggregator import relay
 from fedcare.protection.base import Scheme, SiteSession, min_contributors
 
 
@@ -80,14 +81,7 @@ def protected_sum(scheme: Scheme, contributors: Sequence[Contributor], request: 
         raise QuorumError(f"a {scheme.name} sum needs at least {least} sites; the federation "
                           f"has {len(contributors)}.")
 
-    def exchange(messages: Mapping[int, object]) -> dict[int, object]:
-        replies = {}
-        for i, message in messages.items():
-            try:
-                replies[i] = by_index[i].exchange(round_number, message)
-            except FedcareError as exc:
-                failures.setdefault(by_index[i].name, str(exc))
-        return replies
+    exchange = relay(by_index, round_number, failures)
 
     def refuse(step: str) -> QuorumError:
         detail = "; ".join(f"{site}: {why}" for site, why in failures.items())

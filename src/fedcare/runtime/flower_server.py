@@ -41,7 +41,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ from fedcare.errors import (
     SiteUnreachable,
 )
 from fedcare.evaluation import EVALUATION_SUMS, SITE_MEAN_AUC, Metrics, metrics_from_sums
-from fedcare.federation.aggregator import Aggregator, RoundReport
+from fedcare.federation.aggregator import Aggregator, RoundReport, relay
 from fedcare.federation.site import FitInstructions, FitResult
 from fedcare.federation.training import TrainingPlan
 from fedcare.models import FlatModel, build_model
@@ -812,14 +812,7 @@ def evaluate_global(round_number: int, params: torch.Tensor, sites: Sequence[Rem
     cohorts[session_number] = cohort
     failures: dict[str, str] = {}
 
-    def exchange(messages: Mapping[int, object]) -> dict[int, object]:
-        replies = {}
-        for i, message in messages.items():
-            try:
-                replies[i] = sites[i].exchange(session_number, message)
-            except FedcareError as exc:
-                failures.setdefault(sites[i].name, str(exc))
-        return replies
+    exchange = relay(sites, session_number, failures)
 
     session = protection.aggregator_session(session_number, cohort, len(EVALUATION_SUMS))
     ready = set(session.setup(exchange))
