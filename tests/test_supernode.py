@@ -16,17 +16,6 @@ pytest.importorskip("flwr")
 from fedcare.runtime import supernode
 
 
-def test_the_idle_poll_is_capped_and_every_other_time_function_is_flowers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(supernode.time, "sleep", slept.append)
-    quick = supernode._QuickTime()
-    quick.sleep(3)  # Flower's idle wait between looks for a message
-    quick.sleep(0.1)
-    assert slept == [supernode.NODE_POLL, 0.1]
-    assert quick.monotonic is supernode.time.monotonic
-
-
 def test_a_site_takes_only_clientapp_tasks() -> None:
     from flwr.supercore.constant import TaskType
 

@@ -106,6 +106,7 @@ from fedcare.runtime.flower_site import (
 )
 from fedcare.runtime.flower_wire import from_record, to_record, wire_bytes
 from fedcare.runtime.local import build_aggregator
+from fedcare.runtime.polling import Looks, quick_object_retries
 from fedcare.seeding import INIT, torch_generator
 
 _ERROR_TYPES: dict[str, type[FedcareError]] = {
@@ -221,11 +222,12 @@ class Messenger:
     timeout : float
         Seconds to wait for the replies of one batch; a node silent by then is left out.
     poll_interval : float
-        Seconds between two looks for replies. `Grid.send_and_receive` of Flower 1.42
-        looks every 3 s (``flwr/superlink/grid/http_grid.py``): 1.5 s more on average for
-        each of a round's exchanges. Much shorter is no better: a look that finds a reply
-        whose content is still being uploaded waits 1 s before pulling it again
-        (``PULL_INITIAL_BACKOFF``, ``flwr/supercore/constant.py``).
+        Seconds, at most, between two looks for replies. `Grid.send_and_receive` of
+        Flower 1.42 looks every 3 s (``flwr/superlink/grid/http_grid.py``): 1.5 s more on
+        average for each of a round's exchanges. Here the first look comes
+        `polling.FIRST_LOOK` after the push and the wait doubles up to `poll_interval`;
+        a reply whose content is still being uploaded is asked again after
+        `polling.OBJECT_RETRY` (Flower: 1 s).
     """
 
     def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.5) -> None:
@@ -307,6 +309,7 @@ class Messenger:
         waiting = set(node_of)
         deadline = time.monotonic() + self.timeout
         replies: dict[int, Message] = {}
+        looks = Looks(idle=self.poll_interval)
         while waiting:
             for reply in self.grid.pull_messages(waiting):
                 message_id = reply.metadata.reply_to_message_id
@@ -315,7 +318,7 @@ class Messenger:
                     waiting.discard(message_id)
             if not waiting or time.monotonic() >= deadline:
                 break
-            time.sleep(self.poll_interval)
+            looks.sleep()
         return replies
 
     def ask(self, node_id: int, site: str, kind: str, body: object, *, round_number: int = 0,
@@ -1131,6 +1134,9 @@ def server_main(config: RunConfig | None,
     from fedcare.runtime.flower_site import run_config_of
 
     def main(grid: Grid, context: Context) -> None:
+        from flwr.superlink.grid import http_grid
+
+        quick_object_retries(http_grid)
         run_config = run_config_of(context, config)
         settings = ServerSettings.from_run_config(dict(context.run_config))
         result = serve(grid, run_config, settings, log=_log)

@@ -12,9 +12,11 @@ SuperExec loop (`flwr.supercore.superexec.run_superexec`) with `WarmExecutor`,
 which forks each ClientApp from a fork server that imported Flower, torch
 and fedcare's ClientApp module once. Each message still runs in a process of
 its own (a fresh copy of the warm one: nothing a ClientApp does is seen by
-the next), so the isolation Flower gives is kept. The SuperNode's idle poll
-is `NODE_POLL` seconds instead of 3, and its heartbeat `HEARTBEAT_SECONDS`
-instead of 30, so that a dead site is seen within 20 s.
+the next), so the isolation Flower gives is kept. The SuperNode and its SuperExec look
+for work quickly after a message and slow down to `NODE_POLL` seconds (Flower:
+3) and the SuperExec's interval when idle (`fedcare.runtime.polling`), and the
+node's heartbeat is `HEARTBEAT_SECONDS` instead of 30, so that a dead site is
+seen within 20 s.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from multiprocessing import forkserver, get_context
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
+
+from fedcare.runtime.polling import LookingTime, Looks, quick_object_retries
 
 if TYPE_CHECKING:
     from flwr.supercore.constant import TaskType
@@ -36,7 +39,8 @@ if TYPE_CHECKING:
 MODULE = "fedcare.runtime.supernode"
 
 NODE_POLL = 0.5
-"""Seconds the SuperNode waits between looks for a message when idle (Flower: 3).
+"""Seconds the SuperNode waits between looks for a message when idle (Flower: 3);
+`polling.FIRST_LOOK` after it answered one, doubling.
 
 Each look is one signed HTTPS request to the SuperLink; with 4 sites at 0.5 s
 the SuperLink answers 8 a second while idle (see BENCHMARKS.md, Deployment)."""
@@ -57,16 +61,8 @@ PRELOAD = ["torch", "flwr.supernode.runtime.run_clientapp", "fedcare.runtime.flo
 """Modules the fork server imports once, so that a ClientApp starts without importing."""
 
 
-class _QuickTime:
-    """The `time` module, with every sleep capped at `NODE_POLL` seconds."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, NODE_POLL))
-
+FLOWER_IDLE_SLEEP = 3.0
+"""Seconds Flower 1.42's SuperNode loop sleeps when it found no message."""
 
 def _client_app(address: str, token: str, insecure: bool, root_certificates: str | None,
                 parent_pid: int | None) -> None:
@@ -86,7 +82,8 @@ class WarmExecutor:
     Follows Flower's `Executor` protocol (`flwr.supercore.superexec.executor.types`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, looks: Looks | None = None) -> None:
+        self.looks = looks
         self._context = get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()  # import now, not on the first message
@@ -113,6 +110,8 @@ class WarmExecutor:
                   spec.root_certificates_path, spec.parent_pid))
         process.start()
         self._running.append(process)
+        if self.looks is not None:
+            self.looks.activity()  # the next message of this exchange is near
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
@@ -127,7 +126,10 @@ def run_superexec(runtime_api_address: str, parent_pid: int) -> None:
     """Flower's SuperExec loop for this SuperNode, with `WarmExecutor`."""
     from flwr.supercore.superexec import run_superexec as superexec
 
-    superexec.get_executor = lambda *args, **kwargs: WarmExecutor()  # type: ignore[attr-defined]
+    looks = Looks(idle=superexec._get_task_poll_interval())
+    superexec.__dict__["time"] = LookingTime(looks, idle_sleep=looks.idle)
+    superexec.get_executor = (  # type: ignore[attr-defined]
+        lambda *args, **kwargs: WarmExecutor(looks))
     superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True,
                             parent_pid=parent_pid, runtime_dependency_install=False)
 
@@ -144,7 +146,16 @@ def run_supernode(argv: Sequence[str]) -> None:
     host = f"[{known.host}]" if ":" in known.host else known.host
     subprocess.Popen([sys.executable, "-m", MODULE, "--superexec", f"{host}:{known.port}",
                       str(os.getpid())])
-    start_client_internal.time = _QuickTime()  # type: ignore[attr-defined,assignment]
+    looks = Looks(idle=NODE_POLL)
+    start_client_internal.__dict__["time"] = LookingTime(looks, idle_sleep=FLOWER_IDLE_SLEEP)
+    push_messages = start_client_internal._push_messages
+
+    def push_and_look_soon(*args: Any, **kwargs: Any) -> None:
+        push_messages(*args, **kwargs)
+        looks.activity()  # the next step of the same exchange usually follows at once
+
+    start_client_internal.__dict__["_push_messages"] = push_and_look_soon
+    quick_object_retries(start_client_internal)
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection
 
