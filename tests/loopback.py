@@ -84,8 +84,8 @@ class Loopback:
                 site: check_site_certificate(self.certs.ca, cert, site, key)
                 for site, (cert, key) in self.certs.sites.items()})
 
-    def start_site(self, site: str, key: Path | None = None, policy: Path | None = None
-                   ) -> None:
+    def start_site(self, site: str, key: Path | None = None, policy: Path | None = None,
+                   *, keys: str = "", data_file: str = "") -> None:
         from fedcare.runtime.flower_deploy import node_config_text, supernode_command
 
         ca = None if self.certs is None else self.certs.ca
@@ -96,7 +96,7 @@ class Loopback:
         self.start(site, supernode_command(
             superlink=f"127.0.0.1:{self.port}", site=site, port=free_port(), ca=ca, key=key,
             node_config=node_config_text(site, policy="" if policy is None else str(policy),
-                                         identity=identity)))
+                                         identity=identity, keys=keys, data_file=data_file)))
 
     def node_keys(self) -> tuple[tuple[str, str], ...]:
         """Each site's certified node key, as `fedcare serve` binds names to keys."""

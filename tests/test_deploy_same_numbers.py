@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import RecordDict
-from loopback import SITES, Loopback, free_port, small_config, wait_until
+from loopback import SITES, Loopback, rounds_done, small_config, wait_until
 
 from fedcare.config import RunConfig
 from fedcare.data.datasets import build_federation, split_sites
@@ -257,9 +257,11 @@ def test_federated_standardisation_is_refused_in_a_private_run_at_the_site_too(
 def test_a_deployment_on_the_sites_own_files_trains_the_model_of_fedcare_run(
         scheme: str, tmp_path: Path, loopback_factory: Callable[..., Loopback]) -> None:
     """Three SuperNodes, each with only its own file, federated standardisation (the
-    default), against ``fedcare run --data-dir`` on the same files."""
+    default), against ``fedcare run --data-dir`` on the same files. Under secagg and ckks
+    the deployment runs as a consortium's does: TLS and node authentication, and a
+    fourth node with a key the coordinator never registered is refused."""
     from fedcare.cli.main import main
-    from fedcare.runtime.flower_deploy import node_config_text, supernode_command
+    from fedcare.runtime.flower_deploy import make_certificates
     from fedcare.runtime.flower_server import STANDARDIZATION_FILE, ServerSettings
 
     config = files_config(tmp_path, scheme, rounds=2 if scheme == "plain" else 1)
@@ -274,19 +276,26 @@ def test_a_deployment_on_the_sites_own_files_trains_the_model_of_fedcare_run(
     assert main(["run", str(config_file), "--quiet", "--out", str(tmp_path / "local")]) == 0
     local = torch.load(tmp_path / "local" / "model.pt", weights_only=True)["params"]
 
-    net = loopback_factory(tls=False)
+    tls = scheme != "plain"
+    net = loopback_factory(tls=tls)
     net.start_superlink()
     for site in SITES:
-        net.start(site, supernode_command(
-            superlink=f"127.0.0.1:{net.port}", site=site, port=free_port(), ca=None, key=None,
-            node_config=node_config_text(site, keys=keys, data_file=str(
-                Path(config.data.data_dir) / f"{site}.csv"))))
+        net.start_site(site, keys=keys, data_file=str(Path(config.data.data_dir) / f"{site}.csv"))
+    if tls:  # an intruder: a node key the coordinator never registered
+        net.start_site("intruder", key=make_certificates(tmp_path / "other", ["site-0"])
+                       .sites["site-0"][1])
     run_dir = tmp_path / "run"
     run = net.run(config, ServerSettings(run_dir=str(run_dir), roster=tuple(SITES),
-                                         wait_timeout=240, message_timeout=240), 900)
+                                         wait_timeout=240, message_timeout=240,
+                                         node_keys=net.node_keys() if tls else ()), 900)
     wait_until(lambda: run.poll() is not None, 900, "the run to finish", net)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("error")
+    assert all(r["participants"] == SITES for r in rounds_done(run_dir))
+    if tls:  # only the three registered node keys were let in
+        assert "intruder" not in json.dumps(summary)
+        assert net.log("superlink").count("[Fleet.ActivateNode] Activated") == 3
+        assert "Connection attempt failed" in net.log("intruder")
     deployed = torch.load(run_dir / "model.pt", weights_only=True)["params"]
     pooled = json.loads((run_dir / STANDARDIZATION_FILE).read_text())
     reference = build_federation(config.data).standardization["site-0"]

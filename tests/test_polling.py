@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import time
-import types
 
 import pytest
 
@@ -45,14 +43,15 @@ def test_an_idle_interval_shorter_than_the_first_look_is_kept() -> None:
     assert Looks(idle=0.01).wait == 0.01
 
 
-def test_object_retries_start_at_object_retry_once_per_module() -> None:
-    def pull_objects(ids: list[str], *, initial_backoff: float = 1.0) -> float:
-        return initial_backoff
+def test_every_flower_object_pull_in_the_process_retries_after_object_retry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
 
-    module = types.ModuleType("flowerlike")
-    module.__dict__["pull_objects"] = pull_objects
-    polling.quick_object_retries(module)
-    polling.quick_object_retries(module)
-    patched = module.__dict__["pull_objects"]
-    assert isinstance(patched, functools.partial) and patched.func is pull_objects
-    assert patched([]) == OBJECT_RETRY
+    functions = (inflatable_utils.pull_objects,
+                 inflatable_utils.pull_and_inflate_object_from_tree)
+    for function in functions:  # restored after the test
+        assert function.__kwdefaults__ is not None
+        monkeypatch.setitem(function.__kwdefaults__, "initial_backoff", 1)
+    polling.quick_object_retries()
+    assert all(f.__kwdefaults__ is not None and f.__kwdefaults__["initial_backoff"]
+               == OBJECT_RETRY for f in functions)

@@ -1134,9 +1134,7 @@ def server_main(config: RunConfig | None,
     from fedcare.runtime.flower_site import run_config_of
 
     def main(grid: Grid, context: Context) -> None:
-        from flwr.superlink.grid import http_grid
-
-        quick_object_retries(http_grid)
+        quick_object_retries()
         run_config = run_config_of(context, config)
         settings = ServerSettings.from_run_config(dict(context.run_config))
         result = serve(grid, run_config, settings, log=_log)

@@ -17,9 +17,7 @@ cost a few quick looks, an idle federation costs what it did.
 
 from __future__ import annotations
 
-import functools
 import time
-from types import ModuleType
 from typing import Any
 
 FIRST_LOOK = 0.02
@@ -67,11 +65,17 @@ class LookingTime:
             time.sleep(min(seconds, FIRST_LOOK))
 
 
-def quick_object_retries(module: ModuleType) -> None:
-    """Make `module`'s ``pull_objects`` (Flower's) retry a not yet uploaded content
-    after `OBJECT_RETRY` seconds instead of 1 s."""
-    pull_objects = module.__dict__["pull_objects"]
-    if isinstance(pull_objects, functools.partial):
-        return  # already done in this process
-    module.__dict__["pull_objects"] = functools.partial(pull_objects,
-                                                        initial_backoff=OBJECT_RETRY)
+def quick_object_retries() -> None:
+    """Make Flower's object pulls in this process retry a content not yet uploaded after
+    `OBJECT_RETRY` seconds instead of 1 s (the default of every caller: a SuperNode
+    pulling a message, a ClientApp pulling it from its node, the ServerApp pulling replies).
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_objects,
+                     inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = function.__kwdefaults__
+        if defaults is None or "initial_backoff" not in defaults:
+            raise RuntimeError(f"{function.__qualname__} takes no initial_backoff: this is not "
+                               "the Flower 1.42 fedcare was built on.")
+        defaults["initial_backoff"] = OBJECT_RETRY

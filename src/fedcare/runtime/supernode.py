@@ -57,8 +57,13 @@ every (10 - 5) x 0.8 s (Flower's call timeout and jitter) and a dead site is
 seen within 2 x 10 s instead of a minute. A node that stops normally
 deactivates itself and is seen at once either way."""
 
-PRELOAD = ["torch", "flwr.supernode.runtime.run_clientapp", "fedcare.runtime.flower_client"]
-"""Modules the fork server imports once, so that a ClientApp starts without importing."""
+PRELOAD = ["torch", "flwr.supernode.runtime.run_clientapp", "fedcare.runtime.flower_client",
+           # imported on a ClientApp's first call to its node (0.5 s of CPU each time)
+           "httpcore", "cryptography.hazmat.primitives.ciphers.aead",
+           # imported when a site builds its protection scheme
+           "fedcare.protection.secagg", "fedcare.protection.ckks"]
+"""Modules the fork server imports once, so that a ClientApp starts without importing
+(the list is what a profile of the ClientApps of a secagg deployment showed imported)."""
 
 
 FLOWER_IDLE_SLEEP = 3.0
@@ -70,6 +75,7 @@ def _client_app(address: str, token: str, insecure: bool, root_certificates: str
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+    quick_object_retries()  # the message's content may still be on its way to the node
     run_clientapp(runtime_api_address=address, token=token, insecure=insecure,
                   certificates=validate_and_resolve_root_certificates(root_certificates,
                                                                       insecure),
@@ -155,7 +161,7 @@ def run_supernode(argv: Sequence[str]) -> None:
         looks.activity()  # the next step of the same exchange usually follows at once
 
     start_client_internal.__dict__["_push_messages"] = push_and_look_soon
-    quick_object_retries(start_client_internal)
+    quick_object_retries()
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection
 
