@@ -129,9 +129,10 @@ def programs(commands: Commands, name: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- signals
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_serve_or_site_stops_every_process_it_started(
-        signum: int, tmp_path: Path, commands: Commands) -> None:
+        tmp_path: Path, commands: Commands) -> None:
+    """SIGTERM and Ctrl-C (SIGINT) of a site, then Ctrl-C of `fedcare serve` (its SIGTERM:
+    `test_an_aggregator_stopped_or_killed_mid_run_resumes_to_the_same_model`)."""
     port = free_port()
     serve(commands, "serve", write_config(tmp_path / "federation.toml", rounds=50),
           tmp_path / "run", port, "--insecure")
@@ -144,7 +145,8 @@ def test_a_signal_to_serve_or_site_stops_every_process_it_started(
         set(programs(commands, "serve"))
     # The SuperNode and its SuperExec (with the warm ClientApp fork server).
     assert programs(commands, "site-0").count("fedcare.runtime.supernode") >= 2
-    for name in ["site-0", "serve"]:
+    for name, signum in [("site-0", signal.SIGTERM), ("site-1", signal.SIGINT),
+                         ("serve", signal.SIGINT)]:
         before = commands.tree(name)
         commands.processes[name][0].send_signal(signum)
         assert commands.wait_exit(name, timeout=120) == 128 + signum, commands.logs()
