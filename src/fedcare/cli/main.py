@@ -21,6 +21,7 @@ from fedcare.cli.deploy import add_deploy_parser
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.cli.runs import add_runs_parser
+from fedcare.cli.schema import add_schema_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 
@@ -32,7 +33,8 @@ SHORTHANDS: dict[str, tuple[str, type, str]] = {
     "--partition": ("data.partition", str, "natural | iid | dirichlet | quantity"),
     "--alpha": ("data.alpha", float, "Dirichlet concentration for dirichlet/quantity partitions"),
     "--data-dir": ("data.data_dir", str, "directory with one CSV/Parquet file per site"),
-    "--schema": ("data.schema", str, "schema TOML for --data-dir (see `fedcare schema infer`)"),
+    "--schema": ("data.schema", str,
+                 "schema TOML for --data/--data-dir (see `fedcare schema infer`)"),
     "--missing": ("data.missing", str, "drop | impute | fail: policy for missing values"),
     "--strategy": ("federation.strategy", str, "fedavg | fedprox | fedadam | fedyogi | fedadagrad"),
     "--model": ("model.name", str, "logreg | mlp"),
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run after its last completed round, with "
                           "its config and privacy ledger (other options are not allowed)")
+    run.add_argument("--data", nargs="+", metavar="FILE",
+                     help="data files: one per site, or one whose site column the schema "
+                          "names [data.files]")
     for flag, (key, kind, text) in SHORTHANDS.items():
         run.add_argument(flag, dest=key.replace(".", "__"), type=kind, help=f"{text} [{key}]")
     run.add_argument("--no-baselines", action="store_true",
@@ -77,16 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a private run skips them unless baselines.enabled=true")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    schema = commands.add_parser("schema", help="work with data schemas")
-    schema_commands = schema.add_subparsers(dest="schema_command", required=True)
-    infer = schema_commands.add_parser(
-        "infer", help="propose a schema from data files, to review",
-        description="Read the files and write a schema TOML: numeric and categorical columns "
-                    "with their vocabularies, the target and its positive values.")
-    infer.add_argument("data", nargs="+", help="CSV/Parquet files (one per site) or a directory")
-    infer.add_argument("--target", required=True, help="the binary outcome column")
-    infer.add_argument("--site-column", help="column naming each row's site (one-file data)")
-    infer.add_argument("--out", required=True, help="schema file to write")
+    add_schema_parser(commands)
     add_privacy_parser(commands)
     add_keys_parser(commands)
     add_runs_parser(commands)
@@ -99,7 +95,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         given = [flag for flag, (key, _, _) in SHORTHANDS.items()
                  if getattr(args, key.replace(".", "__")) is not None]
-        if args.config or args.overrides or args.out or args.no_baselines or given:
+        if args.config or args.overrides or args.out or args.no_baselines or args.data or given:
             raise FedcareError("--resume continues a run exactly as it was configured; it takes "
                                "no config file, --set, --out or other options.")
         return RunConfig.load(Path(args.resume) / "config.toml")
@@ -110,6 +106,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             config.set_value(key, value, source="command line")
+    if args.data:
+        config.set_value("data.files", list(args.data), source="command line")
     if args.no_baselines:
         config.baselines.enabled = False
     return config
@@ -151,31 +149,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_schema_infer(args: argparse.Namespace) -> int:
-    from fedcare.data.infer import infer_schema
-    from fedcare.data.loaders import find_site_files
-
-    paths: list[Path] = []
-    for item in args.data:
-        p = Path(item)
-        paths.extend(find_site_files(p) if p.is_dir() else [p])
-    schema, notes = infer_schema(paths, args.target, args.site_column)
-    schema.save(args.out, comments=notes)
-    print(f"Wrote {args.out}: {len(schema.numeric)} numeric and {len(schema.categorical)} "
-          f"categorical columns, target {schema.target!r} (positive: {list(schema.positive)}).")
-    for note in notes[1:]:
-        print(f"  - {note}")
-    print("Review it, then: fedcare run --data-dir DIR --schema " + str(args.out))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
-        if args.command == "schema" and args.schema_command == "infer":
-            return cmd_schema_infer(args)
         if hasattr(args, "handler"):  # every other subcommand
             return int(args.handler(args))
     except FedcareError as exc:
