@@ -59,7 +59,7 @@ MIN_CATEGORY_COUNT = 5
 # A column missing in more than this share of rows is ignored.
 MAX_MISSING_SHARE = 0.5
 # A column is numeric when at least this share of its non-missing cells are numbers.
-MIN_NUMERIC_SHARE = 0.9
+MIN_NUMERIC_SHARE = 0.8
 # A column holding a different whole number (or text) in every row is taken for an
 # identifier only from this many rows on: in a handful of rows any column can be unique.
 MIN_ROWS_FOR_UNIQUE = 20
@@ -349,7 +349,7 @@ def _feature(name: str, present: list[str], min_count: int, notes: list[str],
     counts = Counter(present)
     text = {v: n for v, n in counts.items() if _as_numbers([v]) is None}
     n_text = sum(text.values())
-    if n_text <= (1 - MIN_NUMERIC_SHARE) * len(present):
+    if len(present) - n_text >= MIN_NUMERIC_SHARE * len(present):
         numbers = [float(v) for v in present if v not in text]
         if text:
             common = [v for v, n in text.items() if n >= min_count]
