@@ -275,6 +275,34 @@ def test_a_missing_value_token_keeps_a_numeric_column_numeric(
     assert np.isnan(site.numeric[:, 0]).sum() == 5
 
 
+def test_a_dash_is_a_category_in_a_text_column(write_csv: WriteCsv) -> None:
+    n = 30
+    protein = [["-", "+", "++"][i % 3] for i in range(n)]  # a urine dipstick: '-' is negative
+    path = write_csv("a.csv", csv_text({"protein": protein, "age": numbers(n), "y": outcomes(n)}))
+
+    proposal = infer_schema([path], target="y")
+
+    assert proposal.schema.categorical == {"protein": ("+", "++", "-")}
+    assert "-" not in proposal.schema.missing_values
+
+
+def test_a_token_missing_in_a_numeric_column_is_missing_in_a_text_one_too(
+        write_csv: WriteCsv) -> None:
+    n = 30
+    chol = ["-" if i % 6 == 0 else v for i, v in enumerate(numbers(n))]
+    smoker = [["-", "no", "yes"][i % 3] for i in range(n)]
+    path = write_csv("a.csv", csv_text({"chol": chol, "smoker": smoker, "y": outcomes(n)}))
+
+    proposal = infer_schema([path], target="y")
+
+    assert "-" in proposal.schema.missing_values
+    assert proposal.schema.numeric == ("chol",)
+    assert proposal.schema.categorical == {"smoker": ("no", "yes")}
+    assert any(note.startswith("smoker: ['-'] will be read as missing")
+               for note in proposal.notes)
+    load_sites([path], proposal.schema)  # every cell reads
+
+
 def test_dot_for_missing_stays_numeric_through_the_written_file(
         write_csv: WriteCsv, tmp_path: Path) -> None:
     n = 40

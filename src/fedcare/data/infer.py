@@ -12,13 +12,15 @@ keep what a schema publishes free of patient values:
   recorded later), columns missing in more than `MAX_MISSING_SHARE` of rows
   and columns missing in every row of some site (that site could neither
   train on them nor impute them).
-- **Missing-value tokens** (`MISSING_TOKENS`: ``.``, ``NA``, ``n/a``, ``-``,
-  ``?``, empty...) found anywhere are added to ``missing_values``; a column
-  whose other cells are numbers stays numeric. Another non-numeric text in a
-  numeric column is suggested as a missing value when it is seen at least
-  `MIN_CATEGORY_COUNT` times (a code such as ``pending``); rarer ones are not
-  written (they may be one patient's value) and the loader will refuse the
-  cell, naming file, row and column.
+- **Missing-value tokens** (`MISSING_TOKENS`: ``.``, ``NA``, ``n/a``, ``?``,
+  empty...) found anywhere are added to ``missing_values``; a column whose
+  other cells are numbers stays numeric. `AMBIGUOUS_MISSING_TOKENS` (``-``,
+  ``none``...) mean "missing" only in a column otherwise numeric: in a text
+  column they may be a category (a negative dipstick test, no chest pain).
+  Another non-numeric text in a numeric column is suggested as a missing value
+  when it is seen at least `MIN_CATEGORY_COUNT` times (a code such as
+  ``pending``); rarer ones are not written (they may be one patient's value)
+  and the loader will refuse the cell, naming file, row and column.
 - **Vocabularies are public**: the schema travels to every site and into
   model_card.md and report.html. A text column with more than
   `MAX_VOCABULARY` values is ignored (recode it into groups first), and a
@@ -65,8 +67,10 @@ MIN_NUMERIC_SHARE = 0.8
 MIN_ROWS_FOR_UNIQUE = 20
 
 # Cell contents that mean "missing" in common exports (compared in lower case).
-MISSING_TOKENS = frozenset({"", ".", "..", "-", "--", "?", "na", "n/a", "n.a.", "nan", "null",
-                            "none", "#n/a", "missing"})
+MISSING_TOKENS = frozenset({"", ".", "..", "?", "na", "n/a", "n.a.", "nan", "null", "#n/a"})
+# Cell contents that mean "missing" in a column otherwise numeric, but may be a
+# category in a text column (compared in lower case).
+AMBIGUOUS_MISSING_TOKENS = frozenset({"-", "--", "none", "missing", "unknown", "not done", "nd"})
 # Column names (lower case, separators removed) of identifiers; a name ending in
 # "_id" (or " id", ".id", "-id") is one too.
 ID_NAMES = frozenset({"id", "rownames", "rowname", "row", "rownumber", "rowid", "index",
@@ -261,6 +265,18 @@ def infer_schema(
     if problems:
         raise _problems(problems)
     new_tokens = [t for t in found_tokens if t not in known_missing]
+    for name, vocabulary in list(categorical.items()):
+        read_as_missing = [v for v in vocabulary if v in new_tokens]
+        if not read_as_missing:
+            continue
+        kept = tuple(v for v in vocabulary if v not in read_as_missing)
+        notes.append(f"{name}: {read_as_missing} will be read as missing (a numeric column "
+                     "uses it so), not as a category; edit missing_values if that is wrong.")
+        if len(kept) >= 2:
+            categorical[name] = kept
+        else:
+            del categorical[name]
+            ignored[name] = "fewer than two categories once missing values are removed"
     if new_tokens:
         notes.append(f"missing_values: added {new_tokens} found in the files; a numeric column "
                      "holding them stays numeric.")
@@ -352,8 +368,10 @@ def _feature(name: str, present: list[str], min_count: int, notes: list[str],
     if len(present) - n_text >= MIN_NUMERIC_SHARE * len(present):
         numbers = [float(v) for v in present if v not in text]
         if text:
-            common = [v for v, n in text.items() if n >= min_count]
-            rare = sum(n for v, n in text.items() if n < min_count)
+            # A missing-value word is no patient's value: suggested however rare.
+            common = [v for v, n in text.items()
+                      if n >= min_count or v.lower() in AMBIGUOUS_MISSING_TOKENS]
+            rare = sum(n for v, n in text.items() if v not in common)
             for token in common:
                 found_tokens.setdefault(token)
             if common:
