@@ -660,6 +660,31 @@ def test_single_file_round_trip_infer_then_run_the_printed_command(
                         for name in ("summary.json", "model_card.md", "report.html"))
     assert "ward" in published  # the vocabulary that is published...
     assert not [v for v in lab_text if v in published]  # ...holds no patient's lab value
+    card = (tmp_path / "run" / "model_card.md").read_text(encoding="utf-8")
+    assert "not used (the schema's `ignore` list): `rownames`, `lab`, `death_date`." in card
+
+
+def test_the_model_card_does_not_list_a_long_hand_written_vocabulary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    n = 60
+    codes = [f"W{i:02d}q" for i in range(MAX_VOCABULARY + 5)]
+    data = tmp_path / "sites"
+    data.mkdir()
+    for k, site in enumerate(("north", "south")):
+        (data / f"{site}.csv").write_text(csv_text({
+            "age": numbers(n, seed=k), "ward": [codes[i % 3] for i in range(n)],
+            "y": outcomes(n)}), encoding="utf-8")
+    schema = tmp_path / "schema.toml"
+    Schema(numeric=("age",), categorical={"ward": tuple(codes)}, target="y",
+           positive=("1",)).save(schema)
+
+    code = main(["run", "--data-dir", str(data), "--schema", str(schema), "--rounds", "1",
+                 "--no-baselines", "--quiet", "--out", str(tmp_path / "run")])
+
+    assert code == 0, capsys.readouterr().err
+    card = (tmp_path / "run" / "model_card.md").read_text(encoding="utf-8")
+    assert f"| ward | categorical | {len(codes)} categories (not listed: more than " in card
+    assert codes[-1] not in card
 
 
 def test_proposed_schema_is_a_frozen_value(write_csv: WriteCsv) -> None:
