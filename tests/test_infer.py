@@ -17,6 +17,7 @@ from fedcare.data.infer import (
     MAX_CODE_LEVELS,
     MAX_VOCABULARY,
     MIN_CATEGORY_COUNT,
+    MIN_ROWS_FOR_UNIQUE,
     ProposedSchema,
     infer_schema,
 )
@@ -185,19 +186,31 @@ def test_a_column_named_like_an_identifier_is_ignored(write_csv: WriteCsv, name:
 
 
 @pytest.mark.parametrize("values", [
-    [str(1000 + 7 * i) for i in range(40)],  # a whole number, different in every row
-    [f"P{i:04d}" for i in range(40)],  # a code, different in every row
+    [str(1000 + 7 * i) for i in range(MIN_ROWS_FOR_UNIQUE)],  # a different whole number
+    [f"P{i:04d}" for i in range(MIN_ROWS_FOR_UNIQUE)],  # a different code in every row
 ], ids=["whole-numbers", "text"])
 def test_a_column_different_in_every_row_is_ignored_as_an_identifier(
         write_csv: WriteCsv, values: list[str]) -> None:
-    path = write_csv("a.csv", csv_text({"record": values, "chol": numbers(40),
-                                        "y": outcomes(40)}))
+    n = MIN_ROWS_FOR_UNIQUE
+    path = write_csv("a.csv", csv_text({"record": values, "chol": numbers(n), "y": outcomes(n)}))
 
     proposal = infer_schema([path], target="y")
 
     assert proposal.schema.ignore == ("record",)
     assert "different value in every row" in proposal.ignored["record"]
     assert proposal.schema.numeric == ("chol",)  # fractional and unique, but a measurement
+
+
+def test_a_whole_number_measurement_unique_in_a_few_rows_stays_a_feature(
+        write_csv: WriteCsv) -> None:
+    n = MIN_ROWS_FOR_UNIQUE - 1
+    chol = [str(150 + 3 * i) for i in range(n)]  # by chance a different value in every row
+    path = write_csv("a.csv", csv_text({"chol": chol, "y": outcomes(n)}))
+
+    proposal = infer_schema([path], target="y")
+
+    assert proposal.schema.numeric == ("chol",)
+    assert proposal.schema.ignore == ()
 
 
 @pytest.mark.parametrize("name", ["death_date", "discharge_status", "followup_months",

@@ -63,8 +63,9 @@ MAX_MISSING_SHARE = 0.5
 # A column is numeric when at least this share of its non-missing cells are numbers.
 MIN_NUMERIC_SHARE = 0.8
 # A column holding a different whole number (or text) in every row is taken for an
-# identifier only from this many rows on: in a handful of rows any column can be unique.
-MIN_ROWS_FOR_UNIQUE = 20
+# identifier only from this many rows on: in a few dozen rows a whole-number lab value
+# (cholesterol in mg/dL) can differ in every row by chance; in 50 it almost never does.
+MIN_ROWS_FOR_UNIQUE = 50
 
 # Cell contents that mean "missing" in common exports (compared in lower case).
 MISSING_TOKENS = frozenset({"", ".", "..", "?", "na", "n/a", "n.a.", "nan", "null", "#n/a"})
