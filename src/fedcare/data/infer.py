@@ -35,13 +35,12 @@ keep what a schema publishes free of patient values:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from fedcare.data.schema import DEFAULT_MISSING_VALUES, Schema
 from fedcare.data.tables import Table, read_table
@@ -232,31 +231,33 @@ def infer_schema(
             continue
         column = _Column(name, [c for t in tables for c in t.cells[name]],
                          [s for sites in site_of_rows for s in sites])
-        absent = [_is_missing(c, known_missing) for c in column.cells]
-        for cell, gone in zip(column.cells, absent, strict=True):
-            if gone and cell is not None and cell not in known_missing:
+        verdict = {c: _is_missing(c, known_missing) for c in set(column.cells)}
+        absent = [verdict[c] for c in column.cells]
+        for cell in dict.fromkeys(column.cells):  # distinct, in first-seen order
+            if verdict[cell] and cell is not None and cell not in known_missing:
                 found_tokens.setdefault(cell)
-        present = [c for c, gone in zip(column.cells, absent, strict=True)
-                   if not gone and c is not None]
+        counts = Counter(c for c, gone in zip(column.cells, absent, strict=True)
+                         if not gone and c is not None)
+        parsed = {v: _number_or_none(v) for v in counts}  # each distinct value parsed once
         if name == target:
             try:
-                positive = _positive_values(sorted(set(present), key=_sort_key), notes, name)
+                positive = _positive_values(sorted(counts, key=_sort_key), notes, name)
             except SchemaError as exc:
                 problems.append(f"{', '.join(t.source for t in tables)}: {exc}")
             continue
-        reason = _not_a_feature(column, absent, present, target)
+        reason = _not_a_feature(column, absent, counts, parsed, target)
         if reason is not None:
             ignored[name] = reason
             continue
-        kind = _feature(column.name, present, min_category_count, notes, found_tokens)
+        kind = _feature(column.name, counts, parsed, min_category_count, notes, found_tokens)
         if isinstance(kind, str):
             ignored[name] = kind
         elif kind is None:
             numeric.append(name)
-            suggestion = _suggest_bounds(name, present)
+            suggestion = _suggest_bounds(name, parsed)
             if suggestion is not None:
                 bounds[name] = suggestion
-                outside = _count_outside(present, suggestion)
+                outside = _count_outside(counts, parsed, suggestion)
                 if outside:
                     notes.append(f"{name}: {outside} value(s) outside the suggested bounds "
                                  f"[{_number(suggestion[0])}, {_number(suggestion[1])}] "
@@ -321,8 +322,8 @@ def _is_missing(cell: str | None, known: set[str]) -> bool:
     return cell is None or cell in known or cell.strip().lower() in MISSING_TOKENS
 
 
-def _not_a_feature(column: _Column, absent: list[bool], present: list[str],
-                   target: str) -> str | None:
+def _not_a_feature(column: _Column, absent: list[bool], counts: Counter[str],
+                   parsed: Mapping[str, float | None], target: str) -> str | None:
     """Why `column` is not a feature (one reason), or None if it may be one."""
     name = column.name
     if _normalise(name) in ID_NAMES or re.search(r"[_ .-]id$", name.lower()):
@@ -333,7 +334,8 @@ def _not_a_feature(column: _Column, absent: list[bool], present: list[str],
                 f"{target!r}, so it would leak it; move it to the features only if it is known "
                 "at prediction time")
     n = len(column.cells)
-    if not present:
+    n_present = sum(counts.values())
+    if not n_present:
         return "missing in every row of every file"
     share = sum(absent) / n
     if share > MAX_MISSING_SHARE:
@@ -343,12 +345,13 @@ def _not_a_feature(column: _Column, absent: list[bool], present: list[str],
     if empty_at:
         return (f"missing in every row at site(s) {empty_at}, which could neither train on it "
                 "nor impute it")
-    if sum(bool(_DATE.match(v)) for v in present) >= MIN_NUMERIC_SHARE * len(present):
+    if sum(k for v, k in counts.items() if _DATE.match(v)) >= MIN_NUMERIC_SHARE * n_present:
         return ("holds dates: never a feature (and often recorded after the outcome); derive "
                 "an interval, such as age at admission, before exporting")
-    if len(present) >= MIN_ROWS_FOR_UNIQUE and len(set(present)) == len(present):
-        numbers = _as_numbers(present)
-        if numbers is None or all(x.is_integer() for x in numbers):
+    if n_present >= MIN_ROWS_FOR_UNIQUE and len(counts) == n_present:
+        numbers = list(parsed.values())
+        if any(x is None for x in numbers) or all(x is not None and x.is_integer()
+                                                   for x in numbers):
             return "a different value in every row: an identifier, not a feature"
     return None
 
@@ -360,14 +363,15 @@ def _sites_where_all_missing(sites: list[str], absent: list[bool]) -> list[str]:
     return [site for site, all_gone in seen.items() if all_gone]
 
 
-def _feature(name: str, present: list[str], min_count: int, notes: list[str],
+def _feature(name: str, counts: Counter[str], parsed: Mapping[str, float | None],
+             min_count: int, notes: list[str],
              found_tokens: dict[str, None]) -> str | tuple[str, ...] | None:
     """None for numeric, a vocabulary for categorical, or the reason to ignore the column."""
-    counts = Counter(present)
-    text = {v: n for v, n in counts.items() if _as_numbers([v]) is None}
+    text = {v: n for v, n in counts.items() if parsed[v] is None}
     n_text = sum(text.values())
-    if len(present) - n_text >= MIN_NUMERIC_SHARE * len(present):
-        numbers = [float(v) for v in present if v not in text]
+    n_present = sum(counts.values())
+    if n_present - n_text >= MIN_NUMERIC_SHARE * n_present:
+        numbers = {x for x in parsed.values() if x is not None}
         if text:
             # A missing-value word is no patient's value: suggested however rare.
             common = [v for v, n in text.items()
@@ -383,14 +387,15 @@ def _feature(name: str, present: list[str], min_count: int, notes: list[str],
                              f"{min_count} times (not written here: it may be one patient's "
                              "value); the loader will name each cell: correct it or add it to "
                              "missing_values.")
-        values = sorted(set(numbers))
+        values = sorted(numbers)
         if set(values) <= {0.0, 1.0}:
             notes.append(f"{name}: a 0/1 indicator, kept numeric.")
             return None
         if len(values) <= MAX_CODE_LEVELS and all(v.is_integer() for v in values):
-            codes = Counter(float(v) for v in present if v not in text)
+            codes: Counter[float] = Counter()
             spelled: dict[float, str] = {}
-            for v in sorted((v for v in present if v not in text), key=_sort_key):
+            for v in sorted((v for v in counts if v not in text), key=_sort_key):
+                codes[float(v)] += counts[v]
                 spelled.setdefault(float(v), v)
             return _vocabulary(name, {spelled[x]: n for x, n in sorted(codes.items())},
                                min_count, notes, codes=True)
@@ -422,19 +427,21 @@ def _vocabulary(name: str, counts: Mapping[str, int], min_count: int, notes: lis
     return kept
 
 
-def _suggest_bounds(name: str, present: list[str]) -> tuple[float, float, str] | None:
+def _suggest_bounds(name: str,
+                    parsed: Mapping[str, float | None]) -> tuple[float, float, str] | None:
     known = CLINICAL_BOUNDS.get(_normalise(name))
     if known is not None:
         return known
-    numbers = _as_numbers([v for v in present if _as_numbers([v]) is not None])
-    if numbers and set(numbers) <= {0.0, 1.0}:
+    numbers = {x for x in parsed.values() if x is not None}
+    if numbers and numbers <= {0.0, 1.0}:
         return (0.0, 1.0, "a 0/1 indicator")
     return None
 
 
-def _count_outside(present: list[str], bounds: tuple[float, float, str]) -> int:
-    numbers = [x for v in present if (x := _number_or_none(v)) is not None]
-    return sum(not bounds[0] <= x <= bounds[1] for x in numbers)
+def _count_outside(counts: Counter[str], parsed: Mapping[str, float | None],
+                   bounds: tuple[float, float, str]) -> int:
+    return sum(counts[v] for v, x in parsed.items()
+               if x is not None and not bounds[0] <= x <= bounds[1])
 
 
 def _positive_values(levels: list[str], notes: list[str], column: str) -> tuple[str, ...]:
@@ -462,7 +469,7 @@ def _number_or_none(text: str) -> float | None:
         number = float(text)
     except ValueError:
         return None
-    return number if np.isfinite(number) else None
+    return number if math.isfinite(number) else None
 
 
 def _as_numbers(levels: list[str]) -> list[float] | None:
