@@ -65,15 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a federation. With no arguments: the bundled heart-disease data "
                     "across its 4 hospitals, federated vs pooled vs each hospital alone.")
     run.add_argument("config", nargs="?", help="TOML config file (every key optional)")
+    run.add_argument("--data", nargs="+", metavar="FILE",
+                     help="data files: one per site, or one whose site column the schema "
+                          "names [data.files]")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override any config key, e.g. federation.mu=0.1")
     run.add_argument("--out", help="run directory to create (default: under runs/)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run after its last completed round, with "
                           "its config and privacy ledger (other options are not allowed)")
-    run.add_argument("--data", nargs="+", metavar="FILE",
-                     help="data files: one per site, or one whose site column the schema "
-                          "names [data.files]")
     for flag, (key, kind, text) in SHORTHANDS.items():
         run.add_argument(flag, dest=key.replace(".", "__"), type=kind, help=f"{text} [{key}]")
     run.add_argument("--no-baselines", action="store_true",
@@ -91,22 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    if args.resume and args.data:
+        raise FedcareError("--resume continues a run with the data it was configured with; it "
+                           "takes no --data.")
     if args.resume:
         given = [flag for flag, (key, _, _) in SHORTHANDS.items()
                  if getattr(args, key.replace(".", "__")) is not None]
-        if args.config or args.overrides or args.out or args.no_baselines or args.data or given:
+        if args.config or args.overrides or args.out or args.no_baselines or given:
             raise FedcareError("--resume continues a run exactly as it was configured; it takes "
                                "no config file, --set, --out or other options.")
         return RunConfig.load(Path(args.resume) / "config.toml")
     config = RunConfig.load(args.config) if args.config else RunConfig()
+    if args.data:
+        config.set_value("data.files", list(args.data), source="command line")
     for assignment in args.overrides:
         config.set(assignment)
     for key, _, _ in SHORTHANDS.values():
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             config.set_value(key, value, source="command line")
-    if args.data:
-        config.set_value("data.files", list(args.data), source="command line")
     if args.no_baselines:
         config.baselines.enabled = False
     return config
