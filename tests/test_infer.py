@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,11 @@ from fedcare.data.tables import read_table
 from fedcare.errors import DataError, SchemaError
 
 WriteCsv = Callable[[str, str], Path]
+
+
+def schema_of(**fields: Any) -> Schema:
+    """A hand-written schema (of a 0/1 target): the one place for what every one needs."""
+    return Schema(**fields)
 
 
 def test_fractional_numbers_become_numeric(write_csv: WriteCsv) -> None:
@@ -467,7 +473,7 @@ def test_review_notes_are_all_in_the_written_file(write_csv: WriteCsv) -> None:
 
 # ------------------------------------------------------- the ignore list
 def test_ignore_round_trips_and_is_absent_from_a_schema_without_it(tmp_path: Path) -> None:
-    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("1",),
+    schema = schema_of(numeric=("age",), categorical={}, target="y", positive=("1",),
                     ignore=("id", "discharge date"))
     path = tmp_path / "schema.toml"
     path.write_text(schema.to_toml(ignore_reasons={"id": "an identifier\nsecond line"}),
@@ -478,26 +484,26 @@ def test_ignore_round_trips_and_is_absent_from_a_schema_without_it(tmp_path: Pat
     assert loaded == schema
     assert loaded.to_dict()["ignore"] == ["id", "discharge date"]
     assert '"id",  # an identifier second line' in path.read_text(encoding="utf-8")
-    assert "ignore" not in Schema(numeric=("age",), categorical={}, target="y",
+    assert "ignore" not in schema_of(numeric=("age",), categorical={}, target="y",
                                   positive=("1",)).to_dict()
 
 
 def test_an_ignored_column_cannot_also_be_a_feature() -> None:
     with pytest.raises(SchemaError, match="names column 'age' twice"):
-        Schema(numeric=("age",), categorical={}, target="y", positive=("1",), ignore=("age",))
+        schema_of(numeric=("age",), categorical={}, target="y", positive=("1",), ignore=("age",))
 
 
 def test_loaders_honour_ignore(write_csv: WriteCsv) -> None:
     first = write_csv("north.csv", "id,age,y\n1,61.5,0\n2,52.5,1\n")
     second = write_csv("south.csv", "age,y\n40.5,1\n")  # no id column: not required
-    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("1",),
+    schema = schema_of(numeric=("age",), categorical={}, target="y", positive=("1",),
                     ignore=("id",))
 
     sites = load_sites([first, second], schema)
 
     assert [len(s) for s in sites] == [2, 1]
     assert sites[0].numeric.shape == (2, 1)
-    without_ignore = Schema(numeric=("age",), categorical={}, target="y", positive=("1",))
+    without_ignore = schema_of(numeric=("age",), categorical={}, target="y", positive=("1",))
     with pytest.raises(SchemaError, match=r"only in .*north\.csv \['id'\]"):
         load_sites([first, second], without_ignore)
 
@@ -613,7 +619,7 @@ def test_run_data_dir_given_a_file_says_so(write_csv: WriteCsv, tmp_path: Path,
     with pytest.raises(DataError, match=r"is a file, not a directory.*--data "):
         find_site_files(path)
     schema = path.with_name("schema.toml")
-    Schema(numeric=("age",), categorical={}, target="y", positive=("1",)).save(schema)
+    schema_of(numeric=("age",), categorical={}, target="y", positive=("1",)).save(schema)
     code = main(["run", "--data-dir", str(path), "--schema", str(schema), "--quiet"])
 
     assert code == 2
@@ -688,7 +694,7 @@ def test_the_model_card_does_not_list_a_long_hand_written_vocabulary(
             "age": numbers(n, seed=k), "ward": [codes[i % 3] for i in range(n)],
             "y": outcomes(n)}), encoding="utf-8")
     schema = tmp_path / "schema.toml"
-    Schema(numeric=("age",), categorical={"ward": tuple(codes)}, target="y",
+    schema_of(numeric=("age",), categorical={"ward": tuple(codes)}, target="y",
            positive=("1",)).save(schema)
 
     code = main(["run", "--data-dir", str(data), "--schema", str(schema), "--rounds", "1",

@@ -240,8 +240,9 @@ def infer_schema(
                          if not gone and c is not None)
         parsed = {v: _number_or_none(v) for v in counts}  # each distinct value parsed once
         if name == target:
+            levels = sorted(counts, key=_sort_key)
             try:
-                positive = _positive_values(sorted(counts, key=_sort_key), notes, name)
+                positive = _positive_values(levels, notes, name)
             except SchemaError as exc:
                 problems.append(f"{', '.join(t.source for t in tables)}: {exc}")
             continue

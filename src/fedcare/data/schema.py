@@ -67,6 +67,10 @@ class Schema:
         other non-missing value is label 0.
     site_column : str or None
         Column naming the site of each row, when one file holds every site.
+    ignore : sequence of str
+        Columns of the files that are deliberately not used (identifiers,
+        values recorded after the outcome...): never read, and not required
+        in every file.
     missing_values : sequence of str
         Cell contents read as "missing".
     drop_first : bool
@@ -74,10 +78,6 @@ class Schema:
     bounds : mapping of str to (float, float)
         Public plausible range (low, high) of numeric columns, for
         standardisation that depends on no data (private runs).
-    ignore : sequence of str
-        Columns of the files that are deliberately not used (identifiers,
-        values recorded after the outcome...): never read, and not required
-        in every file.
     """
 
     numeric: tuple[str, ...]
@@ -85,10 +85,10 @@ class Schema:
     target: str
     positive: tuple[str, ...]
     site_column: str | None = None
+    ignore: tuple[str, ...] = ()
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    ignore: tuple[str, ...] = ()
     _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -254,10 +254,10 @@ class Schema:
                 target=target,
                 positive=tuple(positive),
                 site_column=site_column,
+                ignore=tuple(ignore),
                 missing_values=tuple(missing),
                 drop_first=drop_first,
                 bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds_raw.items()},
-                ignore=tuple(ignore),
             )
         except SchemaError as exc:
             raise SchemaError(f"{source}: {exc}") from None
