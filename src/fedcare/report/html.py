@@ -211,11 +211,9 @@ def model_card(run_dir: Path) -> str:
         rows = [[c, "numeric", ", ".join(f"{b:g}" for b in bounds[c]) if c in bounds else "-"]
                 for c in numeric]
         rows += [[c, "categorical", _categories(v)] for c, v in categorical.items()]
+        rows += [[c, "not used (schema's ignore list)", "-"] for c in schema.get("ignore", [])]
         parts += ["## Schema", f"Outcome: `{target}` (positive: {positive}).",
                   _markdown_table(["column", "type", "public bounds / categories"], rows)]
-        if schema.get("ignore"):
-            parts.append("Columns of the data files not used (the schema's `ignore` list): "
-                         + ", ".join(f"`{c}`" for c in schema["ignore"]) + ".")
     per_site = federated.get("sites") or {}
     metrics = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("brier", "Brier")]
     parts += ["## Performance (federated model, test sets)",
