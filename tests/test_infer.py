@@ -207,15 +207,17 @@ def test_a_column_different_in_every_row_is_ignored_as_an_identifier(
     assert proposal.schema.numeric == ("chol",)  # fractional and unique, but a measurement
 
 
-def test_a_whole_number_measurement_unique_in_a_few_rows_stays_a_feature(
-        write_csv: WriteCsv) -> None:
-    n = MIN_ROWS_FOR_UNIQUE - 1
-    chol = [str(150 + 3 * i) for i in range(n)]  # by chance a different value in every row
-    path = write_csv("a.csv", csv_text({"chol": chol, "y": outcomes(n)}))
+@pytest.mark.parametrize(("name", "n"), [("crp", MIN_ROWS_FOR_UNIQUE - 1),
+                                         ("chol", 2 * MIN_ROWS_FOR_UNIQUE)],
+                         ids=["few-rows", "known-measurement"])
+def test_a_whole_number_measurement_different_in_every_row_stays_a_feature(
+        write_csv: WriteCsv, name: str, n: int) -> None:
+    values = [str(150 + 3 * i) for i in range(n)]  # by chance a different value in every row
+    path = write_csv("a.csv", csv_text({name: values, "y": outcomes(n)}))
 
     proposal = infer_schema([path], target="y")
 
-    assert proposal.schema.numeric == ("chol",)
+    assert proposal.schema.numeric == (name,)
     assert proposal.schema.ignore == ()
 
 

@@ -349,7 +349,8 @@ def _not_a_feature(column: _Column, absent: list[bool], counts: Counter[str],
     if sum(k for v, k in counts.items() if _DATE.match(v)) >= MIN_NUMERIC_SHARE * n_present:
         return ("holds dates: never a feature (and often recorded after the outcome); derive "
                 "an interval, such as age at admission, before exporting")
-    if n_present >= MIN_ROWS_FOR_UNIQUE and len(counts) == n_present:
+    known_measurement = _normalise(name) in CLINICAL_BOUNDS
+    if n_present >= MIN_ROWS_FOR_UNIQUE and len(counts) == n_present and not known_measurement:
         numbers = list(parsed.values())
         if any(x is None for x in numbers) or all(x is not None and x.is_integer()
                                                    for x in numbers):
