@@ -387,8 +387,8 @@ def _feature(name: str, counts: Counter[str], parsed: Mapping[str, float | None]
             if rare:
                 notes.append(f"{name}: numeric, but {rare} cell(s) hold text seen fewer than "
                              f"{min_count} times (not written here: it may be one patient's "
-                             "value); the loader will name each cell: correct it or add it to "
-                             "missing_values.")
+                             "value); a run stops at such a cell, naming it: correct it or add "
+                             "it to missing_values.")
         values = sorted(numbers)
         if set(values) <= {0.0, 1.0}:
             notes.append(f"{name}: a 0/1 indicator, kept numeric.")
