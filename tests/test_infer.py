@@ -717,3 +717,10 @@ def test_proposed_schema_is_a_frozen_value(write_csv: WriteCsv) -> None:
     assert isinstance(proposal, ProposedSchema)
     with pytest.raises(AttributeError):
         proposal.schema = proposal.schema  # type: ignore[misc]
+
+
+def test_resume_takes_no_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--resume", str(tmp_path), "--data", str(tmp_path / "trial.csv")])
+
+    assert code == 2
+    assert "takes no --data" in capsys.readouterr().err
