@@ -21,6 +21,7 @@ from fedcare.cli.deploy import add_deploy_parser
 from fedcare.cli.keys import add_keys_parser
 from fedcare.cli.privacy import add_privacy_parser
 from fedcare.cli.runs import add_runs_parser
+from fedcare.cli.schema import add_schema_parser
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a federation. With no arguments: the bundled heart-disease data "
                     "across its 4 hospitals, federated vs pooled vs each hospital alone.")
     run.add_argument("config", nargs="?", help="TOML config file (every key optional)")
+    run.add_argument("--data", nargs="+", metavar="FILE",
+                     help="data files: one per site, or one whose site column the schema "
+                          "names [data.files]")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override any config key, e.g. federation.mu=0.1")
     run.add_argument("--out", help="run directory to create (default: under runs/)")
@@ -77,16 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a private run skips them unless baselines.enabled=true")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    schema = commands.add_parser("schema", help="work with data schemas")
-    schema_commands = schema.add_subparsers(dest="schema_command", required=True)
-    infer = schema_commands.add_parser(
-        "infer", help="propose a schema from data files, to review",
-        description="Read the files and write a schema TOML: numeric and categorical columns "
-                    "with their vocabularies, the target and its positive values.")
-    infer.add_argument("data", nargs="+", help="CSV/Parquet files (one per site) or a directory")
-    infer.add_argument("--target", required=True, help="the binary outcome column")
-    infer.add_argument("--site-column", help="column naming each row's site (one-file data)")
-    infer.add_argument("--out", required=True, help="schema file to write")
+    add_schema_parser(commands)
     add_privacy_parser(commands)
     add_keys_parser(commands)
     add_runs_parser(commands)
@@ -96,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    if args.resume and args.data:
+        raise FedcareError("--resume continues a run with the data it was configured with; it "
+                           "takes no --data.")
     if args.resume:
         given = [flag for flag, (key, _, _) in SHORTHANDS.items()
                  if getattr(args, key.replace(".", "__")) is not None]
@@ -104,6 +102,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                                "no config file, --set, --out or other options.")
         return RunConfig.load(Path(args.resume) / "config.toml")
     config = RunConfig.load(args.config) if args.config else RunConfig()
+    if args.data:
+        config.set_value("data.files", list(args.data), source="command line")
     for assignment in args.overrides:
         config.set(assignment)
     for key, _, _ in SHORTHANDS.values():
@@ -151,31 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_schema_infer(args: argparse.Namespace) -> int:
-    from fedcare.data.infer import infer_schema
-    from fedcare.data.loaders import find_site_files
-
-    paths: list[Path] = []
-    for item in args.data:
-        p = Path(item)
-        paths.extend(find_site_files(p) if p.is_dir() else [p])
-    schema, notes = infer_schema(paths, args.target, args.site_column)
-    schema.save(args.out, comments=notes)
-    print(f"Wrote {args.out}: {len(schema.numeric)} numeric and {len(schema.categorical)} "
-          f"categorical columns, target {schema.target!r} (positive: {list(schema.positive)}).")
-    for note in notes[1:]:
-        print(f"  - {note}")
-    print("Review it, then: fedcare run --data-dir DIR --schema " + str(args.out))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
-        if args.command == "schema" and args.schema_command == "infer":
-            return cmd_schema_infer(args)
         if hasattr(args, "handler"):  # every other subcommand
             return int(args.handler(args))
     except FedcareError as exc:

@@ -223,21 +223,22 @@ def apply_missing_policy(site: SiteTable, schema: Schema, policy: MissingPolicy)
 def load_sites(paths: Sequence[str | Path], schema: Schema) -> list[SiteTable]:
     """Load user files: one per site (site = file stem), or files split by ``schema.site_column``.
 
-    Every file must have the same columns; a file whose columns differ from the
-    first one is refused, naming both.
+    Every file must have the same columns, apart from those the schema ignores; a
+    file whose columns differ from the first one is refused, naming both.
     """
     if not paths:
         raise DataError("No data files given; expected one CSV or Parquet file per site, or one "
                         "file with a site column.")
     sites: list[SiteTable] = []
     first: Table | None = None
+    ignored = set(schema.ignore)
     for path in paths:
         table = read_table(path)
         if first is None:
             first = table
-        elif set(table.columns) != set(first.columns):
-            only_here = sorted(set(table.columns) - set(first.columns))
-            only_there = sorted(set(first.columns) - set(table.columns))
+        elif set(table.columns) - ignored != set(first.columns) - ignored:
+            only_here = sorted(set(table.columns) - set(first.columns) - ignored)
+            only_there = sorted(set(first.columns) - set(table.columns) - ignored)
             raise SchemaError(f"{table.source}: columns differ from {first.source}: only in this "
                               f"file {only_here}, only in {first.source} {only_there}. Every site "
                               "must export the same columns.")
@@ -265,6 +266,10 @@ def load_sites(paths: Sequence[str | Path], schema: Schema) -> list[SiteTable]:
 def find_site_files(data_dir: str | Path) -> list[Path]:
     """The data files of a directory (sorted, so site order is deterministic)."""
     directory = Path(data_dir)
+    if directory.is_file():
+        raise DataError(f"Data directory {directory} is a file, not a directory; give one file "
+                        f"(with a site column in the schema) as data.files = [\"{directory}\"], "
+                        f"or `fedcare run --data {directory}`.")
     if not directory.is_dir():
         raise DataError(f"Data directory {directory} does not exist.")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in DATA_SUFFIXES)

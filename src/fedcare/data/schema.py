@@ -12,6 +12,7 @@ A schema lives in a small TOML file next to the data::
     site_column = "hospital"        # optional: one file holding every site
     missing_values = ["", "?", "NA"]
     drop_first = false              # one-hot: drop each column's first category
+    ignore = ["patient_id"]         # optional: columns in the files that are not features
 
     [numeric]
     columns = ["age", "chol"]
@@ -66,6 +67,10 @@ class Schema:
         other non-missing value is label 0.
     site_column : str or None
         Column naming the site of each row, when one file holds every site.
+    ignore : sequence of str
+        Columns of the files that are deliberately not used (identifiers,
+        values recorded after the outcome...): never read, and not required
+        in every file.
     missing_values : sequence of str
         Cell contents read as "missing".
     drop_first : bool
@@ -80,6 +85,7 @@ class Schema:
     target: str
     positive: tuple[str, ...]
     site_column: str | None = None
+    ignore: tuple[str, ...] = ()
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
@@ -92,9 +98,11 @@ class Schema:
         )
         object.__setattr__(self, "positive", tuple(self.positive))
         object.__setattr__(self, "missing_values", tuple(self.missing_values))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
         features = (*self.numeric, *self.categorical)
         seen: set[str] = set()
-        for name in (*features, self.target, *([self.site_column] if self.site_column else [])):
+        site = [self.site_column] if self.site_column else []
+        for name in (*features, self.target, *site, *self.ignore):
             if name in seen:
                 raise SchemaError(f"Schema names column {name!r} twice; each column has one role.")
             seen.add(name)
@@ -159,8 +167,13 @@ class Schema:
         return len(self.encoded_feature_names())
 
     # --------------------------------------------------------------- files
-    def to_toml(self, comments: Sequence[str] = ()) -> str:
-        """Render the schema as TOML; `comments` become leading ``#`` lines."""
+    def to_toml(self, comments: Sequence[str] = (),
+                ignore_reasons: Mapping[str, str] | None = None) -> str:
+        """Render the schema as TOML; `comments` become leading ``#`` lines.
+
+        `ignore_reasons` maps an ignored column to why it is ignored, written as
+        a comment beside it in the ``ignore`` list.
+        """
         out = [f"# {line}" for line in comments]
         out.append(f"target = {toml_str(self.target)}")
         out.append(f"positive = {_toml_list(self.positive)}")
@@ -168,6 +181,13 @@ class Schema:
             out.append(f"site_column = {toml_str(self.site_column)}")
         out.append(f"missing_values = {_toml_list(self.missing_values)}")
         out.append(f"drop_first = {'true' if self.drop_first else 'false'}")
+        if self.ignore:
+            reasons = ignore_reasons or {}
+            out.append("ignore = [")
+            for name in self.ignore:
+                why = " ".join(reasons.get(name, "").split())  # one line, whatever it holds
+                out.append(f"    {toml_str(name)},{f'  # {why}' if why else ''}")
+            out.append("]")
         out.append("")
         out.append("[numeric]")
         out.append(f"columns = {_toml_list(self.numeric)}")
@@ -188,7 +208,7 @@ class Schema:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
         """Build a schema from parsed TOML, naming `source` in every error."""
         allowed = {"target", "positive", "site_column", "missing_values", "drop_first",
-                   "numeric", "categorical", "bounds"}
+                   "numeric", "categorical", "bounds", "ignore"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
@@ -226,6 +246,7 @@ class Schema:
         positive = _str_list(raw.get("positive", []), f"{source}: positive")
         missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
                             f"{source}: missing_values")
+        ignore = _str_list(raw.get("ignore", []), f"{source}: ignore")
         try:
             return cls(
                 numeric=tuple(numeric),
@@ -233,6 +254,7 @@ class Schema:
                 target=target,
                 positive=tuple(positive),
                 site_column=site_column,
+                ignore=tuple(ignore),
                 missing_values=tuple(missing),
                 drop_first=drop_first,
                 bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds_raw.items()},
@@ -254,7 +276,7 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly description (for run directories and model files)."""
-        return {
+        described: dict[str, Any] = {
             "target": self.target,
             "positive": list(self.positive),
             "site_column": self.site_column,
@@ -264,6 +286,9 @@ class Schema:
             "categorical": {k: list(v) for k, v in self.categorical.items()},
             "bounds": {k: list(v) for k, v in self.bounds.items()},
         }
+        if self.ignore:  # absent when empty, so existing schemas describe (and hash) as before
+            described["ignore"] = list(self.ignore)
+        return described
 
 
 def _str_list(value: object, where: str) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedcare.data.infer import MAX_VOCABULARY
 from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.protection import WHO_SEES_WHAT
@@ -151,6 +152,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def _categories(vocabulary: Sequence[str]) -> str:
+    # A vocabulary that long may hold individual patients' values (a hand-written schema:
+    # `fedcare schema infer` never writes one); the card names its size only.
+    if len(vocabulary) > MAX_VOCABULARY:
+        return f"{len(vocabulary)} categories (not listed: more than {MAX_VOCABULARY})"
+    return ", ".join(vocabulary)
+
+
 def model_card(run_dir: Path) -> str:
     """The model card of a run, in Markdown."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -201,7 +210,8 @@ def model_card(run_dir: Path) -> str:
         bounds = schema.get("bounds") or {}
         rows = [[c, "numeric", ", ".join(f"{b:g}" for b in bounds[c]) if c in bounds else "-"]
                 for c in numeric]
-        rows += [[c, "categorical", ", ".join(v)] for c, v in categorical.items()]
+        rows += [[c, "categorical", _categories(v)] for c, v in categorical.items()]
+        rows += [[c, "not used (schema's ignore list)", "-"] for c in schema.get("ignore", [])]
         parts += ["## Schema", f"Outcome: `{target}` (positive: {positive}).",
                   _markdown_table(["column", "type", "public bounds / categories"], rows)]
     per_site = federated.get("sites") or {}
