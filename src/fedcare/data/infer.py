@@ -45,6 +45,7 @@ def infer_schema(
     categorical: dict[str, tuple[str, ...]] = {}
     notes = ["Proposed by `fedcare schema infer`: review every line before training."]
     positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
     for column in columns:
         if column == site_column:
             continue
@@ -57,6 +58,7 @@ def infer_schema(
         if column == target:
             try:
                 positive = _positive_values(levels, numbers, notes, column)
+                negative = tuple(lv for lv in levels if lv not in positive)
             except SchemaError as exc:
                 names = ", ".join(t.source for t in tables)
                 raise SchemaError(f"{names}: {exc}") from None
@@ -74,7 +76,7 @@ def infer_schema(
         else:
             numeric.append(column)
     schema = Schema(numeric=tuple(numeric), categorical=categorical, target=target,
-                    positive=positive, site_column=site_column,
+                    positive=positive, negative=negative, site_column=site_column,
                     missing_values=tuple(missing_values))
     return schema, notes
 
