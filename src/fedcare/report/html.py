@@ -22,6 +22,7 @@ from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.protection import WHO_SEES_WHAT
 from fedcare.report.auditlog import AUDIT_LOG_FILE, verify
+from fedcare.report.data_loss import loss_section
 from fedcare.report.rundir import CURVES_FILE
 from fedcare.report.svg import line_chart
 
@@ -367,6 +368,8 @@ def write_report(run_dir: str | Path) -> Path:
              + (" " + str((summary.get("federated") or {}).get("note") or "")) + "</p>"]
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
+    if loss_section(summary):
+        body.append(loss_section(summary))
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
