@@ -288,3 +288,42 @@ def test_bounds_table_must_hold_pairs_of_numbers() -> None:
            "numeric": {"columns": ["age"]}, "bounds": {"age": [18]}}
     with pytest.raises(SchemaError, match=r"schema.toml: \[bounds\] must be a table"):
         Schema.from_dict(raw, source="schema.toml")
+
+
+def test_schema_without_negative_is_refused_saying_what_to_add(tmp_path: Path) -> None:
+    # A schema written before `negative` existed: every non-positive value used to be
+    # label 0, which is how a wrong positive list trained silently on one class.
+    path = tmp_path / "old.toml"
+    path.write_text('target = "num"\npositive = ["1", "2"]\n[numeric]\ncolumns = ["age"]\n',
+                    encoding="utf-8")
+
+    with pytest.raises(SchemaError) as excinfo:
+        Schema.load(path)
+
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: Schema gives no negative value for target 'num'")
+    assert "beside positive = ['1', '2'], such as negative = [\"0\"]" in message
+
+
+@pytest.mark.parametrize(("positive", "negative", "both"), [
+    (["1", "2"], ["0", "2"], "['2']"),
+    (["1"], ["1.0"], "['1']"),  # one value in two spellings
+], ids=["same-text", "same-number"])
+def test_a_value_both_positive_and_negative_is_refused(
+        positive: list[str], negative: list[str], both: str) -> None:
+    raw = {**base_raw(), "positive": positive, "negative": negative}
+
+    with pytest.raises(SchemaError) as excinfo:
+        Schema.from_dict(raw, source=SOURCE)
+
+    assert str(excinfo.value).startswith(f"{SOURCE}: Target 'y' lists {both} as both "
+                                         "positive and negative")
+
+
+def test_negative_values_round_trip_through_toml_and_dict(tmp_path: Path) -> None:
+    schema = Schema.from_dict({**base_raw(), "negative": ["0", "no"]}, source=SOURCE)
+    schema.save(tmp_path / "schema.toml")
+
+    assert 'negative = ["0", "no"]' in (tmp_path / "schema.toml").read_text(encoding="utf-8")
+    assert Schema.load(tmp_path / "schema.toml").negative == ("0", "no")
+    assert schema.to_dict()["negative"] == ["0", "no"]
