@@ -249,7 +249,11 @@ def test_counts_are_in_summary_report_and_console_of_a_non_private_run(
                for line in console.splitlines())
 
 
-@pytest.mark.parametrize("level", ["site", "record"])
+@pytest.mark.parametrize("level", [
+    "site",
+    # record level calibrates DP-SGD per hospital: about a minute on a loaded machine
+    pytest.param("record", marks=pytest.mark.slow),
+])
 def test_counts_are_absent_from_every_artefact_of_a_private_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], level: str) -> None:
     run_dir = heart_run(tmp_path, level, "--privacy", level, "--epsilon", "4",
