@@ -91,7 +91,7 @@ class Schema:
     categorical: Mapping[str, tuple[str, ...]]
     target: str
     positive: tuple[str, ...]
-    negative: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()  # () is refused: the default is there for that message
     site_column: str | None = None
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False

@@ -368,8 +368,8 @@ def write_report(run_dir: str | Path) -> Path:
              + (" " + str((summary.get("federated") or {}).get("note") or "")) + "</p>"]
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
-    if loss_section(summary):
-        body.append(loss_section(summary))
+    if rows_section := loss_section(summary):
+        body.append(rows_section)
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
