@@ -18,6 +18,7 @@ HOSPITALS = ["cleveland", "hungarian", "switzerland", "va"]
 SCHEMA_TOML = """\
 target = "outcome"
 positive = ["1"]
+negative = ["0"]
 
 [numeric]
 columns = ["age", "chol"]

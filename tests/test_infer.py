@@ -32,6 +32,7 @@ WriteCsv = Callable[[str, str], Path]
 
 def schema_of(**fields: Any) -> Schema:
     """A hand-written schema (of a 0/1 target): the one place for what every one needs."""
+    fields.setdefault("negative", ("0",))
     return Schema(**fields)
 
 

@@ -33,6 +33,7 @@ from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.privacy.plan import BASELINES_NOT_PRIVATE
 from fedcare.protection import who_sees_what
 from fedcare.report.auditlog import AUDIT_LOG_FILE, AuditLog, audit_key, payload_digests_keyed
+from fedcare.report.data_loss import loss_summary
 from fedcare.report.events import close_audit_log, log_round_events, log_run_started
 from fedcare.report.html import write_report
 from fedcare.report.rundir import (
@@ -173,6 +174,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         "seed": config.seed,
         "sites": [site_facts(s.name, s.n_train, s.n_test, public=public)
                   for s in data.sites],
+        "data_loss": loss_summary(data.row_accounts, [s.name for s in data.sites],
+                                  private=private),
         "rounds_completed": first_round - 1,
         "protection": {"scheme": config.protection.scheme,
                        "sentence": who_sees_what(config.protection)},

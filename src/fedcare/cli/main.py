@@ -120,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from fedcare.experiment import Evaluation, run_experiment
     from fedcare.federation.aggregator import RoundReport
+    from fedcare.report.data_loss import loss_lines
     from fedcare.report.tables import results_table
 
     config = resolve_config(args)
@@ -139,6 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     print(results_table(result))
+    # The local runtime holds every site's data: its user may see every site's counts.
+    published = (result.summary.get("data_loss") or {}).get("released", False)
+    lines = loss_lines(result.data.row_accounts, published=published)
+    if lines:
+        print("\n" + "\n".join(lines))
     print("\nProtection: " + result.summary["protection"]["sentence"])
     privacy = result.summary.get("privacy")
     if privacy:

@@ -74,7 +74,7 @@ def run_infer(args: argparse.Namespace) -> int:
     schema = proposal.schema
     print(f"Wrote {out}: {len(schema.numeric)} numeric and {len(schema.categorical)} "
           f"categorical columns, {len(schema.ignore)} ignored, target {schema.target!r} "
-          f"(positive: {list(schema.positive)}).")
+          f"(positive: {list(schema.positive)}, negative: {list(schema.negative)}).")
     if proposal.ignored:
         print("Ignored (listed in `ignore`, with the reason):")
         for column, why in proposal.ignored.items():

@@ -226,6 +226,7 @@ def infer_schema(
     bounds: dict[str, tuple[float, float, str]] = {}
     notes: list[str] = []
     positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
     for name in columns:
         if name == site_column:
             continue
@@ -243,6 +244,7 @@ def infer_schema(
             levels = sorted(counts, key=_sort_key)
             try:
                 positive = _positive_values(levels, notes, name)
+                negative = tuple(lv for lv in levels if lv not in positive)
             except SchemaError as exc:
                 problems.append(f"{', '.join(t.source for t in tables)}: {exc}")
             continue
@@ -285,7 +287,7 @@ def infer_schema(
                      "holding them stays numeric.")
     try:
         schema = Schema(numeric=tuple(numeric), categorical=categorical, target=target,
-                        positive=positive, site_column=site_column,
+                        positive=positive, negative=negative, site_column=site_column,
                         missing_values=(*missing_values, *new_tokens),
                         ignore=tuple(ignored))
     except SchemaError as exc:
@@ -455,7 +457,7 @@ def _positive_values(levels: list[str], notes: list[str], column: str) -> tuple[
                           "outcome needs two.")
     if len(levels) == 2:
         notes.append(f"{column} (target): {levels[1]!r} is the positive class, {levels[0]!r} "
-                     "the negative; swap them in `positive` if that is wrong.")
+                     "the negative; swap `positive` and `negative` if that is wrong.")
         return (levels[1],)
     if numbers is not None and min(numbers) == 0:
         zero = [lv for lv, n in zip(levels, numbers, strict=True) if n == 0]

@@ -9,6 +9,7 @@ A schema lives in a small TOML file next to the data::
 
     target = "num"
     positive = ["1", "2", "3", "4"]
+    negative = ["0"]
     site_column = "hospital"        # optional: one file holding every site
     missing_values = ["", "?", "NA"]
     drop_first = false              # one-hot: drop each column's first category
@@ -63,8 +64,20 @@ class Schema:
     target : str
         The binary outcome column.
     positive : sequence of str
-        Values of `target` that count as the positive class (label 1); every
-        other non-missing value is label 0.
+        Values of `target` that count as the positive class (label 1).
+    negative : sequence of str
+        Values of `target` that count as the negative class (label 0); disjoint
+        from `positive`. A target value in neither list is an error naming the
+        file, row and value (`fedcare.data.loaders.parse_table`).
+
+        Required, also of schemas written before it existed (they are refused
+        with a message saying what to add). Reading "every value not positive
+        is negative" was how ``positive = ["yes"]`` on 0/1 data, or a 3-class
+        outcome with ``positive = ["1"]``, trained without a word and reported
+        accuracy 1.000. Inferring the negative value from the data (allowed
+        when they hold exactly two values) would not close that: a deployed
+        site reads only its own file, and two sites could each see two values
+        and disagree on the third. One explicit line closes it everywhere.
     site_column : str or None
         Column naming the site of each row, when one file holds every site.
     ignore : sequence of str
@@ -84,6 +97,7 @@ class Schema:
     categorical: Mapping[str, tuple[str, ...]]
     target: str
     positive: tuple[str, ...]
+    negative: tuple[str, ...] = ()  # () is refused: the default is there for that message
     site_column: str | None = None
     ignore: tuple[str, ...] = ()
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
@@ -97,6 +111,7 @@ class Schema:
             self, "categorical", {k: tuple(v) for k, v in self.categorical.items()}
         )
         object.__setattr__(self, "positive", tuple(self.positive))
+        object.__setattr__(self, "negative", tuple(self.negative))
         object.__setattr__(self, "missing_values", tuple(self.missing_values))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         features = (*self.numeric, *self.categorical)
@@ -112,6 +127,18 @@ class Schema:
         if not self.positive:
             raise SchemaError(f"Schema gives no positive value for target {self.target!r}; "
                               "expected a non-empty list such as positive = [\"1\"].")
+        if not self.negative:
+            raise SchemaError(
+                f"Schema gives no negative value for target {self.target!r}; add the list of "
+                f"values that count as label 0 beside positive = {list(self.positive)}, such "
+                "as negative = [\"0\"]. Every target value must be in one of the two lists, so "
+                "a third class or a wrong positive list is an error instead of silent "
+                "negative labels.")
+        both = sorted(_values_in_both(self.positive, self.negative))
+        if both:
+            raise SchemaError(f"Target {self.target!r} lists {both} as both positive and "
+                              f"negative (positive = {list(self.positive)}, negative = "
+                              f"{list(self.negative)}); each value has one class.")
         for name, vocabulary in self.categorical.items():
             if len(vocabulary) == 0:
                 raise SchemaError(f"Categorical column {name!r} has an empty vocabulary.")
@@ -177,6 +204,7 @@ class Schema:
         out = [f"# {line}" for line in comments]
         out.append(f"target = {toml_str(self.target)}")
         out.append(f"positive = {_toml_list(self.positive)}")
+        out.append(f"negative = {_toml_list(self.negative)}")
         if self.site_column is not None:
             out.append(f"site_column = {toml_str(self.site_column)}")
         out.append(f"missing_values = {_toml_list(self.missing_values)}")
@@ -207,8 +235,8 @@ class Schema:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
         """Build a schema from parsed TOML, naming `source` in every error."""
-        allowed = {"target", "positive", "site_column", "missing_values", "drop_first",
-                   "numeric", "categorical", "bounds", "ignore"}
+        allowed = {"target", "positive", "negative", "site_column", "missing_values",
+                   "drop_first", "numeric", "categorical", "bounds", "ignore"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
@@ -244,6 +272,7 @@ class Schema:
             raise SchemaError(f"{source}: [bounds] must be a table of column = [low, high] "
                               f"(numbers); found {bounds_raw!r}.")
         positive = _str_list(raw.get("positive", []), f"{source}: positive")
+        negative = _str_list(raw.get("negative", []), f"{source}: negative")
         missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
                             f"{source}: missing_values")
         ignore = _str_list(raw.get("ignore", []), f"{source}: ignore")
@@ -253,6 +282,7 @@ class Schema:
                 categorical=categorical,
                 target=target,
                 positive=tuple(positive),
+                negative=tuple(negative),
                 site_column=site_column,
                 ignore=tuple(ignore),
                 missing_values=tuple(missing),
@@ -279,6 +309,7 @@ class Schema:
         described: dict[str, Any] = {
             "target": self.target,
             "positive": list(self.positive),
+            "negative": list(self.negative),
             "site_column": self.site_column,
             "missing_values": list(self.missing_values),
             "drop_first": self.drop_first,
@@ -296,6 +327,18 @@ def _str_list(value: object, where: str) -> list[str]:
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
         raise SchemaError(f"{where} must be a list of strings; found {value!r}.")
     return [v if isinstance(v, str) else _number_text(v) for v in value]
+
+
+def _values_in_both(positive: Sequence[str], negative: Sequence[str]) -> set[str]:
+    # "1" and "1.0" are one target value (the loader matches numeric spellings).
+    def canonical(value: str) -> str:
+        try:
+            return repr(float(value))
+        except ValueError:
+            return value
+
+    negatives = {canonical(v) for v in negative}
+    return {v for v in positive if canonical(v) in negatives}
 
 
 def _number_text(value: int | float) -> str:

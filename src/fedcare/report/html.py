@@ -23,6 +23,7 @@ from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.protection import WHO_SEES_WHAT
 from fedcare.report.auditlog import AUDIT_LOG_FILE, verify
+from fedcare.report.data_loss import loss_section
 from fedcare.report.rundir import CURVES_FILE
 from fedcare.report.svg import line_chart
 
@@ -377,6 +378,8 @@ def write_report(run_dir: str | Path) -> Path:
              + (" " + str((summary.get("federated") or {}).get("note") or "")) + "</p>"]
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
+    if rows_section := loss_section(summary):
+        body.append(rows_section)
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
