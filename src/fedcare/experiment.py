@@ -23,6 +23,7 @@ from fedcare.evaluation import (
     Metrics,
     binary_metrics,
     calibration_curve,
+    pooled_details,
     roc_curve,
     subgroups,
 )
@@ -63,15 +64,22 @@ class RunResult:
 
 
 def evaluate(model: FlatModel, params: torch.Tensor, data: FederatedData,
-             per_site: bool = True) -> Evaluation:
+             per_site: bool = True, details_seed: int | None = None) -> Evaluation:
+    """A model's metrics on the pooled and each site's test set.
+
+    With `details_seed` (a final model), also the pooled test set's confusion matrix,
+    bootstrap intervals (seeded by it) and chance verdict (`pooled_details`).
+    """
     model.load(params)
     x, y = data.pooled_test()
-    pooled = binary_metrics(model.predict_logits(x), y)
+    logits = model.predict_logits(x)
+    pooled = binary_metrics(logits, y)
     sites = {}
     if per_site:
         sites = {s.name: binary_metrics(model.predict_logits(s.x_test), s.y_test)
                  for s in data.sites}
-    return Evaluation(pooled, sites)
+    details = None if details_seed is None else pooled_details(logits, y, seed=details_seed)
+    return Evaluation(pooled, sites, details)
 
 
 def model_curves(model: FlatModel, params: torch.Tensor, data: FederatedData,
@@ -221,7 +229,7 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
         raise
     writer.save_model(params, meta)
     privacy_summary()
-    federated = evaluate(model, params, data)
+    federated = evaluate(model, params, data, details_seed=config.seed)
     writer.write_json(CURVES_FILE, model_curves(model, params, data, per_site))
     summary["subgroups"] = subgroup_metrics(model, params, data)
 
@@ -229,10 +237,12 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     local_baselines: dict[str, Evaluation] = {}
     if baselines:
         x, y = data.pooled_train()
-        pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
+        pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data,
+                                   details_seed=config.seed)
         for i, site in enumerate(data.sites):
             local = train_centrally(model, site.x_train, site.y_train, config, i + 1)
-            local_baselines[site.name] = evaluate(model, local, data)
+            local_baselines[site.name] = evaluate(model, local, data,
+                                                  details_seed=config.seed)
     summary.update(
         status="completed",
         elapsed_seconds=time.perf_counter() - started,
