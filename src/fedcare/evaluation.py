@@ -10,7 +10,7 @@ logistic regression, its odds ratios (`odds_ratios`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,6 +268,73 @@ def pooled_details(logits: torch.Tensor, labels: torch.Tensor, *, seed: int,
     intervals = bootstrap_intervals(logits, labels, seed=seed, resamples=resamples)
     return {"threshold": threshold, "intervals": intervals,
             "chance": chance_reason(pooled, threshold, intervals) or None}
+
+
+STANDARDIZED_UNIT = {"federated": "1 SD of the pooled training data",
+                     "bounds": "half the public range",
+                     "site": "1 SD of each site's own training data",
+                     "none": "1 unit"}
+"""What one unit of a numeric model input is, per ``data.standardize`` (resolved)."""
+NO_ODDS_RATIO_INTERVALS = (
+    "No confidence intervals: a Wald interval needs the likelihood's curvature at its "
+    "maximum (the Fisher information, a sum over every site's training patients), which "
+    "the federation neither computes nor shares, and federated SGD stops short of that "
+    "maximum; a bootstrap would need the pooled training rows, which no one holds.")
+
+
+def odds_ratios(params: torch.Tensor, feature_names: Sequence[str], schema: Mapping[str, Any],
+                standardization: Mapping[str, Mapping[str, Sequence[float]]],
+                standardize: str) -> list[dict[str, Any]]:
+    """Odds ratios of a logistic regression: exp(coefficient) for each input.
+
+    Parameters
+    ----------
+    params : tensor
+        The flat parameters of ``model.name = "logreg"`` (weights, then bias).
+    feature_names, schema, standardization
+        As ``model.pt`` holds them.
+    standardize : str
+        The run's resolved ``data.standardize`` (`STANDARDIZED_UNIT`).
+
+    Returns
+    -------
+    list of dict
+        ``feature``, ``odds_ratio`` and ``per`` (what the ratio compares): a
+        numeric column per one unit of its standardised input; a 0/1-coded
+        column with labels also as code 1 vs code 0 (when every site scaled it
+        alike); a category against its column's first category (the reference).
+    """
+    weights = params.detach().to(torch.float64)[:len(feature_names)].tolist()
+    coefficient = dict(zip(feature_names, weights, strict=True))
+    labels: Mapping[str, Mapping[str, str]] = schema.get("labels") or {}
+    numeric = list((schema.get("numeric") or {}).get("columns", []))
+    scales = [tuple(v["std"]) for v in standardization.values()]
+    shared = scales[0] if scales and all(s == scales[0] for s in scales) else None
+    unit = STANDARDIZED_UNIT.get(standardize, "1 unit of the standardised input")
+    rows: list[dict[str, Any]] = []
+    for j, column in enumerate(numeric):
+        b = coefficient[column]
+        scale = shared[j] if shared is not None else None
+        per = unit + (f" ({scale:.3g})" if scale is not None and unit != "1 unit" else "")
+        rows.append({"feature": column, "odds_ratio": math.exp(b), "per": per})
+        codes = labels.get(column, {})
+        if scale is not None and set(codes) == {"0", "1"}:
+            rows.append({"feature": column, "odds_ratio": math.exp(b / scale),
+                         "per": f"1 ({codes['1']}) vs 0 ({codes['0']})"})
+    for column, vocabulary in (schema.get("categorical") or {}).items():
+        codes = labels.get(column, {})
+
+        def named(code: str, codes: Mapping[str, str] = codes) -> str:
+            return f"{code} ({codes[code]})" if code in codes else code
+
+        reference = vocabulary[0]
+        # Without drop_first every level has a weight and only differences are identified.
+        base = coefficient.get(f"{column}={reference}", 0.0)
+        for code in vocabulary[1:]:
+            rows.append({"feature": f"{column} = {named(code)}",
+                         "odds_ratio": math.exp(coefficient[f"{column}={code}"] - base),
+                         "per": f"vs {column} = {named(reference)}"})
+    return rows
 
 
 AGE_BANDS = ((0.0, 50.0, "age < 50"), (50.0, 65.0, "age 50-64"), (65.0, math.inf, "age >= 65"))
