@@ -148,6 +148,23 @@ def budget_per_round(run_dir: Path, delta: float, accountant: str) -> dict[str, 
     return series
 
 
+def budget_caps(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The epsilon caps a budget chart draws: label -> cap (one line per distinct cap;
+    record level: each site's, from ``privacy.caps``; else the run's ``privacy.epsilon``)."""
+    privacy = summary.get("privacy") or {}
+    caps: Mapping[str, float] = privacy.get("caps") or {}
+    if not caps:
+        configured = ((summary.get("config") or {}).get("privacy") or {}).get("epsilon")
+        return {} if configured is None else {f"cap: epsilon = {configured:g}":
+                                              float(configured)}
+    by_value: dict[float, list[str]] = {}
+    for party, cap in caps.items():
+        by_value.setdefault(float(cap), []).append(party)
+    if len(by_value) == 1:
+        return {f"cap: epsilon = {cap:g}": cap for cap in by_value}
+    return {f"cap {cap:g} ({', '.join(parties)})": cap for cap, parties in by_value.items()}
+
+
 def _protection(summary: Mapping[str, Any]) -> tuple[str, str]:
     """The run's protection scheme and what it let the coordinator see."""
     recorded = summary.get("protection") or {}
@@ -578,17 +595,14 @@ def write_report(run_dir: str | Path) -> Path:
         body.append(f"<p class='{'guarantee' if private else 'warning'}'>"
                     f"{escape(privacy['sentence'])}</p>")
         if budget:
-            cap = float(privacy.get("epsilon", math.nan))
+            caps = budget_caps(summary)
             title = (f"Privacy budget spent (epsilon, delta = {privacy['delta']:g})" if private
                      else f"NOT private (seeded noise): epsilon secure noise would have spent "
                           f"(delta = {privacy['delta']:g})")
-            top = max(cap if math.isfinite(cap) else 0.0,
-                      *(max(v[1], default=0.0) for v in budget.values()))
+            top = max(*caps.values(), *(max(v[1], default=0.0) for v in budget.values()), 0.0)
             body.append(line_chart(budget, title=title, x_label="round",
                                    y_label="cumulative epsilon", colours=colours,
-                                   levels={f"cap: epsilon = {cap:g}": cap}
-                                   if math.isfinite(cap) else None,
-                                   y_range=(0.0, 1.1 * top if top > 0 else 1.0)))
+                                   levels=caps, y_range=(0.0, 1.1 * top if top > 0 else 1.0)))
     else:
         body.append("<p class='warning'>Trained without differential privacy: the model and "
                     "the updates may reveal whether a patient took part.</p>")
