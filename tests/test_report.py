@@ -27,6 +27,7 @@ from fedcare.models import FlatModel
 from fedcare.report.html import (
     CHANCE,
     MODEL_CARD_FILE,
+    NO_INTERVALS_DEPLOYED,
     ONE_CLASS,
     ONE_CLASS_NOTE,
     REPORT_FILE,
@@ -313,3 +314,19 @@ def test_the_audit_results_are_a_bar_chart(plain_run: Path, tmp_path: Path) -> N
     assert bars == ["no DP: records recovered 0.75", "no DP: membership AUC 0.62",
                     "record-level DP: records recovered 0", "record-level DP: membership AUC 0.51"]
     assert "AUC 0.5: chance" in chart
+
+
+def test_a_deployed_run_says_why_it_has_no_intervals(plain_run: Path, tmp_path: Path) -> None:
+    # What a deployed aggregator's summary holds: sums only, so no per-patient predictions.
+    copy = tmp_path / "deployed"
+    shutil.copytree(plain_run, copy)
+    summary = summary_of(copy)
+    summary["sites"] = [s["name"] for s in summary["sites"]]
+    summary["data"] = {"sites": {s: "its own data file" for s in summary["sites"]},
+                       "schema_sha256": "0" * 64}
+    summary["federated"] = {"pooled": {**summary["federated"]["pooled"], "roc_auc_sites": 3,
+                                       "sites": 4}, "sites": {}}
+    (copy / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    page = page_of(write_report(copy).parent)
+    assert html.escape(NO_INTERVALS_DEPLOYED) in page
+    assert "95% interval" not in page and CHANCE not in page
