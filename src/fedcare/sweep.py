@@ -10,7 +10,8 @@ audit log) under one sweep directory, which also receives
 * ``sweep.md``: the cells as a table;
 * ``sweep.html``: the table and a plot of accuracy and ROC AUC against the
   first numeric grid key (``privacy.epsilon`` if it is one), one line per
-  combination of the other keys, error bars one standard deviation over seeds.
+  combination of the other keys, error bars one standard deviation over seeds
+  (a cell with one completed run shows "(1 seed)" and no bar: no spread is known).
 
 A run that fails (for example a budget that cannot fit) is recorded with its
 error and the sweep goes on.
