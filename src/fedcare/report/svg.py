@@ -104,10 +104,10 @@ def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_labe
                      f'y2="{sy(high):.1f}" class="diagonal"/>')
     for text, value in levels.items():
         if math.isfinite(value) and y0 <= value <= y1:
+            # Labelled at the left, above the line: lines over rounds start low there.
             parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(value):.1f}" '
-                         f'y2="{sy(value):.1f}" class="level"/><text x="{left + plot_w - 4}" '
-                         f'y="{sy(value) - 5:.1f}" class="level-label" text-anchor="end">'
-                         f'{escape(text)}</text>')
+                         f'y2="{sy(value):.1f}" class="level"/><text x="{left + 4}" '
+                         f'y="{sy(value) - 5:.1f}" class="level-label">{escape(text)}</text>')
     palette = iter(c for c in PALETTE if c not in set((colours or {}).values()))
     for i, (label, p) in enumerate(points.items()):
         colour = (colours or {}).get(label) or next(palette, PALETTE[i % len(PALETTE)])
@@ -186,10 +186,10 @@ def bar_chart(groups: Mapping[str, Mapping[str, float]], *, title: str, y_label:
         parts.append(f'<text x="{left + g * slot + slot / 2:.1f}" y="{top + plot_h + 16}" '
                      f'class="tick" text-anchor="middle">{escape(group[:24])}</text>')
     for text, value in (levels or {}).items():
+        # Labelled right of the plot, below the legend: bars would hide it inside.
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(value):.1f}" '
-                     f'y2="{sy(value):.1f}" class="level"/><text x="{left + plot_w - 4}" '
-                     f'y="{sy(value) - 5:.1f}" class="level-label" text-anchor="end">'
-                     f'{escape(text)}</text>')
+                     f'y2="{sy(value):.1f}" class="level"/><text x="{left + plot_w + 12}" '
+                     f'y="{sy(value) + 4:.1f}" class="level-label">{escape(text)}</text>')
     for i, name in enumerate(series):
         ly = top + 14 + 18 * i
         parts.append(f'<rect x="{left + plot_w + 12}" y="{ly - 9}" width="18" height="10" '
