@@ -18,6 +18,7 @@ from fedcare.evaluation import (
     binary_metrics,
     bootstrap_intervals,
     chance_reason,
+    logistic_covariance,
     odds_ratios,
     pooled_details,
     threshold_metrics,
@@ -227,3 +228,30 @@ def test_odds_ratios_per_unit_and_against_the_reference_category() -> None:
     assert rows[("cp = 2", "vs cp = 1 (typical)")] == pytest.approx(math.exp(1.0))
     assert rows[("cp = 3", "vs cp = 1 (typical)")] == pytest.approx(math.exp(-1.0))
     assert len(rows) == 5  # no ratio for the bias, none for the reference category
+    # Wald intervals: the variance of a contrast with the reference category's weight
+    covariance = np.diag([0.04, 0.01, 0.09, 0.16, 0.25, 1.0])
+    covariance[2, 3] = covariance[3, 2] = 0.05
+    with_intervals = {(r["feature"], r["per"]): r for r in
+                      odds_ratios(params, names, schema, standardization, "bounds",
+                                  covariance.tolist())}
+    cp2 = with_intervals[("cp = 2", "vs cp = 1 (typical)")]
+    half = 1.959964 * math.sqrt(0.09 + 0.16 - 2 * 0.05)
+    assert (cp2["low"], cp2["high"]) == pytest.approx((math.exp(1.0 - half), math.exp(1.0 + half)))
+    sex = with_intervals[("sex", "1 (male) vs 0 (female)")]
+    assert sex["high"] == pytest.approx(math.exp((0.2 + 1.959964 * 0.1) / 0.5))
+
+
+def test_the_covariance_is_the_inverse_hessian_of_the_log_likelihood_summed_over_sites() -> None:
+    generator = torch.Generator().manual_seed(6)
+    sites = [torch.randn(n, 3, generator=generator, dtype=torch.float64) for n in (40, 25)]
+    params = torch.tensor([0.5, -1.0, 0.2, 0.1], dtype=torch.float64)
+    labels = [(torch.rand(len(x), generator=generator) < 0.5).double() for x in sites]
+
+    def negative_log_likelihood(w: torch.Tensor) -> torch.Tensor:
+        x, y = torch.cat(sites), torch.cat(labels)
+        z = x @ w[:3] + w[3]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
+
+    hessian = torch.autograd.functional.hessian(negative_log_likelihood, params)
+    assert logistic_covariance(params, sites) == pytest.approx(
+        np.linalg.inv(hessian.numpy()), rel=1e-9, abs=1e-12)

@@ -253,9 +253,22 @@ def test_codes_are_labelled_from_the_schema(plain_run: Path) -> None:
     assert "<td>cp = 4 (asymptomatic)</td>" in page and "<td>vs cp = 1 (typical angina)</td>" \
         in page
     assert "<td>1 (male) vs 0 (female)</td>" in page
-    assert re.search(r"<td>age</td><td>[0-9.]+</td><td>1 SD of the pooled training data "
-                     r"\([0-9.]+\)</td>", page)
-    assert "No confidence intervals" in page
+    assert re.search(r"<td>age</td><td>[0-9.]+</td><td>[0-9.]+-[0-9.]+</td><td>1 SD of the "
+                     r"pooled training data \([0-9.]+\)</td>", page)
+
+
+def test_odds_ratios_have_wald_intervals_only_without_dp(plain_run: Path,
+                                                         private_run: Path) -> None:
+    page = page_of(plain_run)
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>([0-9.e+-]+)</td><td>([0-9.e+-]+)-([0-9.e+-]+)"
+                      r"</td><td>([^<]+)</td></tr>", page.split("id='odds-ratios'")[1])
+    assert len(rows) == 16  # 8 numeric, 3 of them coded 0/1, 5 categories past a reference
+    for _, ratio, low, high, _ in rows:
+        assert float(low) <= float(ratio) <= float(high)
+    assert "95% Wald intervals from the Fisher information" in page
+    private = page_of(private_run)
+    assert "No confidence intervals" in private and "Wald intervals" not in private
+    assert "coefficient_covariance" not in summary_of(private_run)
 
 
 def test_a_metric_shown_as_dash_carries_its_note(plain_run: Path) -> None:
@@ -322,6 +335,7 @@ def test_a_deployed_run_says_why_it_has_no_intervals(plain_run: Path, tmp_path: 
     shutil.copytree(plain_run, copy)
     summary = summary_of(copy)
     summary["sites"] = [s["name"] for s in summary["sites"]]
+    del summary["coefficient_covariance"]  # fedcare run's only
     summary["data"] = {"sites": {s: "its own data file" for s in summary["sites"]},
                        "schema_sha256": "0" * 64}
     summary["federated"] = {"pooled": {**summary["federated"]["pooled"], "roc_auc_sites": 3,

@@ -276,15 +276,41 @@ STANDARDIZED_UNIT = {"federated": "1 SD of the pooled training data",
                      "none": "1 unit"}
 """What one unit of a numeric model input is, per ``data.standardize`` (resolved)."""
 NO_ODDS_RATIO_INTERVALS = (
-    "No confidence intervals: a Wald interval needs the likelihood's curvature at its "
-    "maximum (the Fisher information, a sum over every site's training patients), which "
-    "the federation neither computes nor shares, and federated SGD stops short of that "
-    "maximum; a bootstrap would need the pooled training rows, which no one holds.")
+    "No confidence intervals: a Wald interval needs the likelihood's curvature (the Fisher "
+    "information, a sum over every site's training patients), which only a run without "
+    "differential privacy in one process computes (in a private run it would be an exact "
+    "function of each training patient, outside the guarantee; a deployment does not sum "
+    "it); a bootstrap would need the pooled training rows, which no one holds.")
+WALD_NOTE = (
+    "95% Wald intervals from the Fisher information at the fitted coefficients (X'WX summed "
+    "over the sites' training patients; computed only in a run without differential "
+    "privacy). They assume the fit reached the maximum likelihood, which federated SGD "
+    "only approaches in its rounds: read them as approximate.")
+
+
+def logistic_covariance(params: torch.Tensor, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+    """Inverse Fisher information of a logistic regression at `params` (weights, then bias).
+
+    The information is X'WX (X with a column of ones, W = p(1 - p)) summed over the
+    sites' training inputs `inputs`, each site's term on its own: what a federation
+    would sum. A pseudo-inverse, so that one-hot columns without a reference
+    category (collinear with the intercept) still give the variance of every
+    difference between categories (an estimable contrast).
+    """
+    w = params.detach().to(torch.float64)
+    information = torch.zeros(len(w), len(w), dtype=torch.float64)
+    for x in inputs:
+        design = torch.cat([x.to(torch.float64), torch.ones(len(x), 1, dtype=torch.float64)],
+                           dim=1)
+        p = torch.sigmoid(design @ w)
+        information += design.T @ (design * (p * (1 - p))[:, None])
+    return np.linalg.pinv(information.numpy(), hermitian=True)
 
 
 def odds_ratios(params: torch.Tensor, feature_names: Sequence[str], schema: Mapping[str, Any],
                 standardization: Mapping[str, Mapping[str, Sequence[float]]],
-                standardize: str) -> list[dict[str, Any]]:
+                standardize: str, covariance: Sequence[Sequence[float]] | None = None
+                ) -> list[dict[str, Any]]:
     """Odds ratios of a logistic regression: exp(coefficient) for each input.
 
     Parameters
@@ -295,6 +321,9 @@ def odds_ratios(params: torch.Tensor, feature_names: Sequence[str], schema: Mapp
         As ``model.pt`` holds them.
     standardize : str
         The run's resolved ``data.standardize`` (`STANDARDIZED_UNIT`).
+    covariance : matrix, optional
+        `logistic_covariance` (weights and bias): adds 95% Wald intervals
+        ``low``, ``high``.
 
     Returns
     -------
@@ -311,29 +340,40 @@ def odds_ratios(params: torch.Tensor, feature_names: Sequence[str], schema: Mapp
     scales = [tuple(v["std"]) for v in standardization.values()]
     shared = scales[0] if scales and all(s == scales[0] for s in scales) else None
     unit = STANDARDIZED_UNIT.get(standardize, "1 unit of the standardised input")
+    index = {name: i for i, name in enumerate(feature_names)}
     rows: list[dict[str, Any]] = []
+
+    def row(feature: str, per: str, terms: Mapping[str, float], factor: float = 1.0) -> None:
+        """exp(factor * sum of coefficient * weight), with its Wald interval if known."""
+        estimate = factor * sum(coefficient[k] * c for k, c in terms.items())
+        entry = {"feature": feature, "odds_ratio": math.exp(estimate), "per": per}
+        if covariance is not None:
+            variance = factor ** 2 * sum(c * d * covariance[index[k]][index[m]]
+                                         for k, c in terms.items() for m, d in terms.items())
+            half = 1.959964 * math.sqrt(max(variance, 0.0))
+            entry.update(low=math.exp(estimate - half), high=math.exp(estimate + half))
+        rows.append(entry)
+
     for j, column in enumerate(numeric):
-        b = coefficient[column]
         scale = shared[j] if shared is not None else None
-        per = unit + (f" ({scale:.3g})" if scale is not None and unit != "1 unit" else "")
-        rows.append({"feature": column, "odds_ratio": math.exp(b), "per": per})
+        row(column, unit + (f" ({scale:.3g})" if scale is not None and unit != "1 unit"
+                            else ""), {column: 1.0})
         codes = labels.get(column, {})
         if scale is not None and set(codes) == {"0", "1"}:
-            rows.append({"feature": column, "odds_ratio": math.exp(b / scale),
-                         "per": f"1 ({codes['1']}) vs 0 ({codes['0']})"})
+            row(column, f"1 ({codes['1']}) vs 0 ({codes['0']})", {column: 1.0}, 1.0 / scale)
     for column, vocabulary in (schema.get("categorical") or {}).items():
         codes = labels.get(column, {})
 
         def named(code: str, codes: Mapping[str, str] = codes) -> str:
             return f"{code} ({codes[code]})" if code in codes else code
 
-        reference = vocabulary[0]
+        reference = f"{column}={vocabulary[0]}"
         # Without drop_first every level has a weight and only differences are identified.
-        base = coefficient.get(f"{column}={reference}", 0.0)
         for code in vocabulary[1:]:
-            rows.append({"feature": f"{column} = {named(code)}",
-                         "odds_ratio": math.exp(coefficient[f"{column}={code}"] - base),
-                         "per": f"vs {column} = {named(reference)}"})
+            terms = {f"{column}={code}": 1.0}
+            if reference in coefficient:
+                terms[reference] = -1.0
+            row(f"{column} = {named(code)}", f"vs {column} = {named(vocabulary[0])}", terms)
     return rows
 
 

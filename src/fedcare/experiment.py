@@ -23,6 +23,7 @@ from fedcare.evaluation import (
     Metrics,
     binary_metrics,
     calibration_curve,
+    logistic_covariance,
     pooled_details,
     roc_curve,
     subgroups,
@@ -232,6 +233,10 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     federated = evaluate(model, params, data, details_seed=config.seed)
     writer.write_json(CURVES_FILE, model_curves(model, params, data, per_site))
     summary["subgroups"] = subgroup_metrics(model, params, data)
+    if config.model.name == "logreg" and not private:
+        # Odds ratios' Wald intervals; never in a private run (exact in each training row).
+        summary["coefficient_covariance"] = logistic_covariance(
+            params, [s.x_train for s in data.sites]).tolist()
 
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}

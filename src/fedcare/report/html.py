@@ -21,6 +21,7 @@ import torch
 from fedcare.evaluation import (
     NO_ODDS_RATIO_INTERVALS,
     THRESHOLD,
+    WALD_NOTE,
     chance_reason,
     odds_ratios,
 )
@@ -458,17 +459,20 @@ def odds_ratio_section(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> s
     standardize = str((config.get("data") or {}).get("standardize", "auto"))
     if standardize == "auto":
         standardize = "bounds" if summary.get("privacy") else "federated"
+    covariance = summary.get("coefficient_covariance")
     rows = odds_ratios(meta["params"], meta.get("feature_names") or [],
                        meta.get("schema") or {}, meta.get("standardization") or {},
-                       standardize)
+                       standardize, covariance)
     return "\n".join([
         "<h2 id='odds-ratios'>Odds ratios (logistic regression)</h2>",
         "<p>exp(coefficient): how the odds of the outcome multiply per unit of each input, "
         "the others held fixed. Numeric inputs were standardised, so their unit is "
         f"{escape(STANDARDIZED_UNITS_TEXT.get(standardize, 'that of the model input'))}.</p>",
-        _html_table(["input", "odds ratio", "per"],
-                    [[r["feature"], f"{r['odds_ratio']:.3g}", r["per"]] for r in rows]),
-        f"<p>{escape(NO_ODDS_RATIO_INTERVALS)}</p>"])
+        _html_table(["input", "odds ratio"] + (["95% interval"] if covariance else []) + ["per"],
+                    [[r["feature"], f"{r['odds_ratio']:.3g}"]
+                     + ([f"{r['low']:.3g}-{r['high']:.3g}"] if covariance else []) + [r["per"]]
+                     for r in rows]),
+        f"<p>{escape(WALD_NOTE if covariance else NO_ODDS_RATIO_INTERVALS)}</p>"])
 
 
 STANDARDIZED_UNITS_TEXT = {"federated": "1 standard deviation (SD) of the pooled training "
