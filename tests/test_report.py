@@ -32,6 +32,7 @@ from fedcare.report.html import (
     ONE_CLASS_NOTE,
     REPORT_FILE,
     TEST_SET_NOT_COVERED,
+    UNDEFINED_RATE_NOTE,
     write_report,
 )
 from fedcare.report.tables import results_table
@@ -236,6 +237,9 @@ def test_a_constant_model_is_flagged_no_better_than_chance(
     assert federated_row.endswith(CHANCE)
     assert f"federated (fedavg): {CHANCE}: every patient is predicted negative" in table
     assert CHANCE in (result.run_dir / MODEL_CARD_FILE).read_text(encoding="utf-8")
+    # nobody is called positive: PPV has no denominator, and the page says so next to its "-"
+    assert "<td>PPV</td><td>-</td><td>-</td>" in page_of(result.run_dir)
+    assert html.escape(UNDEFINED_RATE_NOTE) in page_of(result.run_dir)
 
 
 def test_the_default_run_is_not_flagged(plain_run: Path) -> None:

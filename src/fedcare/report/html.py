@@ -49,6 +49,10 @@ ONE_CLASS_NOTE = ("\"- (one class)\": that test set holds patients of one class 
                   "AUC and balanced accuracy (which compare the two) are not defined; "
                   "\"-\" alone: no test patients or not computed.")
 CHANCE = "NO BETTER THAN CHANCE"
+UNDEFINED_RATE_NOTE = ("\"-\": not defined, no patient in its denominator (PPV when no "
+                       "patient is called positive, NPV when none is called negative, "
+                       "sensitivity or specificity when the test set lacks that class); an "
+                       "interval shows \"-\" when no resample defines it.")
 TEST_SET_NOT_COVERED = ("Intervals, like the test metrics, are exact statistics of the "
                         "held-out test patients, not covered by the differential privacy "
                         "guarantee.")
@@ -298,7 +302,7 @@ def model_card(run_dir: Path) -> str:
     if any(ONE_CLASS in row for row in performance):
         parts.append(ONE_CLASS_NOTE)
     if _chance(federated):
-        parts.append(f"**{CHANCE}**: {_chance(federated)}. Do not use this model.")
+        parts.append(f"{CHANCE}: {_chance(federated)}. Do not use this model.")
     intervals = federated.get("intervals")
     if intervals:
         parts.append(f"95% intervals on the pooled test set ({intervals['resamples']} "
@@ -439,8 +443,10 @@ def threshold_section(summary: Mapping[str, Any]) -> str:
                 ("npv", "NPV", "of patients called negative, share without it"))]
     tp, fp = counts["true_positives"], counts["false_positives"]
     fn, tn = counts["false_negatives"], counts["true_negatives"]
-    parts += [_html_table(["", "value", "95% interval", "meaning"], rows),
-              "<h3>Confusion matrix (pooled test set)</h3>",
+    parts.append(_html_table(["", "value", "95% interval", "meaning"], rows))
+    if any("-" in (row[1], row[2]) for row in rows):
+        parts.append(f"<p>{escape(UNDEFINED_RATE_NOTE)}</p>")
+    parts += ["<h3>Confusion matrix (pooled test set)</h3>",
               _html_table(["", "predicted positive", "predicted negative", "total"],
                           [["outcome positive", str(tp), str(fn), str(tp + fn)],
                            ["outcome negative", str(fp), str(tn), str(fp + tn)],
