@@ -3,11 +3,14 @@ intervals. The sweep's table and plot: no spread from one seed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from fedcare.config import RunConfig
+from fedcare.evaluation import Evaluation
 from fedcare.experiment import run_experiment
-from fedcare.report.tables import CHANCE, results_table
+from fedcare.report.tables import CHANCE, UNDEFINED, results_table
 from fedcare.sweep import sweep_html, sweep_markdown
 
 
@@ -68,3 +71,16 @@ def test_a_sweep_with_one_seed_shows_no_spread() -> None:
 def test_a_sweep_with_seeds_shows_their_spread() -> None:
     table = sweep_markdown(one_seed_sweep([0, 1], runs=2))
     assert "| 1 | 2 | 0 | 0.800 ± 0.000 | 0.900 ± 0.000 |" in table  # two seeds that agree
+
+
+def test_a_dash_in_the_console_table_has_its_note() -> None:
+    one_class = {"accuracy": 0.9, "roc_auc": math.nan, "balanced_accuracy": math.nan,
+                 "brier": 0.1, "log_loss": 0.3, "n": 10}
+    result = SimpleNamespace(
+        data=SimpleNamespace(sites=[SimpleNamespace(name="north")], description="one class"),
+        federated=Evaluation(one_class, {"north": one_class}), pooled_baseline=None,
+        local_baselines={}, summary={"strategy": "fedavg"})
+    table = results_table(result)  # type: ignore[arg-type]
+    assert table.splitlines()[3].split()[3:5] == ["-", "-"]
+    assert UNDEFINED in table
+    assert CHANCE not in table  # one class in the test set: no verdict either way

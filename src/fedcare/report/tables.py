@@ -28,6 +28,8 @@ def _fmt(value: float) -> str:
 
 
 CHANCE = "NO BETTER THAN CHANCE"
+UNDEFINED = ("-: not defined on that test set (ROC AUC and balanced accuracy need patients "
+             "of both classes; every metric needs at least one patient).")
 TEST_SET_NOT_COVERED = ("Like the test metrics, they are exact statistics of the held-out "
                         "test patients, not covered by the differential privacy guarantee.")
 """The flag of a model no better than chance (`fedcare.evaluation.chance_reason`)."""
@@ -76,6 +78,8 @@ def results_table(result: RunResult) -> str:
     title = (f"{result.data.description}: metrics on the pooled test set ({n_test} patients)"
              " and accuracy on each site's test set")
     notes = [f"{label}: {CHANCE}: {why}." for label, why in flagged]
+    if any(cell.strip() == "-" for cells in body for cell in cells[1:]):
+        notes.append(UNDEFINED)
     intervals = interval_line(result.federated)
     if intervals:
         notes.append(intervals + (" " + TEST_SET_NOT_COVERED if result.summary.get("privacy")
