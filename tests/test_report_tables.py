@@ -32,6 +32,10 @@ def test_many_sites_show_best_median_and_worst_single_site(tmp_path: Path) -> No
     assert "site acc min" in lines[1]
     accuracies = [float(line.split("alone")[1].split()[3]) for line in body[2:]]
     assert accuracies == sorted(accuracies, reverse=True)
+    # 12 single-site models: a confusion matrix and a verdict each, no bootstrap (too slow)
+    local = next(iter(result.local_baselines.values())).details
+    assert local is not None and local["intervals"] is None and "threshold" in local
+    assert result.federated.details["intervals"]["resamples"] == 1000  # type: ignore[index]
 
 
 def test_few_sites_show_every_site_and_its_accuracy_column(tmp_path: Path) -> None:
