@@ -327,3 +327,29 @@ def test_negative_values_round_trip_through_toml_and_dict(tmp_path: Path) -> Non
     assert 'negative = ["0", "no"]' in (tmp_path / "schema.toml").read_text(encoding="utf-8")
     assert Schema.load(tmp_path / "schema.toml").negative == ("0", "no")
     assert schema.to_dict()["negative"] == ["0", "no"]
+
+
+# ------------------------------------------------------------ labels (issue 22 point 5)
+def test_labels_round_trip_through_toml_and_name_codes(tmp_path: Path) -> None:
+    raw = base_raw() | {"labels": {"age": {"0": "newborn"}, "cp": {"1": "typical angina"},
+                                   "y": {"1": 'died "in hospital"'}}}
+    schema = Schema.from_dict(raw, SOURCE)
+    schema.save(tmp_path / "schema.toml")
+    assert "[labels.cp]\n1 = \"typical angina\"" in (tmp_path / "schema.toml").read_text()
+    assert Schema.load(tmp_path / "schema.toml") == schema
+    assert schema.label("cp", "1") == "1 (typical angina)" and schema.label("cp", "2") == "2"
+    assert schema.to_dict()["labels"]["y"] == {"1": 'died "in hospital"'}
+    assert "labels" not in Schema.from_dict(base_raw(), SOURCE).to_dict()  # none: no key
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ({"weight": {"0": "light"}}, "Labels are given for 'weight', which is neither a feature"),
+    ({"cp": {"9": "other"}}, r"Labels of column 'cp' name codes \['9'\] outside its "
+                             r"vocabulary \['1', '2', '3'\]"),
+    ({"cp": ["typical"]}, r"\[labels\] must hold one table per column"),
+    ({"cp": {"1": 1}}, r"\[labels\] must hold one table per column"),
+])
+def test_bad_labels_are_refused(labels: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaError, match=message) as caught:
+        Schema.from_dict(base_raw() | {"labels": labels}, SOURCE)
+    assert str(caught.value).startswith(SOURCE)

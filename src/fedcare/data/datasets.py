@@ -83,6 +83,17 @@ HEART_SCHEMA = Schema(
     # Swiss file codes an unmeasured cholesterol as 0 (UCI documentation).
     bounds={"age": (18, 100), "sex": (0, 1), "trestbps": (80, 200), "chol": (0, 600),
             "fbs": (0, 1), "thalach": (60, 220), "exang": (0, 1), "oldpeak": (-3, 7)},
+    # The codebook (UCI heart-disease.names, attribute documentation; bundled README).
+    labels={"sex": {"0": "female", "1": "male"},
+            "cp": {"1": "typical angina", "2": "atypical angina", "3": "non-anginal pain",
+                   "4": "asymptomatic"},
+            "fbs": {"0": "fasting blood sugar <= 120 mg/dl",
+                    "1": "fasting blood sugar > 120 mg/dl"},
+            "restecg": {"0": "normal", "1": "ST-T wave abnormality",
+                        "2": "left ventricular hypertrophy"},
+            "exang": {"0": "no exercise-induced angina", "1": "exercise-induced angina"},
+            "num": {"0": "no disease: < 50% diameter narrowing",
+                    **{v: "disease: > 50% diameter narrowing" for v in "1234"}}},
 )
 HEART_PROTOCOLS = {
     "flamby": MissingPolicy.DROP,  # FLamby drops rows with a missing value: 740 of 920 rows

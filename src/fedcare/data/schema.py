@@ -25,6 +25,10 @@ A schema lives in a small TOML file next to the data::
     age = [18, 100]
     chol = [100, 600]
 
+    [labels.sex]                    # optional: what a code means, for reports
+    0 = "female"
+    1 = "male"
+
 Everything in a schema is shared by every site and, with differential
 privacy, treated as public: write vocabularies and bounds from clinical
 definitions, not from the data (a category seen only in one patient's record,
@@ -91,6 +95,10 @@ class Schema:
     bounds : mapping of str to (float, float)
         Public plausible range (low, high) of numeric columns, for
         standardisation that depends on no data (private runs).
+    labels : mapping of str to mapping of str to str
+        What codes mean, per column (``{"sex": {"0": "female", "1": "male"}}``),
+        as the report and model card show them; codes of a categorical column
+        must be in its vocabulary.
     """
 
     numeric: tuple[str, ...]
@@ -103,6 +111,7 @@ class Schema:
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +165,16 @@ class Schema:
                                   "finite numbers, low < high.")
             bounds[name] = (low, high)
         object.__setattr__(self, "bounds", bounds)
+        for name, codes in self.labels.items():
+            if name not in (*features, self.target):
+                raise SchemaError(f"Labels are given for {name!r}, which is neither a feature "
+                                  f"nor the target (features: {list(features)}).")
+            unknown = [c for c in codes if c not in self.categorical.get(name, codes)]
+            if unknown:
+                raise SchemaError(f"Labels of column {name!r} name codes {unknown} outside its "
+                                  f"vocabulary {list(self.categorical[name])}.")
+        object.__setattr__(self, "labels", {k: {str(c): str(t) for c, t in v.items()}
+                                            for k, v in self.labels.items()})
         object.__setattr__(self, "_order", features)
 
     @property
@@ -226,6 +245,9 @@ class Schema:
             out.append("")
             out.append("[bounds]")
             out.extend(f"{_toml_key(k)} = {toml_value(list(v))}" for k, v in self.bounds.items())
+        for column, codes in self.labels.items():
+            out += ["", f"[labels.{_toml_key(column)}]"]
+            out.extend(f"{_toml_key(c)} = {toml_str(t)}" for c, t in codes.items())
         return "\n".join(out) + "\n"
 
     def save(self, path: str | Path, comments: Sequence[str] = ()) -> None:
@@ -236,7 +258,7 @@ class Schema:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
         """Build a schema from parsed TOML, naming `source` in every error."""
         allowed = {"target", "positive", "negative", "site_column", "missing_values",
-                   "drop_first", "numeric", "categorical", "bounds", "ignore"}
+                   "drop_first", "numeric", "categorical", "bounds", "ignore", "labels"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
@@ -271,6 +293,13 @@ class Schema:
                 for v in bounds_raw.values()):
             raise SchemaError(f"{source}: [bounds] must be a table of column = [low, high] "
                               f"(numbers); found {bounds_raw!r}.")
+        labels_raw = raw.get("labels", {})
+        if not isinstance(labels_raw, Mapping) or not all(
+                isinstance(v, Mapping) and all(isinstance(t, str) for t in v.values())
+                for v in labels_raw.values()):
+            raise SchemaError(f"{source}: [labels] must hold one table per column of code = "
+                              f"\"meaning\" (e.g. [labels.sex] 0 = \"female\"); found "
+                              f"{labels_raw!r}.")
         positive = _str_list(raw.get("positive", []), f"{source}: positive")
         negative = _str_list(raw.get("negative", []), f"{source}: negative")
         missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
@@ -288,6 +317,7 @@ class Schema:
                 missing_values=tuple(missing),
                 drop_first=drop_first,
                 bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds_raw.items()},
+                labels={str(k): dict(v) for k, v in labels_raw.items()},
             )
         except SchemaError as exc:
             raise SchemaError(f"{source}: {exc}") from None
@@ -316,10 +346,17 @@ class Schema:
             "numeric": {"columns": list(self.numeric)},
             "categorical": {k: list(v) for k, v in self.categorical.items()},
             "bounds": {k: list(v) for k, v in self.bounds.items()},
+            # Only when given: a schema without labels keeps the description (and hash) it had.
+            **({"labels": {k: dict(v) for k, v in self.labels.items()}} if self.labels else {}),
         }
         if self.ignore:  # absent when empty, so existing schemas describe (and hash) as before
             described["ignore"] = list(self.ignore)
         return described
+
+    def label(self, column: str, code: str) -> str:
+        """`code` with its meaning, e.g. ``0 (female)``; the bare code when none is given."""
+        meaning = self.labels.get(column, {}).get(code)
+        return code if meaning is None else f"{code} ({meaning})"
 
 
 def _str_list(value: object, where: str) -> list[str]:
