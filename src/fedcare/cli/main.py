@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -348,7 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedcare: interrupted.", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    """A warning as the command line prints it: one line, no source location."""
+    return f"fedcare: warning: {message}\n"
 
 
 def os_error_text(exc: OSError) -> str:

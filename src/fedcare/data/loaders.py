@@ -8,6 +8,7 @@ codes with -1 for missing, the target as 0/1 (NaN for missing).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -267,7 +268,18 @@ def find_site_files(data_dir: str | Path) -> list[Path]:
     directory = Path(data_dir)
     if not directory.is_dir():
         raise DataError(f"Data directory {directory} does not exist.")
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+    entries = sorted(directory.iterdir())
+    files = [p for p in entries if p.suffix.lower() in DATA_SUFFIXES]
+    # Files a user may take for data (an Excel export, a text file): named, so that a site
+    # saved in the wrong format is not silently left out of the federation.
+    unread = [p.name for p in entries if p.is_file() and not p.name.startswith(".")
+              and p.suffix.lower() not in (*DATA_SUFFIXES, ".toml")]  # .toml: a schema
+    if unread:
+        listed = ", ".join(unread[:10]) + (f" and {len(unread) - 10} more" if len(unread) > 10
+                                           else "")
+        warnings.warn(f"Data directory {directory}: not read, as only .csv and .parquet files "
+                      f"are data: {listed}. Save a site's data as CSV or Parquet to include it.",
+                      UserWarning, stacklevel=2)
     if not files:
         raise DataError(f"Data directory {directory} holds no .csv or .parquet file.")
     return files
