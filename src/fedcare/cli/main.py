@@ -227,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedcare.report.tables import results_table
 
     config = resolve_config(args)
+    with_baselines = config.baselines.wanted(private=config.privacy.level != "none")
     done = 0
     if args.resume:
         run_dir = Path(args.resume)
@@ -250,6 +251,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         bars[0].set_postfix(acc=f"{evaluation.pooled['accuracy']:.3f}",
                             auc=f"{evaluation.pooled['roc_auc']:.3f}")
         bars[0].update(1)
+        if report.round == config.federation.rounds and with_baselines and not args.quiet:
+            bars[0].close()
+            # The baselines train without a progress bar, for as long as the rounds took
+            # and more with many sites: say so, rather than sit silent.
+            sites = f"each of the {len(evaluation.sites)} sites" if evaluation.sites else \
+                "each site"
+            print(f"Rounds done; training the baselines: pooled, and {sites} alone "
+                  "(--no-baselines skips them)...", file=sys.stderr, flush=True)
 
     try:
         result = run_experiment(config, out=None if args.resume else run_dir,

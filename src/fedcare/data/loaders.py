@@ -22,6 +22,11 @@ from fedcare.errors import DataError, SchemaError
 
 DATA_SUFFIXES = (".csv", ".parquet", ".pq")
 
+MAX_MAGNITUDE = 1e15
+"""Largest absolute value a numeric cell may hold. No clinical measurement comes near it,
+and standardisation squares deviations before the model casts to float32 (max 3.4e38):
+1e308 would overflow into inf and silently ruin the run."""
+
 
 class MissingPolicy(StrEnum):
     """What to do with a missing feature value."""
@@ -130,7 +135,7 @@ def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: 
         parsed = filled.astype(np.float64)
     except ValueError:
         parsed = None
-    if parsed is not None and np.isfinite(parsed[~absent]).all():
+    if parsed is not None and (np.abs(parsed[~absent]) <= MAX_MAGNITUDE).all():
         return parsed
     for i, text in enumerate(filled):
         if absent[i]:
@@ -143,6 +148,11 @@ def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: 
         if not np.isfinite(number):
             raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
                               f"finite number, found {str(text)!r}.")
+        if abs(number) > MAX_MAGNITUDE:
+            raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
+                              f"number of magnitude at most {MAX_MAGNITUDE:.0e}, found "
+                              f"{str(text)!r} (a data-entry error? it would overflow "
+                              "standardisation and the model's 32-bit arithmetic).")
     raise AssertionError("unreachable: a column failed to parse but no cell was at fault")
 
 
