@@ -703,3 +703,13 @@ def test_keys_ignored_by_git_do_not_warn(capsys: pytest.CaptureFixture[str],
 def test_the_repository_ignores_keys_and_pki() -> None:
     ignored = (Path(__file__).parents[1] / ".gitignore").read_text(encoding="utf-8").split()
     assert {"keys/", "pki/"} <= set(ignored)
+
+
+def test_baselines_show_progress(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["run", "--dataset", "breast-cancer", "--sites", "6", "--partition", "iid",
+                 "--rounds", "1", "--out", str(tmp_path / "run")])
+
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "baselines (pooled, each site alone)" in err
+    assert "0/7 " in err  # the pooled model and each of the 6 sites alone

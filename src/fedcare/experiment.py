@@ -113,7 +113,8 @@ def train_centrally(model: FlatModel, x: torch.Tensor, y: torch.Tensor, config: 
 
 def run_experiment(config: RunConfig, out: str | Path | None = None,
                    on_round: Callable[[RoundReport, Evaluation], None] | None = None,
-                   resume: str | Path | None = None) -> RunResult:
+                   resume: str | Path | None = None,
+                   on_baseline: Callable[[int, int], None] | None = None) -> RunResult:
     """Run the configured federation and its baselines; write the run directory.
 
     Parameters
@@ -127,6 +128,10 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     resume : path, optional
         An interrupted run's directory: continue after its last checkpointed
         round, with its ledger (`config` should be that run's ``config.toml``).
+    on_baseline : callable, optional
+        Called as ``(done, total)`` before each baseline (pooled, then each site
+        alone) and once they are all trained, so that a federation of many sites
+        can show progress instead of sitting silent.
 
     If a round fails (for example the quorum is not met, or the privacy budget
     would be overspent), everything computed so far stays on disk: the metrics
@@ -228,11 +233,18 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}
     if baselines:
+        total = len(data.sites) + 1
+        if on_baseline is not None:
+            on_baseline(0, total)
         x, y = data.pooled_train()
         pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
         for i, site in enumerate(data.sites):
+            if on_baseline is not None:
+                on_baseline(i + 1, total)
             local = train_centrally(model, site.x_train, site.y_train, config, i + 1)
             local_baselines[site.name] = evaluate(model, local, data)
+        if on_baseline is not None:
+            on_baseline(total, total)
     summary.update(
         status="completed",
         elapsed_seconds=time.perf_counter() - started,

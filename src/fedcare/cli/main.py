@@ -227,7 +227,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedcare.report.tables import results_table
 
     config = resolve_config(args)
-    with_baselines = config.baselines.wanted(private=config.privacy.level != "none")
     done = 0
     if args.resume:
         run_dir = Path(args.resume)
@@ -251,18 +250,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         bars[0].set_postfix(acc=f"{evaluation.pooled['accuracy']:.3f}",
                             auc=f"{evaluation.pooled['roc_auc']:.3f}")
         bars[0].update(1)
-        if report.round == config.federation.rounds and with_baselines and not args.quiet:
-            bars[0].close()
-            # The baselines train without a progress bar, for as long as the rounds took
-            # and more with many sites: say so, rather than sit silent.
-            sites = f"each of the {len(evaluation.sites)} sites" if evaluation.sites else \
-                "each site"
-            print(f"Rounds done; training the baselines: pooled, and {sites} alone "
-                  "(--no-baselines skips them)...", file=sys.stderr, flush=True)
+
+    def baseline_progress(trained: int, total: int) -> None:
+        if trained == 0:
+            for bar in bars:
+                bar.close()  # the rounds are over
+            # Baselines train for as many epochs as the federation did, one site after
+            # another: minutes with many sites, so they get a bar of their own.
+            bars.insert(0, tqdm(total=total, desc="baselines (pooled, each site alone)",
+                                unit="model", disable=args.quiet, file=sys.stderr,
+                                leave=False))
+        else:
+            bars[0].update(1)
 
     try:
         result = run_experiment(config, out=None if args.resume else run_dir,
-                                on_round=progress, resume=args.resume)
+                                on_round=progress, resume=args.resume,
+                                on_baseline=baseline_progress)
     except KeyboardInterrupt:
         for bar in bars:
             bar.close()
