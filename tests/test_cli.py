@@ -713,3 +713,19 @@ def test_baselines_show_progress(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert code == 0
     assert "baselines (pooled, each site alone)" in err
     assert "0/7 " in err  # the pooled model and each of the 6 sites alone
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_error_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--rounds", "1", "--no-baselines", "--quiet", "--out", str(out)]) == 0
+    (out / "summary.json").unlink()  # as if stopped
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+
+    code = main(["run", "--resume", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"fedcare: error: {out / 'checkpoint.pt'} cannot be read")
+    assert len(err.strip().splitlines()) == 1

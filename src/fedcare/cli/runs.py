@@ -165,8 +165,11 @@ def _stopped_run(run_dir: Path) -> dict[str, Any]:
     if config.privacy.level != "none":
         facts["privacy_cell"] = f"{config.privacy.level} (target eps {config.privacy.epsilon:g})"
     if (run_dir / CHECKPOINT_FILE).exists():
-        facts["rounds_completed"] = f"{int(load_checkpoint(run_dir)['round'])} of " \
-                                    f"{config.federation.rounds}"
+        try:
+            done: int | str = int(load_checkpoint(run_dir)["round"])
+        except DataError:
+            done = "?"  # a damaged checkpoint: --resume will say so
+        facts["rounds_completed"] = f"{done} of {config.federation.rounds}"
     return facts
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,13 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{run_dir} has no {CHECKPOINT_FILE}: no round of it completed, so "
                           "there is nothing to resume; start a new run.")
-    checkpoint: dict[str, Any] = torch.load(path, weights_only=True)
+    try:
+        checkpoint: dict[str, Any] = torch.load(path, weights_only=True)
+        int(checkpoint["round"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError,
+            ValueError) as exc:
+        raise DataError(f"{path} cannot be read (damaged or not a fedcare checkpoint: "
+                        f"{type(exc).__name__}); the run cannot be resumed from it.") from None
     return checkpoint
 
 
