@@ -499,14 +499,13 @@ def interrupt_after_round(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
 
     real = fedcare.experiment.run_experiment
 
-    def run_experiment(config: Any, out: Any = None, on_round: Any = None,
-                       resume: Any = None) -> Any:
+    def run_experiment(config: Any, *, on_round: Any, **kwargs: Any) -> Any:
         def on_round_then_ctrl_c(report: Any, evaluation: Any) -> None:
             on_round(report, evaluation)
             if report.round == after:
                 raise KeyboardInterrupt
 
-        return real(config, out=out, on_round=on_round_then_ctrl_c, resume=resume)
+        return real(config, on_round=on_round_then_ctrl_c, **kwargs)
 
     monkeypatch.setattr(fedcare.experiment, "run_experiment", run_experiment)
 
