@@ -728,3 +728,18 @@ def test_resume_from_a_damaged_checkpoint_is_one_error_line(
     assert code == 2
     assert err.startswith(f"fedcare: error: {out / 'checkpoint.pt'} cannot be read")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_many_sites_skip_the_single_site_baselines_with_a_note(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    code = main(["run", "--dataset", "synthetic", "--set", "data.n_patients=3000", "--sites",
+                 "60", "--partition", "iid", "--rounds", "1", "--quiet", "--out", str(out)])
+
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert table_rows(printed) == ["federated (fedavg)", "pooled (centralised)"]
+    assert "Baselines: Each-site-alone baselines skipped: 60 sites is more than 50" in printed
+    baselines = summary_of(out)["baselines"]
+    assert baselines["local"] == {} and baselines["pooled"]["pooled"]["accuracy"] > 0.5

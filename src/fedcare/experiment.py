@@ -51,6 +51,12 @@ from fedcare.seeding import BASELINE, INIT, torch_generator
 # sites only the pooled test set is evaluated every round (sites at the end).
 PER_SITE_EVAL_MAX_SITES = 50
 
+LOCAL_BASELINES_SKIPPED = (
+    "Each-site-alone baselines skipped: {n} sites is more than {most}, and each would be "
+    "trained and then evaluated on every site's test set (minutes to hours); the pooled "
+    "baseline is kept.")
+"""``summary.json`` ``baselines.local_note`` of a federation too large for single-site baselines."""
+
 
 @dataclass
 class RunResult:
@@ -233,12 +239,13 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
     pooled_baseline = None
     local_baselines: dict[str, Evaluation] = {}
     if baselines:
-        total = len(data.sites) + 1
+        local_sites = data.sites if per_site else []
+        total = len(local_sites) + 1
         if on_baseline is not None:
             on_baseline(0, total)
         x, y = data.pooled_train()
         pooled_baseline = evaluate(model, train_centrally(model, x, y, config, 0), data)
-        for i, site in enumerate(data.sites):
+        for i, site in enumerate(local_sites):
             if on_baseline is not None:
                 on_baseline(i + 1, total)
             local = train_centrally(model, site.x_train, site.y_train, config, i + 1)
@@ -254,6 +261,8 @@ def run_experiment(config: RunConfig, out: str | Path | None = None,
             **({"private": False, "note": BASELINES_NOT_PRIVATE} if private else {}),
             "pooled": pooled_baseline.to_dict(),
             "local": {k: v.to_dict() for k, v in local_baselines.items()},
+            **({} if per_site else {"local_note": LOCAL_BASELINES_SKIPPED.format(
+                n=len(data.sites), most=PER_SITE_EVAL_MAX_SITES)}),
         },
         config=config.to_dict(),
     )

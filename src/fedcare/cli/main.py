@@ -287,8 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if privacy:
         print("\nPrivacy: " + privacy["sentence"])
     baselines = result.summary.get("baselines") or {}
-    if baselines.get("note"):
-        print("\nBaselines: " + baselines["note"])
+    notes = [baselines[key] for key in ("note", "local_note") if baselines.get(key)]
+    if notes:
+        print("\nBaselines: " + " ".join(notes))
     files = sorted(p.name for p in result.run_dir.iterdir() if not p.name.endswith(".tmp"))
     print(f"\nRun directory: {result.run_dir}  ({', '.join(files)})")
     return 0
