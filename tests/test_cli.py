@@ -743,3 +743,13 @@ def test_many_sites_skip_the_single_site_baselines_with_a_note(
     assert "Baselines: Each-site-alone baselines skipped: 60 sites is more than 50" in printed
     baselines = summary_of(out)["baselines"]
     assert baselines["local"] == {} and baselines["pooled"]["pooled"]["accuracy"] > 0.5
+
+
+def test_serve_refuses_a_privacy_setting_without_privacy(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["serve", "--set", "privacy.clip_norm=0.5", "--sites", "a,b", "--insecure",
+                 "--run-dir", str(tmp_path / "run")])
+
+    assert code == 2
+    assert "privacy.clip_norm (--set) only applies to a private run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any process started

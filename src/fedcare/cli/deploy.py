@@ -68,7 +68,8 @@ def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "aggregator.crt/.key, NAME.crt per site; site keys are not needed)")
     serve.add_argument("--sites", required=True, metavar="A,B,C",
                        help="the federation's sites, in order (fixes their random streams)")
-    serve.add_argument("--run-dir", required=True, help="run directory (resumed if it holds "
+    serve.add_argument("--run-dir", required=True, metavar="RUN_DIR",
+                       help="run directory (resumed if it holds "
                        "a checkpoint)")
     serve.add_argument("--address", default="0.0.0.0:9092", metavar="HOST:PORT",
                        help="where the SuperLink listens (default 0.0.0.0:9092)")
