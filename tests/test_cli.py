@@ -520,7 +520,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
 
     err = capsys.readouterr().err
     assert code == 130
-    assert err == (f"fedcare: interrupted after round 1; rounds 1-1 are saved in {out}. "
+    assert err == (f"fedcare: interrupted after round 1; round 1 is saved in {out}. "
                    f"Continue with: fedcare run --resume {out}\n")
     metrics = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["round"] for line in metrics] == [1]  # nothing computed lost
@@ -753,3 +753,22 @@ def test_serve_refuses_a_privacy_setting_without_privacy(
     assert code == 2
     assert "privacy.clip_norm (--set) only applies to a private run" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any process started
+
+
+def test_ctrl_c_before_the_first_round_leaves_no_empty_run_directory(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedcare.experiment
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # while the data load
+
+    monkeypatch.setattr(fedcare.experiment, "run_experiment", interrupted)
+    out = tmp_path / "run"
+
+    code = main(["run", "--quiet", "--out", str(out)])
+
+    assert code == 130
+    assert capsys.readouterr().err == ("fedcare: interrupted before the first round completed; "
+                                       "nothing to resume.\n")
+    assert not out.exists()

@@ -301,9 +301,11 @@ def stopped_note(run_dir: Path) -> str:
 
     if not (run_dir / CHECKPOINT_FILE).exists():
         _forget_empty(run_dir)
-        return "fedcare: interrupted before the first round completed; nothing to resume."
+        left = f" (remove {run_dir} and start again)" if run_dir.exists() else ""
+        return f"fedcare: interrupted before the first round completed; nothing to resume{left}."
     done = int(load_checkpoint(run_dir)["round"])
-    return (f"fedcare: interrupted after round {done}; rounds 1-{done} are saved in {run_dir}. "
+    saved = "round 1 is" if done == 1 else f"rounds 1-{done} are"
+    return (f"fedcare: interrupted after round {done}; {saved} saved in {run_dir}. "
             f"Continue with: {RESUME_HINT.format(run_dir=run_dir)}")
 
 
