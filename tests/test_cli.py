@@ -772,3 +772,19 @@ def test_ctrl_c_before_the_first_round_leaves_no_empty_run_directory(
     assert capsys.readouterr().err == ("fedcare: interrupted before the first round completed; "
                                        "nothing to resume.\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["verify", "report"])
+def test_a_corrupt_summary_is_one_error_line_for_verify_and_report(
+        command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--rounds", "1", "--no-baselines", "--quiet", "--out", str(out)]) == 0
+    (out / "summary.json").write_text("{", encoding="utf-8")
+    capsys.readouterr()
+
+    code = main([command, str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"fedcare: error: {out / 'summary.json'} is not valid JSON")
+    assert len(err.strip().splitlines()) == 1

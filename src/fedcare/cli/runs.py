@@ -8,7 +8,6 @@ report.html and model card, ``runs`` lists runs with their headline numbers,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +85,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    read_summary(Path(args.run_dir))  # a damaged summary.json: one error line naming it
     try:
         page = write_report(args.run_dir)
     except FileNotFoundError as exc:
@@ -187,10 +187,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     log = run_dir / AUDIT_LOG_FILE
     if not log.is_file():
         raise FedcareError(f"{run_dir} holds no {AUDIT_LOG_FILE}; is it a fedcare run directory?")
-    recorded: dict[str, Any] = {}
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        recorded = json.loads(summary.read_text(encoding="utf-8")).get("audit_log") or {}
+    recorded: dict[str, Any] = (read_summary(run_dir) or {}).get("audit_log") or {}
     check = verify_audit_log(log, expected_entries=recorded.get("entries"),
                              expected_head=recorded.get("head"))
     if not check.ok:
