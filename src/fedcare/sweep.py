@@ -104,7 +104,8 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
     ------
     ConfigError
         A grid value the config refuses (checked for every cell before any run),
-        or `out` not empty.
+        a privacy setting on the grid or in `base` for a cell without
+        ``privacy.level`` (`RunConfig.check_settings`), or `out` not empty.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -119,11 +120,12 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
     configs = []
     for cell in cells:
         for seed in seeds:
-            config = RunConfig.from_dict(base.to_dict())
+            config = base.copy()
             config.baselines.enabled = False
             for key, value in cell.items():
                 config.set_value(key, value, source="--grid")
             config.seed = seed
+            config.check_settings()
             configs.append((cell, seed, config))
     out.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -32,9 +32,7 @@ def add_schema_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
                     "categorical columns, the target and its positive values, the columns to "
                     "ignore (identifiers, recorded after the outcome, mostly missing) and why, "
                     "missing-value tokens found, and suggested public bounds as comments. "
-                    "Vocabularies never hold a category seen in fewer than 5 rows.",
-        epilog="example: fedcare schema infer trial.csv --site-column hospital "
-               "--target outcome --out schema.toml")
+                    "Vocabularies never hold a category seen in fewer than 5 rows.")
     infer.add_argument("data", nargs="+", metavar="DATA",
                        help="CSV/Parquet files (one per site, or one with --site-column) or a "
                             "directory of them")

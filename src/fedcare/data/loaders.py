@@ -8,6 +8,7 @@ codes with -1 for missing, the target as 0/1 (NaN for missing).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +21,11 @@ from fedcare.data.tables import Table, locate, read_table
 from fedcare.errors import DataError, SchemaError
 
 DATA_SUFFIXES = (".csv", ".parquet", ".pq")
+
+MAX_MAGNITUDE = 1e15
+"""Largest absolute value a numeric cell may hold. No clinical measurement comes near it,
+and standardisation squares deviations before the model casts to float32 (max 3.4e38):
+1e308 would overflow into inf and silently ruin the run."""
 
 
 class MissingPolicy(StrEnum):
@@ -135,7 +141,7 @@ def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: 
         parsed = filled.astype(np.float64)
     except ValueError:
         parsed = None
-    if parsed is not None and np.isfinite(parsed[~absent]).all():
+    if parsed is not None and (np.abs(parsed[~absent]) <= MAX_MAGNITUDE).all():
         return parsed
     for i, text in enumerate(filled):
         if absent[i]:
@@ -148,6 +154,11 @@ def _parse_numbers(values: np.ndarray, absent: np.ndarray, table: Table, index: 
         if not np.isfinite(number):
             raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
                               f"finite number, found {str(text)!r}.")
+        if abs(number) > MAX_MAGNITUDE:
+            raise SchemaError(f"{table.where(int(index[i]))}, column {column!r}: expected a "
+                              f"number of magnitude at most {MAX_MAGNITUDE:.0e}, found "
+                              f"{str(text)!r} (a data-entry error? it would overflow "
+                              "standardisation and the model's 32-bit arithmetic).")
     raise AssertionError("unreachable: a column failed to parse but no cell was at fault")
 
 
@@ -351,7 +362,18 @@ def find_site_files(data_dir: str | Path) -> list[Path]:
                         f"or `fedcare run --data {directory}`.")
     if not directory.is_dir():
         raise DataError(f"Data directory {directory} does not exist.")
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+    entries = sorted(directory.iterdir())
+    files = [p for p in entries if p.suffix.lower() in DATA_SUFFIXES]
+    # Files a user may take for data (an Excel export, a text file): named, so that a site
+    # saved in the wrong format is not silently left out of the federation.
+    unread = [p.name for p in entries if p.is_file() and not p.name.startswith(".")
+              and p.suffix.lower() not in (*DATA_SUFFIXES, ".toml")]  # .toml: a schema
+    if unread:
+        listed = ", ".join(unread[:10]) + (f" and {len(unread) - 10} more" if len(unread) > 10
+                                           else "")
+        warnings.warn(f"Data directory {directory}: not read, as only .csv and .parquet files "
+                      f"are data: {listed}. Save a site's data as CSV or Parquet to include it.",
+                      UserWarning, stacklevel=2)
     if not files:
         raise DataError(f"Data directory {directory} holds no .csv or .parquet file.")
     return files
