@@ -262,3 +262,55 @@ def test_to_toml_round_trips_the_delete_character() -> None:
     config.name = "run\x7f1"
 
     assert RunConfig.from_dict(tomllib.loads(config.to_toml())).name == config.name
+
+
+# ----------------------------------------------------------------- settings that do nothing
+def test_privacy_keys_in_a_file_without_a_level_are_refused_naming_the_file(
+        tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text("[privacy]\nepsilon = 3.0\nclip_norm = 0.5\n", encoding="utf-8")
+    config = RunConfig.load(path)
+
+    with pytest.raises(ConfigError, match=r"privacy.epsilon \(.*job.toml\), privacy.clip_norm"):
+        config.check_settings()
+
+    config.set("privacy.level=record")
+    config.check_settings()  # the same keys in a private run are fine
+
+
+def test_a_runs_own_config_toml_passes_the_check() -> None:
+    # A non-private run's config.toml spells out every privacy default: not "given".
+    written = RunConfig.from_dict(tomllib.loads(RunConfig().to_toml()), source="config.toml")
+
+    written.check_settings()
+
+
+def test_a_default_value_given_on_the_command_line_still_counts() -> None:
+    config = RunConfig()
+    config.set_value("privacy.epsilon", 1.0, source="--epsilon")
+
+    with pytest.raises(ConfigError, match=r"privacy.epsilon \(--epsilon\).*--privacy record"):
+        config.check_settings()
+
+
+def test_distributed_noise_with_record_level_is_refused() -> None:
+    config = RunConfig()
+    config.set("privacy.level=record")
+    config.set("privacy.noise=distributed")
+
+    with pytest.raises(ConfigError, match="site-level privacy only"):
+        config.check_settings()
+
+    config.set("privacy.level=site")
+    config.check_settings()
+
+
+def test_copy_remembers_the_given_keys() -> None:
+    config = RunConfig()
+    config.set("privacy.delta=1e-6")
+
+    twin = config.copy()
+
+    assert twin.to_dict() == config.to_dict()
+    with pytest.raises(ConfigError, match=r"privacy\.delta"):
+        twin.check_settings()

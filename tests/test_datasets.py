@@ -159,7 +159,8 @@ def test_user_files_end_to_end(write_csv: WriteCsv, tmp_path: Path) -> None:
         rows = [f"{rng.normal(55, 8):.1f},{1 + i % 3},{i % 2}\n" for i in range(20)]
         write_csv(f"sites/{name}.csv", header + "".join(rows))
     schema = tmp_path / "schema.toml"
-    schema.write_text('target = "y"\npositive = ["1"]\n[numeric]\ncolumns = ["age"]\n'
+    schema.write_text('target = "y"\npositive = ["1"]\nnegative = ["0"]\n'
+                      '[numeric]\ncolumns = ["age"]\n'
                       '[categorical]\ncp = ["1", "2", "3"]\n', encoding="utf-8")
 
     data = build_federation(DataConfig(data_dir=str(tmp_path / "sites"), schema=str(schema)))

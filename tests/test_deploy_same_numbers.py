@@ -40,6 +40,7 @@ from fedcare.runtime.local import load_federation, scheme_sum
 SCHEMA_TOML = """\
 target = "outcome"
 positive = ["1"]
+negative = ["0"]
 
 [numeric]
 columns = ["age", "sbp", "creatinine"]

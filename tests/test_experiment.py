@@ -149,7 +149,8 @@ def test_summary_json_describes_the_run(completed: CompletedRun) -> None:
         assert summary["federated"]["sites"][name]["n"] == next(
             s.n_test for s in data.sites if s.name == name)
     assert set(summary["baselines"]) == {"pooled", "local"}
-    assert set(summary["baselines"]["pooled"]) == {"pooled", "sites"}
+    assert set(summary["baselines"]["pooled"]) == {"pooled", "sites", "threshold", "intervals",
+                                                   "chance"}  # issue 22: final evaluations
     assert set(summary["baselines"]["local"]) == set(HOSPITALS)
     assert summary["config"] == completed.config.to_dict()
     assert summary["elapsed_seconds"] > 0

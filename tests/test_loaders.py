@@ -23,7 +23,7 @@ from fedcare.errors import DataError, SchemaError
 WriteCsv = Callable[[str, str], Path]
 
 SCHEMA = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
-                positive=("1",))
+                positive=("1",), negative=("0",))
 HEADER = "age,chol,cp,y\n"
 
 
@@ -144,20 +144,7 @@ def test_non_number_in_numeric_target(write_csv: WriteCsv) -> None:
         load_one(path)
 
     assert_mentions(str(excinfo.value), str(path), "row 2 (line 3)", "column 'y'",
-                    "expected a number", "yes")
-
-
-@pytest.mark.parametrize("policy", [MissingPolicy.IMPUTE, MissingPolicy.FAIL])
-def test_missing_target_refused_unless_dropping(write_csv: WriteCsv,
-                                                policy: MissingPolicy) -> None:
-    path = write_csv("a.csv", HEADER + "63,233,1,1\n41,204,2,0\n50,210,3,\n")
-    site = load_one(path)
-
-    with pytest.raises(SchemaError) as excinfo:
-        apply_missing_policy(site, SCHEMA, policy)
-
-    assert_mentions(str(excinfo.value), str(path), "row 3 (line 4)", "column 'y' (target)",
-                    "value missing")
+                    "'yes' is neither positive ['1'] nor negative ['0']")
 
 
 def test_missing_target_row_dropped_under_drop(write_csv: WriteCsv) -> None:
@@ -284,7 +271,7 @@ def test_fail_policy_names_first_missing_cell(write_csv: WriteCsv) -> None:
                     "value missing", "'fail'")
 
 
-def test_fail_policy_names_first_missing_cell_before_a_later_missing_target(
+def test_fail_policy_names_a_missing_feature_not_a_dropped_missing_target(
         write_csv: WriteCsv) -> None:
     path = write_csv("a.csv", HEADER + "63,233,1,1\n41,204,,0\n50,210,3,\n")
     site = load_one(path)
@@ -314,11 +301,14 @@ def test_drop_policy_leaving_site_empty(write_csv: WriteCsv) -> None:
     with pytest.raises(DataError) as excinfo:
         apply_missing_policy(site, SCHEMA, MissingPolicy.DROP)
 
-    assert_mentions(str(excinfo.value), str(path), "site 'sparse'", "'drop'", "empty")
+    assert_mentions(str(excinfo.value), str(path), "site 'sparse'", "no row left",
+                    "all 3 were dropped", "0 with a missing outcome ('y')",
+                    "3 with a missing feature under missing = \"drop\"",
+                    "Use missing = \"impute\"")
 
 
 def test_line_numbers_count_physical_lines_after_multiline_field(write_csv: WriteCsv) -> None:
-    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("1",))
+    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("1",), negative=("0",))
     path = write_csv("notes.csv", 'note,age,y\n"two\nlines",63,1\nok,abc,0\n')
 
     with pytest.raises(SchemaError) as excinfo:
@@ -336,7 +326,7 @@ def test_line_numbers_count_physical_lines_after_multiline_field(write_csv: Writ
 def test_numeric_categories_match_whatever_their_spelling(
         write_csv: WriteCsv, vocabulary: tuple[str, ...], cells: tuple[str, str]) -> None:
     schema = Schema(numeric=("age",), categorical={"sex": vocabulary}, target="y",
-                    positive=("1",))
+                    positive=("1",), negative=("0",))
     path = write_csv("a.csv", f"age,sex,y\n63,{cells[0]},1\n41,{cells[1]},0\n")
 
     np.testing.assert_array_equal(load_one(path, schema).categorical[:, 0], [0, 1])
@@ -350,7 +340,7 @@ def test_target_written_as_float_matches_positive_value(write_csv: WriteCsv) -> 
 
 # ------------------------------------------------------------------ site column
 SITE_SCHEMA = Schema(numeric=("age",), categorical={"cp": ("1", "2")}, target="y",
-                     positive=("1",), site_column="hospital")
+                     positive=("1",), negative=("0",), site_column="hospital")
 
 
 def test_site_column_splits_in_first_appearance_order(write_csv: WriteCsv) -> None:

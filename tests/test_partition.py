@@ -171,3 +171,30 @@ def test_check_nonempty_lists_at_most_five_names() -> None:
 
 def test_check_nonempty_accepts_sites_with_rows() -> None:
     check_nonempty([np.array([0]), np.array([1, 2])], ["a", "b"], Partition.IID, alpha=0.5)
+
+
+def test_dirichlet_over_many_sites_leaves_no_site_empty() -> None:
+    # The README's example: alpha 0.5 over 1,000 sites of about 80,000 training rows.
+    labels = np.repeat([0, 1], [40_000, 40_000])
+    rng = np.random.default_rng(0)
+    proportions = site_proportions(Partition.DIRICHLET, 1000, 2, 0.5, rng)
+    # The draw rounds some sites to no row at all: the case this test is about.
+    assert ((proportions * 40_000).round().sum(axis=1) == 0).any()
+
+    parts = assign_rows(labels, proportions, rng)
+
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 1
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert sizes.max() > 50 * np.median(sizes) or sizes.std() > np.median(sizes)  # still skewed
+
+
+def test_fewer_rows_than_sites_still_leaves_sites_empty_for_check_nonempty() -> None:
+    labels = np.array([0, 1, 0])
+    proportions = site_proportions(Partition.IID, 5, 2, 0.5, np.random.default_rng(0))
+
+    parts = assign_rows(labels, proportions, np.random.default_rng(0))
+
+    assert sum(len(p) == 0 for p in parts) >= 2  # 3 rows cannot fill 5 sites
+    with pytest.raises(DataError, match="received no training rows"):
+        check_nonempty(parts, [f"s{i}" for i in range(5)], Partition.IID, 0.5)

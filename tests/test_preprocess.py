@@ -27,7 +27,7 @@ from fedcare.errors import ConfigError, DataError, SchemaError
 
 NAN = np.nan
 SCHEMA = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
-                positive=("1",))
+                positive=("1",), negative=("0",))
 
 
 def site_table(name: str, numeric: list[list[float]], categorical: list[list[int]],
@@ -235,7 +235,7 @@ def test_federated_mean_std_matches_numpy_on_pooled_rows() -> None:
 @pytest.mark.parametrize("drop_first", [False, True])
 def test_encoding_lays_out_inputs_as_the_schema_names_them(drop_first: bool) -> None:
     schema = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
-                    positive=("1",), drop_first=drop_first)
+                    positive=("1",), negative=("0",), drop_first=drop_first)
     train = site_table("a", [[50, 200], [60, 220], [70, 240]], [[0], [2], [1]], [1, 0, 1])
     test = site_table("a", [[55, 210]], [[-1]], [0])
 
@@ -254,7 +254,7 @@ def test_encoding_lays_out_inputs_as_the_schema_names_them(drop_first: bool) -> 
 
 # ------------------------------------------------------------------ private runs
 BOUNDED = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3")}, target="y",
-                 positive=("1",), bounds={"age": (20, 100), "chol": (100, 300)})
+                 positive=("1",), negative=("0",), bounds={"age": (20, 100), "chol": (100, 300)})
 
 
 def test_bounds_scale_to_unit_range_and_clip_outliers() -> None:
@@ -351,7 +351,8 @@ def test_one_changed_label_moves_no_other_patient_in_a_private_run(tmp_path: Pat
     rng = np.random.default_rng(0)
     ages, labels = rng.integers(30, 80, 300), rng.integers(0, 2, 300)
     schema = tmp_path / "schema.toml"
-    schema.write_text('target = "y"\npositive = ["1"]\n[numeric]\ncolumns = ["age"]\n'
+    schema.write_text('target = "y"\npositive = ["1"]\nnegative = ["0"]\n'
+                      '[numeric]\ncolumns = ["age"]\n'
                       "[categorical]\n[bounds]\nage = [0, 120]\n")
 
     def test_ages(flip: int | None, private: bool) -> list[tuple[int, float]]:

@@ -17,6 +17,7 @@ def base_raw() -> dict[str, Any]:
     return {
         "target": "y",
         "positive": ["1"],
+        "negative": ["0"],
         "numeric": {"columns": ["age", "chol"]},
         "categorical": {"cp": ["1", "2", "3"]},
     }
@@ -29,6 +30,7 @@ def test_toml_round_trip_preserves_every_field(tmp_path: Path) -> None:
                      "région": ("é", "ü")},
         target="num",
         positive=("1", "2"),
+        negative=("0",),
         site_column="hospital",
         missing_values=("", "?", "NA"),
         drop_first=True,
@@ -45,7 +47,8 @@ def test_toml_round_trip_preserves_every_field(tmp_path: Path) -> None:
 
 
 def test_toml_round_trip_of_defaults_without_site_column(tmp_path: Path) -> None:
-    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("yes",))
+    schema = Schema(numeric=("age",), categorical={}, target="y", positive=("yes",),
+                    negative=("no",))
     path = tmp_path / "schema.toml"
     schema.save(path)
 
@@ -59,13 +62,14 @@ def test_toml_round_trip_of_defaults_without_site_column(tmp_path: Path) -> None
 
 def test_toml_numbers_in_vocabulary_are_read_as_their_text(tmp_path: Path) -> None:
     path = tmp_path / "schema.toml"
-    path.write_text('target = "y"\npositive = [1]\n[categorical]\ncp = [1, 2, 3]\n',
+    path.write_text('target = "y"\npositive = [1]\nnegative = [0]\n[categorical]\ncp = [1, 2, 3]\n',
                     encoding="utf-8")
 
     schema = Schema.load(path)
 
     assert schema.categorical == {"cp": ("1", "2", "3")}
     assert schema.positive == ("1",)
+    assert schema.negative == ("0",)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +177,7 @@ def test_from_dict_refuses_no_positive_value(positive: list[str] | None) -> None
 
 
 def test_from_dict_refuses_schema_without_features() -> None:
-    raw = {"target": "y", "positive": ["1"]}
+    raw = {"target": "y", "positive": ["1"], "negative": ["0"]}
 
     with pytest.raises(SchemaError, match="no feature columns") as excinfo:
         Schema.from_dict(raw, source=SOURCE)
@@ -183,7 +187,7 @@ def test_from_dict_refuses_schema_without_features() -> None:
 
 def test_load_names_the_file_in_validation_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text('target = "y"\npositive = ["1"]\ncolour = "red"\n'
+    path.write_text('target = "y"\npositive = ["1"]\nnegative = ["0"]\ncolour = "red"\n'
                     '[numeric]\ncolumns = ["age"]\n', encoding="utf-8")
 
     with pytest.raises(SchemaError) as excinfo:
@@ -234,7 +238,7 @@ def test_from_dict_names_source_once(key: str) -> None:
 def test_encoded_feature_names_without_drop_first() -> None:
     schema = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3"),
                                                           "sex": ("f", "m")},
-                    target="y", positive=("1",))
+                    target="y", positive=("1",), negative=("0",))
 
     assert schema.encoded_feature_names() == ["age", "chol", "cp=1", "cp=2", "cp=3",
                                               "sex=f", "sex=m"]
@@ -245,7 +249,7 @@ def test_encoded_feature_names_without_drop_first() -> None:
 def test_encoded_feature_names_with_drop_first() -> None:
     schema = Schema(numeric=("age", "chol"), categorical={"cp": ("1", "2", "3"),
                                                           "sex": ("f", "m")},
-                    target="y", positive=("1",), drop_first=True)
+                    target="y", positive=("1",), negative=("0",), drop_first=True)
 
     assert schema.encoded_feature_names() == ["age", "chol", "cp=2", "cp=3", "sex=m"]
     assert schema.n_features == 5
@@ -253,14 +257,14 @@ def test_encoded_feature_names_with_drop_first() -> None:
 
 def test_required_columns_include_target_and_site_column() -> None:
     schema = Schema(numeric=("age",), categorical={"cp": ("1",)}, target="y",
-                    positive=("1",), site_column="hospital")
+                    positive=("1",), negative=("0",), site_column="hospital")
 
     assert schema.required_columns == ("age", "cp", "y", "hospital")
 
 
 def test_bounds_round_trip_through_toml(tmp_path: Path) -> None:
     schema = Schema(numeric=("age", "chol"), categorical={}, target="y", positive=("1",),
-                    bounds={"age": (18, 100)})
+                    negative=("0",), bounds={"age": (18, 100)})
     schema.save(tmp_path / "schema.toml")
     loaded = Schema.load(tmp_path / "schema.toml")
     assert loaded == schema
@@ -276,11 +280,76 @@ def test_bounds_round_trip_through_toml(tmp_path: Path) -> None:
 def test_bad_bounds_are_refused(bounds: dict[str, tuple[float, float]], message: str) -> None:
     with pytest.raises(SchemaError, match=message):
         Schema(numeric=("age",), categorical={"sex": ("m", "f")}, target="y", positive=("1",),
-               bounds=bounds)
+               negative=("0",), bounds=bounds)
 
 
 def test_bounds_table_must_hold_pairs_of_numbers() -> None:
-    raw = {"target": "y", "positive": ["1"], "numeric": {"columns": ["age"]},
-           "bounds": {"age": [18]}}
+    raw = {"target": "y", "positive": ["1"], "negative": ["0"],
+           "numeric": {"columns": ["age"]}, "bounds": {"age": [18]}}
     with pytest.raises(SchemaError, match=r"schema.toml: \[bounds\] must be a table"):
         Schema.from_dict(raw, source="schema.toml")
+
+
+def test_schema_without_negative_is_refused_saying_what_to_add(tmp_path: Path) -> None:
+    # A schema written before `negative` existed: every non-positive value used to be
+    # label 0, which is how a wrong positive list trained silently on one class.
+    path = tmp_path / "old.toml"
+    path.write_text('target = "num"\npositive = ["1", "2"]\n[numeric]\ncolumns = ["age"]\n',
+                    encoding="utf-8")
+
+    with pytest.raises(SchemaError) as excinfo:
+        Schema.load(path)
+
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: Schema gives no negative value for target 'num'")
+    assert "beside positive = ['1', '2'], such as negative = [\"0\"]" in message
+
+
+@pytest.mark.parametrize(("positive", "negative", "both"), [
+    (["1", "2"], ["0", "2"], "['2']"),
+    (["1"], ["1.0"], "['1']"),  # one value in two spellings
+], ids=["same-text", "same-number"])
+def test_a_value_both_positive_and_negative_is_refused(
+        positive: list[str], negative: list[str], both: str) -> None:
+    raw = {**base_raw(), "positive": positive, "negative": negative}
+
+    with pytest.raises(SchemaError) as excinfo:
+        Schema.from_dict(raw, source=SOURCE)
+
+    assert str(excinfo.value).startswith(f"{SOURCE}: Target 'y' lists {both} as both "
+                                         "positive and negative")
+
+
+def test_negative_values_round_trip_through_toml_and_dict(tmp_path: Path) -> None:
+    schema = Schema.from_dict({**base_raw(), "negative": ["0", "no"]}, source=SOURCE)
+    schema.save(tmp_path / "schema.toml")
+
+    assert 'negative = ["0", "no"]' in (tmp_path / "schema.toml").read_text(encoding="utf-8")
+    assert Schema.load(tmp_path / "schema.toml").negative == ("0", "no")
+    assert schema.to_dict()["negative"] == ["0", "no"]
+
+
+# ------------------------------------------------------------ labels (issue 22 point 5)
+def test_labels_round_trip_through_toml_and_name_codes(tmp_path: Path) -> None:
+    raw = base_raw() | {"labels": {"age": {"0": "newborn"}, "cp": {"1": "typical angina"},
+                                   "y": {"1": 'died "in hospital"'}}}
+    schema = Schema.from_dict(raw, SOURCE)
+    schema.save(tmp_path / "schema.toml")
+    assert "[labels.cp]\n1 = \"typical angina\"" in (tmp_path / "schema.toml").read_text()
+    assert Schema.load(tmp_path / "schema.toml") == schema
+    assert schema.label("cp", "1") == "1 (typical angina)" and schema.label("cp", "2") == "2"
+    assert schema.to_dict()["labels"]["y"] == {"1": 'died "in hospital"'}
+    assert "labels" not in Schema.from_dict(base_raw(), SOURCE).to_dict()  # none: no key
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ({"weight": {"0": "light"}}, "Labels are given for 'weight', which is neither a feature"),
+    ({"cp": {"9": "other"}}, r"Labels of column 'cp' name codes \['9'\] outside its "
+                             r"vocabulary \['1', '2', '3'\]"),
+    ({"cp": ["typical"]}, r"\[labels\] must hold one table per column"),
+    ({"cp": {"1": 1}}, r"\[labels\] must hold one table per column"),
+])
+def test_bad_labels_are_refused(labels: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaError, match=message) as caught:
+        Schema.from_dict(base_raw() | {"labels": labels}, SOURCE)
+    assert str(caught.value).startswith(SOURCE)

@@ -317,7 +317,8 @@ def test_a_sites_data_error_reaches_the_coordinator_as_its_category_only(
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     schema = tmp_path / "schema.toml"
-    schema.write_text('target = "outcome"\npositive = ["1"]\n[numeric]\ncolumns = ["age", '
+    schema.write_text('target = "outcome"\npositive = ["1"]\nnegative = ["0"]\n'
+                      '[numeric]\ncolumns = ["age", '
                       '"cholesterol"]\n[categorical]\n')
     data = tmp_path / "exports" / "va-2026.csv"
     data.parent.mkdir()

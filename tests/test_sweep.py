@@ -64,3 +64,21 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path,
     assert "federation.min_sites is 9" in sweep["runs"][1]["error"]
     assert "| 9 | 0 | 1 | - | - |" in capsys.readouterr().out
     assert main(["sweep", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_a_privacy_grid_without_a_privacy_level_is_refused_before_any_run(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"privacy.epsilon \(--grid\).*--privacy record"):
+        run_sweep(RunConfig(), [GridAxis.parse("epsilon=1,8")], [0], tmp_path / "sweep")
+
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_privacy_override_for_a_grid_without_a_level_is_refused(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["sweep", "--grid", "strategy=fedavg,fedadam", "--set", "privacy.epsilon=2",
+                 "--seeds", "0", "--out", str(tmp_path / "sweep")])
+
+    assert code == 2
+    assert "privacy.epsilon (--set)" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()

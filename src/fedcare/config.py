@@ -104,10 +104,16 @@ class FederationConfig:
 
 
 AUTO = "auto"
+"""The value of an on/off switch (a ``bool | str`` field) that lets the run decide."""
 
 PATH_KEYS = ("out", "data.data_dir", "data.files", "data.schema", "protection.keys")
 """Keys holding file or folder paths (`RunConfig.load` anchors them at the file's folder)."""
-"""The value of an on/off switch (a ``bool | str`` field) that lets the run decide."""
+
+PRIVACY_ONLY_KEYS = ("privacy.epsilon", "privacy.delta", "privacy.clip_norm",
+                     "privacy.noise_multiplier", "privacy.noise", "privacy.dropout_tolerance",
+                     "privacy.target_quantile", "privacy.site_epsilon")
+"""Keys that change nothing unless ``privacy.level`` is ``record`` or ``site``: given
+without it they would leave the run non-private without a word (`RunConfig.check_settings`)."""
 
 
 @dataclass
@@ -194,9 +200,11 @@ class RunConfig:
     """Intra-op threads for torch. Batches of tabular models are too small to split
     across cores: one thread is fastest, and more threads spin against any other load."""
     out: str = "runs"
-    """Parent directory of run directories."""
+    """Parent directory of run directories: a run's directory is ``out/name``.
+    ``fedcare run --out PARENT/NAME`` sets both keys (and refuses a non-empty folder)."""
     name: str = ""
-    """Run directory name (default: <dataset>-<strategy>-<time>)."""
+    """Run directory name under ``out`` (default: <dataset>-<strategy>-<time>; a taken
+    name gets a -2, -3... suffix)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -204,10 +212,15 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
 
+    def __post_init__(self) -> None:
+        self._given: dict[str, str] = {}
+        """Keys set explicitly (by a file, ``--set`` or a flag) and where: `check_settings`."""
+
     # ------------------------------------------------------------ building
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> RunConfig:
         config = cls()
+        config._note_given(raw, source, file=True)
         _merge(config, raw, prefix="", source=source)
         return config
 
@@ -253,7 +266,58 @@ class RunConfig:
         for section in reversed(sections):
             nested = {section: nested}
         _anchor_paths(nested, Path.cwd())
+        self._note_given(nested, source, file=False)
         _merge(self, nested, prefix="", source=source)
+
+    def copy(self) -> RunConfig:
+        """An independent copy that remembers which keys were given (`check_settings`)."""
+        twin = type(self).from_dict(self.to_dict())
+        twin._given = dict(self._given)
+        return twin
+
+    def _note_given(self, raw: Mapping[str, Any], source: str, *, file: bool) -> None:
+        """Record the privacy-only keys `raw` sets (`check_settings`).
+
+        In a file, a value equal to the default is not counted: it changes nothing, and a
+        run directory's ``config.toml`` spells out every key, defaults included.
+        """
+        section = raw.get("privacy")
+        if not isinstance(section, Mapping):
+            return
+        defaults = PrivacyConfig()
+        for leaf, value in section.items():
+            key = f"privacy.{leaf}"
+            if key not in PRIVACY_ONLY_KEYS:
+                continue
+            if file and value == getattr(defaults, leaf, object()):
+                continue
+            self._given[key] = source
+
+    def check_settings(self) -> None:
+        """Refuse settings that would silently do nothing.
+
+        Raises
+        ------
+        ConfigError
+            A privacy setting (`PRIVACY_ONLY_KEYS`, e.g. ``privacy.epsilon``) given
+            while ``privacy.level = "none"``: the run would not be private at all.
+            ``privacy.noise = "distributed"`` with record-level privacy, where each
+            site already noises its own gradients and the setting is not used.
+        """
+        if self.privacy.level == "none":
+            given = [k for k in PRIVACY_ONLY_KEYS if k in self._given]
+            if given:
+                where = ", ".join(f"{k} ({self._given[k]})" for k in given)
+                raise ConfigError(
+                    f"{where} only applies to a private run, and privacy.level is \"none\": "
+                    "this run would not be private at all. Add --privacy record (each "
+                    "patient) or --privacy site (each hospital), i.e. privacy.level = "
+                    "\"record\" or \"site\"; or remove the setting.")
+        if self.privacy.level == "record" and self.privacy.noise == "distributed":
+            raise ConfigError(
+                "privacy.noise = \"distributed\" applies to site-level privacy only; with "
+                "privacy.level = \"record\" each site already adds the noise to its own "
+                "gradients (DP-SGD). Remove --noise, or use --privacy site.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,3 +39,5 @@ def torch_generator(seed: int, *keys: int) -> torch.Generator:
 # Stream names, so that two uses of one seed never share a stream. NOISE keys the
 # seeded DP noise of `privacy.secure = false`, which is for tests and NOT private.
 INIT, SAMPLING, LOCAL_TRAINING, BASELINE, NOISE = 1, 2, 3, 4, 5
+# BOOTSTRAP keys the resampling of a test set for the report's confidence intervals.
+BOOTSTRAP = 6

@@ -10,7 +10,8 @@ audit log) under one sweep directory, which also receives
 * ``sweep.md``: the cells as a table;
 * ``sweep.html``: the table and a plot of accuracy and ROC AUC against the
   first numeric grid key (``privacy.epsilon`` if it is one), one line per
-  combination of the other keys, error bars one standard deviation over seeds.
+  combination of the other keys, error bars one standard deviation over seeds
+  (a cell with one completed run shows "(1 seed)" and no bar: no spread is known).
 
 A run that fails (for example a budget that cannot fit) is recorded with its
 error and the sweep goes on.
@@ -103,7 +104,8 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
     ------
     ConfigError
         A grid value the config refuses (checked for every cell before any run),
-        or `out` not empty.
+        a privacy setting on the grid or in `base` for a cell without
+        ``privacy.level`` (`RunConfig.check_settings`), or `out` not empty.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -118,11 +120,12 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
     configs = []
     for cell in cells:
         for seed in seeds:
-            config = RunConfig.from_dict(base.to_dict())
+            config = base.copy()
             config.baselines.enabled = False
             for key, value in cell.items():
                 config.set_value(key, value, source="--grid")
             config.seed = seed
+            config.check_settings()
             configs.append((cell, seed, config))
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -161,8 +164,11 @@ def run_sweep(base: RunConfig, grid: Sequence[GridAxis], seeds: Sequence[int],
     return sweep
 
 
-def _cell_text(mean: float, std: float) -> str:
-    return "-" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+def _cell_text(mean: float, std: float, runs: int) -> str:
+    """Mean ± standard deviation over seeds; one run has no spread to show: "(1 seed)"."""
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f} (1 seed)" if runs < 2 else f"{mean:.3f} ± {std:.3f}"
 
 
 def sweep_markdown(sweep: Mapping[str, Any]) -> str:
@@ -172,9 +178,13 @@ def sweep_markdown(sweep: Mapping[str, Any]) -> str:
     for row in sweep["table"]:
         lines.append("| " + " | ".join(
             [*(str(row["settings"][k]) for k in keys), str(row["runs"]), str(row["failed"]),
-             _cell_text(row["accuracy_mean"], row["accuracy_std"]),
-             _cell_text(row["roc_auc_mean"], row["roc_auc_std"])]) + " |")
-    notes = [f"Mean ± standard deviation over seeds {sweep['seeds']}."]
+             _cell_text(row["accuracy_mean"], row["accuracy_std"], row["runs"]),
+             _cell_text(row["roc_auc_mean"], row["roc_auc_std"], row["runs"])]) + " |")
+    notes = [f"Mean ± standard deviation over seeds {sweep['seeds']}; a cell with one "
+             "completed run shows its value and \"(1 seed)\": one seed has no spread."
+             if len(sweep["seeds"]) > 1 else
+             f"One seed ({sweep['seeds'][0]}): no spread over seeds is shown; give more "
+             "(--seeds 0,1,2) to see how much the results move with the seed."]
     warning = seeded_warning(sweep)
     if warning:
         notes.append(warning)
@@ -215,10 +225,13 @@ def sweep_html(sweep: Mapping[str, Any]) -> str:
                 xs, ys = series.setdefault(label, ([], []))
                 xs.append(float(row["settings"][x_key]))
                 ys.append(row[f"{metric}_mean"])
-                errors.setdefault(label, []).append(row[f"{metric}_std"])
+                # One seed has no spread: no error bar (a bar of 0 would claim one).
+                errors.setdefault(label, []).append(row[f"{metric}_std"] if row["runs"] > 1
+                                                    else 0.0)
+            spread = ("mean ± 1 sd over seeds" if any(r["runs"] > 1 for r in sweep["table"])
+                      else "1 seed: no spread shown")
             charts.append(line_chart(series, errors=errors, title=f"{title} vs {x_key} "
-                                     "(mean ± 1 sd over seeds)", x_label=x_key,
-                                     y_label=title))
+                                     f"({spread})", x_label=x_key, y_label=title))
     table = sweep_markdown(sweep)
     rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
     html_rows = "".join("<tr>" + "".join(f"<td>{escape(c.strip())}</td>" for c in row)

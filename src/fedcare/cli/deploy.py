@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from fedcare.cli.keys import warn_if_in_git_work_tree
 from fedcare.errors import ConfigError, FedcareError
 from fedcare.privacy.policy import SitePolicy
 from fedcare.runtime.supervise import (
@@ -67,7 +68,8 @@ def add_deploy_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "aggregator.crt/.key, NAME.crt per site; site keys are not needed)")
     serve.add_argument("--sites", required=True, metavar="A,B,C",
                        help="the federation's sites, in order (fixes their random streams)")
-    serve.add_argument("--run-dir", required=True, help="run directory (resumed if it holds "
+    serve.add_argument("--run-dir", required=True, metavar="RUN_DIR",
+                       help="run directory (resumed if it holds "
                        "a checkpoint)")
     serve.add_argument("--address", default="0.0.0.0:9092", metavar="HOST:PORT",
                        help="where the SuperLink listens (default 0.0.0.0:9092)")
@@ -131,6 +133,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"Wrote {cert} and {key}: site {args.site}'s identity (the key to that site "
               "only, the certificate to the site and the coordinator). Add the site to "
               "`fedcare serve --sites`; no other party's files changed.")
+        warn_if_in_git_work_tree(args.certs_dir, "private keys (TLS)")
         return 0
     if not args.sites or args.site:
         raise ConfigError("usage: fedcare certs DIR --sites A,B,C (a new federation), or "
@@ -146,6 +149,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     for site, (cert, key) in files.sites.items():
         print(f"  {cert.name}, {key.name}  site {site}'s identity: the key to that site only, "
               f"the certificate to the site and the coordinator")
+    warn_if_in_git_work_tree(args.directory, "private keys (ca.key and the TLS keys)")
     return 0
 
 
@@ -174,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = RunConfig.load(args.config) if args.config else RunConfig()
     for assignment in args.overrides:
         config.set(assignment)
+    config.check_settings()
     sites = _names(args.sites)
     if args.insecure == bool(args.certs):
         raise ConfigError("fedcare serve needs --certs DIR (TLS and node authentication), or "

@@ -12,7 +12,9 @@ of a second to import).
 from __future__ import annotations
 
 import argparse
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +55,35 @@ def add_keys_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     fingerprint.set_defaults(handler=cmd_keys_fingerprint)
 
 
+def git_work_tree(path: Path) -> Path | None:
+    """The top of the git work tree holding `path` (a folder with ``.git``), or None."""
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def warn_if_in_git_work_tree(directory: str | Path, what: str) -> None:
+    """Warn on stderr when secret files were written inside a git work tree.
+
+    Silent when git itself says `directory` is ignored (``git check-ignore``): a
+    ``git add .`` would then not pick them up.
+    """
+    path = Path(directory)
+    top = git_work_tree(path)
+    if top is None:
+        return
+    git = shutil.which("git")
+    if git is not None:
+        ignored = subprocess.run([git, "-C", str(top), "check-ignore", "-q", str(path.resolve())],
+                                 capture_output=True, check=False)
+        if ignored.returncode == 0:
+            return
+    print(f"warning: {path} holds {what} and is inside the git work tree {top}, not ignored: "
+          f"one `git add` publishes them. Add {path.name}/ to {top / '.gitignore'}, or write "
+          "them outside the repository.", file=sys.stderr)
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     """Write a key set to ``args.directory``; print the files, their modes and the fingerprint."""
     from fedcare.protection.ckks import CkksParameters, generate_keys
@@ -72,6 +103,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
               f"{role}")
     print(f"Fingerprint (SHA-256 of {files.aggregator.name}): {files.fingerprint}")
     print("Each party checks its copy with: fedcare keys fingerprint FILE")
+    warn_if_in_git_work_tree(args.directory, "the federation's secret CKKS key (site.ckks)")
     return 0
 
 

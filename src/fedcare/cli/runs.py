@@ -8,16 +8,17 @@ report.html and model card, ``runs`` lists runs with their headline numbers,
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedcare.config import RunConfig
-from fedcare.errors import FedcareError
+from fedcare.errors import DataError, FedcareError
 from fedcare.evaluation import SITE_MEAN_AUC
 from fedcare.report.auditlog import AUDIT_LOG_FILE
 from fedcare.report.auditlog import verify as verify_audit_log
 from fedcare.report.html import MODEL_CARD_FILE, site_mean_auc, write_report
+from fedcare.report.rundir import CHECKPOINT_FILE, load_checkpoint, read_summary
 from fedcare.sweep import ALIASES, GridAxis, run_sweep, sweep_markdown
 
 
@@ -84,6 +85,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    read_summary(Path(args.run_dir))  # a damaged summary.json: one error line naming it
     try:
         page = write_report(args.run_dir)
     except FileNotFoundError as exc:
@@ -98,8 +100,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
         raise FedcareError(f"{parent} is not a directory of runs.")
     rows = []
     site_means = False
-    for summary_file in sorted(parent.glob("*/summary.json")):
-        s = json.loads(summary_file.read_text(encoding="utf-8"))
+    skipped: list[str] = []
+    resumable: list[Path] = []
+    found = {p.parent for name in ("summary.json", "config.toml") for p in parent.glob(f"*/{name}")}
+    for run_dir in sorted(found):
+        try:
+            s = read_summary(run_dir)
+        except DataError as exc:
+            skipped.append(f"{exc} Skipped.")
+            continue
+        if s is None:
+            s = _stopped_run(run_dir)
         pooled = (s.get("federated") or {}).get("pooled") or {}
         privacy = s.get("privacy")
         accuracy, auc = (f"{pooled[m]:.3f}" if pooled.get(m) is not None else "-"
@@ -107,11 +118,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if site_mean_auc(pooled) and auc != "-":
             auc += " (site mean)"
             site_means = True
-        rows.append((summary_file.parent.name, s.get("status", "?"), s.get("dataset", "?"),
-                     s.get("strategy", "?"), (s.get("protection") or {}).get("scheme", "plain"),
-                     _privacy_cell(privacy), str(s.get("rounds_completed", "?")) + (
+        status = str(s.get("status", "?"))
+        if status != "completed" and (run_dir / CHECKPOINT_FILE).exists():
+            resumable.append(run_dir)
+        rows.append((run_dir.name, status, str(s.get("dataset", "?")), str(s.get("strategy", "?")),
+                     (s.get("protection") or {}).get("scheme", "plain"),
+                     s.get("privacy_cell") or _privacy_cell(privacy),
+                     str(s.get("rounds_completed", "?")) + (
                          f" ({len(s['short_rounds'])} short)" if s.get("short_rounds") else ""),
                      accuracy, auc))
+    for note in skipped:
+        print(f"note: {note}", file=sys.stderr)
     if not rows:
         print(f"No runs under {parent}.")
         return 0
@@ -125,7 +142,35 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if any("short)" in row[6] for row in rows):
         print("short: rounds in which a selected site sent no update (summary.json "
               "short_rounds).")
+    if any(row[1] == STOPPED for row in rows):
+        print(f"{STOPPED}: no summary.json: stopped (Ctrl-C, a crash) or still running.")
+    for run_dir in resumable:
+        print(f"resume: fedcare run --resume {run_dir}")
     return 0
+
+
+STOPPED = "stopped"
+"""`fedcare runs`' status of a run directory without summary.json."""
+
+
+def _stopped_run(run_dir: Path) -> dict[str, Any]:
+    """What a run directory without ``summary.json`` says of itself: its config and rounds."""
+    facts: dict[str, Any] = {"status": STOPPED, "rounds_completed": 0}
+    try:
+        config = RunConfig.load(run_dir / "config.toml")
+    except FedcareError:
+        return facts
+    facts.update(dataset=config.data.dataset_name, strategy=config.federation.strategy,
+                 protection={"scheme": config.protection.scheme})
+    if config.privacy.level != "none":
+        facts["privacy_cell"] = f"{config.privacy.level} (target eps {config.privacy.epsilon:g})"
+    if (run_dir / CHECKPOINT_FILE).exists():
+        try:
+            done: int | str = int(load_checkpoint(run_dir)["round"])
+        except DataError:
+            done = "?"  # a damaged checkpoint: --resume will say so
+        facts["rounds_completed"] = f"{done} of {config.federation.rounds}"
+    return facts
 
 
 def _privacy_cell(privacy: dict[str, Any] | None) -> str:
@@ -142,10 +187,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     log = run_dir / AUDIT_LOG_FILE
     if not log.is_file():
         raise FedcareError(f"{run_dir} holds no {AUDIT_LOG_FILE}; is it a fedcare run directory?")
-    recorded: dict[str, Any] = {}
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        recorded = json.loads(summary.read_text(encoding="utf-8")).get("audit_log") or {}
+    recorded: dict[str, Any] = (read_summary(run_dir) or {}).get("audit_log") or {}
     check = verify_audit_log(log, expected_entries=recorded.get("entries"),
                              expected_head=recorded.get("head"))
     if not check.ok:

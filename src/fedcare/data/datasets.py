@@ -7,8 +7,9 @@ natural (real hospitals) or one cohort to be partitioned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TypeVar
@@ -18,8 +19,9 @@ import numpy as np
 from fedcare.config import DataConfig
 from fedcare.data.loaders import (
     MissingPolicy,
+    RowAccount,
     SiteTable,
-    apply_missing_policy,
+    drop_missing,
     find_site_files,
     load_sites,
     parse_table,
@@ -52,6 +54,9 @@ class Source:
     description: str
     default_test_fraction: float
     default_sites: int = 1
+    accounts: list[RowAccount] = field(default_factory=list)
+    """Per source table (a natural site, or the one cohort of a partitioned data set):
+    rows read, dropped and why, used."""
 
 
 # ---------------------------------------------------------------- heart disease
@@ -71,12 +76,24 @@ HEART_SCHEMA = Schema(
     categorical={"cp": ("1", "2", "3", "4"), "restecg": ("0", "1", "2")},
     target="num",
     positive=("1", "2", "3", "4"),
+    negative=("0",),
     drop_first=True,
     # Clinical plausibility ranges, written without looking at the data, for
     # private runs (data.standardize = "bounds"). chol starts at 0 because the
     # Swiss file codes an unmeasured cholesterol as 0 (UCI documentation).
     bounds={"age": (18, 100), "sex": (0, 1), "trestbps": (80, 200), "chol": (0, 600),
             "fbs": (0, 1), "thalach": (60, 220), "exang": (0, 1), "oldpeak": (-3, 7)},
+    # The codebook (UCI heart-disease.names, attribute documentation; bundled README).
+    labels={"sex": {"0": "female", "1": "male"},
+            "cp": {"1": "typical angina", "2": "atypical angina", "3": "non-anginal pain",
+                   "4": "asymptomatic"},
+            "fbs": {"0": "fasting blood sugar <= 120 mg/dl",
+                    "1": "fasting blood sugar > 120 mg/dl"},
+            "restecg": {"0": "normal", "1": "ST-T wave abnormality",
+                        "2": "left ventricular hypertrophy"},
+            "exang": {"0": "no exercise-induced angina", "1": "exercise-induced angina"},
+            "num": {"0": "no disease: < 50% diameter narrowing",
+                    **{v: "disease: > 50% diameter narrowing" for v in "1234"}}},
 )
 HEART_PROTOCOLS = {
     "flamby": MissingPolicy.DROP,  # FLamby drops rows with a missing value: 740 of 920 rows
@@ -97,14 +114,22 @@ def heart_disease(config: DataConfig) -> Source:
         table = read_table(bundled_path("heart_disease", f"processed.{name}.data"),
                            header=HEART_COLUMNS)
         tables.append(parse_table(table, HEART_SCHEMA, name))
+    kept, accounts = _drop_missing(tables, HEART_SCHEMA, HEART_PROTOCOLS[config.protocol])
     return Source(
         schema=HEART_SCHEMA,
-        tables=[apply_missing_policy(t, HEART_SCHEMA, HEART_PROTOCOLS[config.protocol])
-                for t in tables],
+        tables=kept,
         natural_sites=True,
         description=f"UCI Heart Disease, 4 hospitals, protocol {config.protocol}",
         default_test_fraction=0.34,
+        accounts=accounts,
     )
+
+
+def _drop_missing(tables: Sequence[SiteTable], schema: Schema,
+                  policy: MissingPolicy) -> tuple[list[SiteTable], list[RowAccount]]:
+    """`drop_missing` on every table: the kept tables and their row accounts."""
+    pairs = [drop_missing(t, schema, policy) for t in tables]
+    return [t for t, _ in pairs], [a for _, a in pairs]
 
 
 # ---------------------------------------------------------------- breast cancer
@@ -129,12 +154,14 @@ def breast_cancer(config: DataConfig) -> Source:
     # scikit-learn codes 0 = malignant; the clinically positive class is malignant.
     target = (bunch.target == 0).astype(np.float64)
     schema = Schema(numeric=names, categorical={}, target="malignant", positive=("1",),
+                    negative=("0",),
                     bounds=dict(zip(names, BREAST_CANCER_RANGES, strict=True)))
     table = _array_table("breast-cancer", "scikit-learn load_breast_cancer",
                          bunch.data.astype(np.float64), target)
     return Source(schema, [table], natural_sites=False,
                   description="Wisconsin Diagnostic Breast Cancer (scikit-learn copy)",
-                  default_test_fraction=0.2, default_sites=10)
+                  default_test_fraction=0.2, default_sites=10,
+                  accounts=[RowAccount(table.name, len(table))])
 
 
 # ---------------------------------------------------------------- synthetic cohort
@@ -164,11 +191,13 @@ def synthetic(config: DataConfig) -> Source:
     # The generator's features have standard deviation about 1.1 (see above):
     # +-4 holds all but a few in 10^4 values, known from the code, not the data.
     schema = Schema(numeric=names, categorical={}, target="outcome", positive=("1",),
+                    negative=("0",),
                     bounds=dict.fromkeys(names, (-4.0, 4.0)))
     table = _array_table("synthetic", f"generated cohort (seed {config.split_seed})", x, y)
     return Source(schema, [table], natural_sites=False,
                   description=f"generated cohort of {config.n_patients} patients",
-                  default_test_fraction=0.2, default_sites=100)
+                  default_test_fraction=0.2, default_sites=100,
+                  accounts=[RowAccount(table.name, len(table))])
 
 
 def _array_table(name: str, source: str, x: np.ndarray, y: np.ndarray) -> SiteTable:
@@ -192,10 +221,10 @@ def user_files(config: DataConfig) -> Source:
         raise ConfigError("dataset = \"files\" needs data.data_dir (one file per site) or "
                           "data.files.")
     policy = _enum(MissingPolicy, config.missing, "data.missing")
-    tables = [apply_missing_policy(t, schema, policy) for t in load_sites(paths, schema)]
+    tables, accounts = _drop_missing(load_sites(paths, schema), schema, policy)
     return Source(schema, tables, natural_sites=True,
                   description=f"{len(tables)} sites from {config.data_dir or 'files'}",
-                  default_test_fraction=0.2)
+                  default_test_fraction=0.2, accounts=accounts)
 
 
 DATASETS: dict[str, Callable[[DataConfig], Source]] = {
@@ -245,6 +274,8 @@ class SplitSites:
     splits: list[tuple[SiteTable, SiteTable]]
     description: str
     standardize: Standardize
+    accounts: list[RowAccount] = field(default_factory=list)
+    """Per source table: rows read, dropped and why, used (`Source.accounts`)."""
 
     @property
     def names(self) -> list[str]:
@@ -263,10 +294,57 @@ def build_federation(config: DataConfig, sum_vectors: SumVectors | None = None, 
     `fedcare.runtime.local.protected_sum`).
     """
     split = split_sites(config, private=private)
+    check_both_classes(split.splits, split.schema)
     sites, standardization = standardize_sites(split.splits, split.schema, split.standardize,
                                                sum_vectors)
     return FederatedData(split.schema, split.schema.encoded_feature_names(), sites,
-                         split.description, standardization)
+                         split.description, standardization, split.accounts)
+
+
+class OneClassSiteWarning(UserWarning):
+    """A site's rows hold one class of the outcome only (`warn_one_class_sites`)."""
+
+
+def warn_one_class_sites(tables: Sequence[SiteTable], schema: Schema) -> None:
+    """Warn, naming them, about sites whose rows all have the same outcome.
+
+    Such a site can still help the federation, but it pulls the model towards
+    its one class, cannot be evaluated alone (no ROC AUC) and, more often than
+    not, means its file or the schema's positive/negative lists are wrong.
+    """
+    for table in tables:
+        classes = np.unique(table.target)
+        if len(classes) == 1:
+            which = "positive" if classes[0] == 1 else "negative"
+            values = schema.positive if classes[0] == 1 else schema.negative
+            warnings.warn(
+                f"site {table.name!r} ({table.source}) holds one class only: every one of its "
+                f"{len(table)} rows has a {which} {schema.target!r} ({which} = {list(values)}). "
+                "Check its file and the schema's positive/negative lists; its own test "
+                "metrics such as ROC AUC are undefined.", OneClassSiteWarning, stacklevel=2)
+
+
+def check_both_classes(splits: Sequence[tuple[SiteTable, SiteTable]], schema: Schema) -> None:
+    """Refuse a federation whose rows, or whose training rows, hold one class only.
+
+    A model trained on one class predicts it for everyone and scores the
+    prevalence as its accuracy (1.000 when the test rows share the class): a
+    wrong schema, not a result.
+    """
+    lists = f"positive = {list(schema.positive)}, negative = {list(schema.negative)}"
+    for what, tables in (("rows", [t for pair in splits for t in pair]),
+                         ("training rows", [train for train, _ in splits])):
+        labels = np.concatenate([t.target for t in tables]) if tables else np.zeros(0)
+        classes = np.unique(labels)
+        if len(classes) >= 2:
+            continue
+        found = "no row" if len(classes) == 0 else (
+            f"every one of the {len(labels)} {what} across {len(splits)} site(s) has a "
+            f"{'positive' if classes[0] == 1 else 'negative'} {schema.target!r}")
+        raise DataError(
+            f"The training data hold one class of the outcome only: {found} ({lists}). A model "
+            "needs both classes to learn; check that the target column and the schema's "
+            "positive and negative lists match the data's values.")
 
 
 def split_sites(config: DataConfig, *, private: bool = False) -> SplitSites:
@@ -316,6 +394,9 @@ def split_sites(config: DataConfig, *, private: bool = False) -> SplitSites:
             raise ConfigError("data.sites sets the number of simulated sites; with the natural "
                               "partition the data decide it. Remove data.sites or choose another "
                               "partition.")
+        # Partitioned cohorts are not warned about: one-class simulated sites are what a
+        # label-skew partition asks for.
+        warn_one_class_sites(source.tables, source.schema)
         splits = []
         for table in source.tables:
             train, test = split(table, site_rng(config.split_seed, table.name))
@@ -343,7 +424,7 @@ def split_sites(config: DataConfig, *, private: bool = False) -> SplitSites:
     if partition is not Partition.NATURAL:
         description += f", {len(splits)} sites ({partition.value} partition)"
     return SplitSites(source.schema, impute_sites(splits, source.schema, private=private),
-                      description, standardize)
+                      description, standardize, source.accounts)
 
 
 def _concat(tables: list[SiteTable], dataset: str) -> SiteTable:

@@ -48,16 +48,38 @@ def assign_rows(labels: np.ndarray, proportions: np.ndarray,
 
     Counts use largest-remainder rounding, so shares are as close to the
     proportions as whole rows allow and every row goes to exactly one site.
+    A site whose shares round to no row at all (a skewed Dirichlet draw over
+    many sites: alpha 0.5 over 1,000 sites leaves a few) gets one row from the
+    largest site, if there are rows enough for every site (`_fill_empty_sites`).
     """
     n_sites = proportions.shape[0]
-    parts: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
+    shuffled: list[np.ndarray] = []
+    counts = np.zeros((n_sites, proportions.shape[1]), dtype=np.int64)
     for k in range(proportions.shape[1]):
         rows = np.flatnonzero(labels == k)
         rng.shuffle(rows)
-        counts = _largest_remainder(proportions[:, k], len(rows), rng)
-        for site, chunk in enumerate(np.split(rows, np.cumsum(counts)[:-1])):
+        shuffled.append(rows)
+        counts[:, k] = _largest_remainder(proportions[:, k], len(rows), rng)
+    if len(labels) >= n_sites:
+        _fill_empty_sites(counts)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
+    for k, rows in enumerate(shuffled):
+        for site, chunk in enumerate(np.split(rows, np.cumsum(counts[:, k])[:-1])):
             parts[site].append(chunk)
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _fill_empty_sites(counts: np.ndarray) -> None:
+    """Give each site without rows one row of the largest site's largest class, in place.
+
+    Deterministic (no draw), and it moves at most one row per empty site, so the
+    partition keeps its skew; the rows themselves stay those of a random shuffle.
+    """
+    for site in np.flatnonzero(counts.sum(axis=1) == 0):
+        donor = int(np.argmax(counts.sum(axis=1)))
+        k = int(np.argmax(counts[donor]))
+        counts[donor, k] -= 1
+        counts[site, k] += 1
 
 
 def _largest_remainder(shares: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:

@@ -137,7 +137,7 @@ def impute(train: SiteTable, others: Sequence[SiteTable], schema: Schema, *,
     the vocabulary's first category.
     """
     if public:
-        low, high = schema.numeric_bounds("Imputing without reading the data (a private run)")
+        low, high = schema.numeric_bounds('A private run (privacy.level = "record" or "site")')
         return _fill(train, others, (low + high) / 2,
                      np.zeros(len(schema.categorical), dtype=np.int64))
     for j, column in enumerate(schema.numeric):

@@ -9,9 +9,11 @@ A schema lives in a small TOML file next to the data::
 
     target = "num"
     positive = ["1", "2", "3", "4"]
+    negative = ["0"]
     site_column = "hospital"        # optional: one file holding every site
     missing_values = ["", "?", "NA"]
     drop_first = false              # one-hot: drop each column's first category
+    ignore = ["patient_id"]         # optional: columns in the files that are not features
 
     [numeric]
     columns = ["age", "chol"]
@@ -22,6 +24,10 @@ A schema lives in a small TOML file next to the data::
     [bounds]                        # optional: public ranges of numeric columns
     age = [18, 100]
     chol = [100, 600]
+
+    [labels.sex]                    # optional: what a code means, for reports
+    0 = "female"
+    1 = "male"
 
 Everything in a schema is shared by every site and, with differential
 privacy, treated as public: write vocabularies and bounds from clinical
@@ -62,10 +68,26 @@ class Schema:
     target : str
         The binary outcome column.
     positive : sequence of str
-        Values of `target` that count as the positive class (label 1); every
-        other non-missing value is label 0.
+        Values of `target` that count as the positive class (label 1).
+    negative : sequence of str
+        Values of `target` that count as the negative class (label 0); disjoint
+        from `positive`. A target value in neither list is an error naming the
+        file, row and value (`fedcare.data.loaders.parse_table`).
+
+        Required, also of schemas written before it existed (they are refused
+        with a message saying what to add). Reading "every value not positive
+        is negative" was how ``positive = ["yes"]`` on 0/1 data, or a 3-class
+        outcome with ``positive = ["1"]``, trained without a word and reported
+        accuracy 1.000. Inferring the negative value from the data (allowed
+        when they hold exactly two values) would not close that: a deployed
+        site reads only its own file, and two sites could each see two values
+        and disagree on the third. One explicit line closes it everywhere.
     site_column : str or None
         Column naming the site of each row, when one file holds every site.
+    ignore : sequence of str
+        Columns of the files that are deliberately not used (identifiers,
+        values recorded after the outcome...): never read, and not required
+        in every file.
     missing_values : sequence of str
         Cell contents read as "missing".
     drop_first : bool
@@ -73,16 +95,23 @@ class Schema:
     bounds : mapping of str to (float, float)
         Public plausible range (low, high) of numeric columns, for
         standardisation that depends on no data (private runs).
+    labels : mapping of str to mapping of str to str
+        What codes mean, per column (``{"sex": {"0": "female", "1": "male"}}``),
+        as the report and model card show them; codes of a categorical column
+        must be in its vocabulary.
     """
 
     numeric: tuple[str, ...]
     categorical: Mapping[str, tuple[str, ...]]
     target: str
     positive: tuple[str, ...]
+    negative: tuple[str, ...] = ()  # () is refused: the default is there for that message
     site_column: str | None = None
+    ignore: tuple[str, ...] = ()
     missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
     drop_first: bool = False
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,10 +120,13 @@ class Schema:
             self, "categorical", {k: tuple(v) for k, v in self.categorical.items()}
         )
         object.__setattr__(self, "positive", tuple(self.positive))
+        object.__setattr__(self, "negative", tuple(self.negative))
         object.__setattr__(self, "missing_values", tuple(self.missing_values))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
         features = (*self.numeric, *self.categorical)
         seen: set[str] = set()
-        for name in (*features, self.target, *([self.site_column] if self.site_column else [])):
+        site = [self.site_column] if self.site_column else []
+        for name in (*features, self.target, *site, *self.ignore):
             if name in seen:
                 raise SchemaError(f"Schema names column {name!r} twice; each column has one role.")
             seen.add(name)
@@ -104,6 +136,18 @@ class Schema:
         if not self.positive:
             raise SchemaError(f"Schema gives no positive value for target {self.target!r}; "
                               "expected a non-empty list such as positive = [\"1\"].")
+        if not self.negative:
+            raise SchemaError(
+                f"Schema gives no negative value for target {self.target!r}; add the list of "
+                f"values that count as label 0 beside positive = {list(self.positive)}, such "
+                "as negative = [\"0\"]. Every target value must be in one of the two lists, so "
+                "a third class or a wrong positive list is an error instead of silent "
+                "negative labels.")
+        both = sorted(_values_in_both(self.positive, self.negative))
+        if both:
+            raise SchemaError(f"Target {self.target!r} lists {both} as both positive and "
+                              f"negative (positive = {list(self.positive)}, negative = "
+                              f"{list(self.negative)}); each value has one class.")
         for name, vocabulary in self.categorical.items():
             if len(vocabulary) == 0:
                 raise SchemaError(f"Categorical column {name!r} has an empty vocabulary.")
@@ -121,6 +165,16 @@ class Schema:
                                   "finite numbers, low < high.")
             bounds[name] = (low, high)
         object.__setattr__(self, "bounds", bounds)
+        for name, codes in self.labels.items():
+            if name not in (*features, self.target):
+                raise SchemaError(f"Labels are given for {name!r}, which is neither a feature "
+                                  f"nor the target (features: {list(features)}).")
+            unknown = [c for c in codes if c not in self.categorical.get(name, codes)]
+            if unknown:
+                raise SchemaError(f"Labels of column {name!r} name codes {unknown} outside its "
+                                  f"vocabulary {list(self.categorical[name])}.")
+        object.__setattr__(self, "labels", {k: {str(c): str(t) for c, t in v.items()}
+                                            for k, v in self.labels.items()})
         object.__setattr__(self, "_order", features)
 
     @property
@@ -159,15 +213,28 @@ class Schema:
         return len(self.encoded_feature_names())
 
     # --------------------------------------------------------------- files
-    def to_toml(self, comments: Sequence[str] = ()) -> str:
-        """Render the schema as TOML; `comments` become leading ``#`` lines."""
+    def to_toml(self, comments: Sequence[str] = (),
+                ignore_reasons: Mapping[str, str] | None = None) -> str:
+        """Render the schema as TOML; `comments` become leading ``#`` lines.
+
+        `ignore_reasons` maps an ignored column to why it is ignored, written as
+        a comment beside it in the ``ignore`` list.
+        """
         out = [f"# {line}" for line in comments]
         out.append(f"target = {toml_str(self.target)}")
         out.append(f"positive = {_toml_list(self.positive)}")
+        out.append(f"negative = {_toml_list(self.negative)}")
         if self.site_column is not None:
             out.append(f"site_column = {toml_str(self.site_column)}")
         out.append(f"missing_values = {_toml_list(self.missing_values)}")
         out.append(f"drop_first = {'true' if self.drop_first else 'false'}")
+        if self.ignore:
+            reasons = ignore_reasons or {}
+            out.append("ignore = [")
+            for name in self.ignore:
+                why = " ".join(reasons.get(name, "").split())  # one line, whatever it holds
+                out.append(f"    {toml_str(name)},{f'  # {why}' if why else ''}")
+            out.append("]")
         out.append("")
         out.append("[numeric]")
         out.append(f"columns = {_toml_list(self.numeric)}")
@@ -178,6 +245,9 @@ class Schema:
             out.append("")
             out.append("[bounds]")
             out.extend(f"{_toml_key(k)} = {toml_value(list(v))}" for k, v in self.bounds.items())
+        for column, codes in self.labels.items():
+            out += ["", f"[labels.{_toml_key(column)}]"]
+            out.extend(f"{_toml_key(c)} = {toml_str(t)}" for c, t in codes.items())
         return "\n".join(out) + "\n"
 
     def save(self, path: str | Path, comments: Sequence[str] = ()) -> None:
@@ -187,8 +257,8 @@ class Schema:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "schema") -> Schema:
         """Build a schema from parsed TOML, naming `source` in every error."""
-        allowed = {"target", "positive", "site_column", "missing_values", "drop_first",
-                   "numeric", "categorical", "bounds"}
+        allowed = {"target", "positive", "negative", "site_column", "missing_values",
+                   "drop_first", "numeric", "categorical", "bounds", "ignore", "labels"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"{source}: unknown key(s) {unknown}; expected only "
@@ -223,19 +293,31 @@ class Schema:
                 for v in bounds_raw.values()):
             raise SchemaError(f"{source}: [bounds] must be a table of column = [low, high] "
                               f"(numbers); found {bounds_raw!r}.")
+        labels_raw = raw.get("labels", {})
+        if not isinstance(labels_raw, Mapping) or not all(
+                isinstance(v, Mapping) and all(isinstance(t, str) for t in v.values())
+                for v in labels_raw.values()):
+            raise SchemaError(f"{source}: [labels] must hold one table per column of code = "
+                              f"\"meaning\" (e.g. [labels.sex] 0 = \"female\"); found "
+                              f"{labels_raw!r}.")
         positive = _str_list(raw.get("positive", []), f"{source}: positive")
+        negative = _str_list(raw.get("negative", []), f"{source}: negative")
         missing = _str_list(raw.get("missing_values", list(DEFAULT_MISSING_VALUES)),
                             f"{source}: missing_values")
+        ignore = _str_list(raw.get("ignore", []), f"{source}: ignore")
         try:
             return cls(
                 numeric=tuple(numeric),
                 categorical=categorical,
                 target=target,
                 positive=tuple(positive),
+                negative=tuple(negative),
                 site_column=site_column,
+                ignore=tuple(ignore),
                 missing_values=tuple(missing),
                 drop_first=drop_first,
                 bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds_raw.items()},
+                labels={str(k): dict(v) for k, v in labels_raw.items()},
             )
         except SchemaError as exc:
             raise SchemaError(f"{source}: {exc}") from None
@@ -254,16 +336,27 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly description (for run directories and model files)."""
-        return {
+        described: dict[str, Any] = {
             "target": self.target,
             "positive": list(self.positive),
+            "negative": list(self.negative),
             "site_column": self.site_column,
             "missing_values": list(self.missing_values),
             "drop_first": self.drop_first,
             "numeric": {"columns": list(self.numeric)},
             "categorical": {k: list(v) for k, v in self.categorical.items()},
             "bounds": {k: list(v) for k, v in self.bounds.items()},
+            # Only when given: a schema without labels keeps the description (and hash) it had.
+            **({"labels": {k: dict(v) for k, v in self.labels.items()}} if self.labels else {}),
         }
+        if self.ignore:  # absent when empty, so existing schemas describe (and hash) as before
+            described["ignore"] = list(self.ignore)
+        return described
+
+    def label(self, column: str, code: str) -> str:
+        """`code` with its meaning, e.g. ``0 (female)``; the bare code when none is given."""
+        meaning = self.labels.get(column, {}).get(code)
+        return code if meaning is None else f"{code} ({meaning})"
 
 
 def _str_list(value: object, where: str) -> list[str]:
@@ -271,6 +364,18 @@ def _str_list(value: object, where: str) -> list[str]:
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
         raise SchemaError(f"{where} must be a list of strings; found {value!r}.")
     return [v if isinstance(v, str) else _number_text(v) for v in value]
+
+
+def _values_in_both(positive: Sequence[str], negative: Sequence[str]) -> set[str]:
+    # "1" and "1.0" are one target value (the loader matches numeric spellings).
+    def canonical(value: str) -> str:
+        try:
+            return repr(float(value))
+        except ValueError:
+            return value
+
+    negatives = {canonical(v) for v in negative}
+    return {v for v in positive if canonical(v) in negatives}
 
 
 def _number_text(value: int | float) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from fedcare.data.loaders import RowAccount
 from fedcare.data.schema import Schema
 
 
@@ -48,6 +49,10 @@ class FederatedData:
     description: str
     standardization: dict[str, dict[str, list[float]]]
     """Per site: ``mean`` and ``std`` of the numeric columns as applied before encoding."""
+    row_accounts: list[RowAccount] = field(default_factory=list)
+    """Per source table (a natural site, or a partitioned cohort): rows read, dropped and
+    why, used. What the data holder sees; published only where `fedcare.report.data_loss`
+    allows."""
 
     @property
     def n_features(self) -> int:

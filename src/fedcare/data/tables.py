@@ -64,6 +64,9 @@ def read_table(path: str | Path, header: Sequence[str] | None = None) -> Table:
         Column names for a CSV file that has no header line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"Data file {path} is a directory, not a file; give the files in it, "
+                        "or the directory as data.data_dir (--data-dir).")
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()

@@ -18,12 +18,21 @@ from typing import Any
 
 import torch
 
+from fedcare.data.infer import MAX_VOCABULARY
+from fedcare.evaluation import (
+    NO_ODDS_RATIO_INTERVALS,
+    THRESHOLD,
+    WALD_NOTE,
+    chance_reason,
+    odds_ratios,
+)
 from fedcare.privacy.accounting import GaussianEvent, epsilon, epsilon_for_plot
 from fedcare.privacy.ledger import LEDGER_FILE
 from fedcare.protection import WHO_SEES_WHAT
 from fedcare.report.auditlog import AUDIT_LOG_FILE, verify
+from fedcare.report.data_loss import loss_section
 from fedcare.report.rundir import CURVES_FILE
-from fedcare.report.svg import line_chart
+from fedcare.report.svg import bar_chart, colour_map, line_chart
 
 REPORT_FILE = "report.html"
 MODEL_CARD_FILE = "model_card.md"
@@ -33,6 +42,25 @@ PER_SITE_NOT_COVERED = ("Per-site metrics (each site's own test patients, and ho
                         "differential privacy guarantee.")
 MAX_SITE_LINES = 10
 """Per-site lines drawn in one chart; beyond, only the pooled line."""
+SMALL_SITE = 50
+"""Sites with fewer test patients than this are flagged: their metrics are unreliable."""
+SMALL_NOTE = "small: metrics unreliable"
+ONE_CLASS = "- (one class)"
+"""How a metric undefined on its test set shows (ROC AUC or balanced accuracy on one class)."""
+ONE_CLASS_NOTE = ("\"- (one class)\": that test set holds patients of one class only, so ROC "
+                  "AUC and balanced accuracy (which compare the two) are not defined; "
+                  "\"-\" alone: no test patients or not computed.")
+CHANCE = "NO BETTER THAN CHANCE"
+UNDEFINED_RATE_NOTE = ("\"-\": not defined, no patient in its denominator (PPV when no "
+                       "patient is called positive, NPV when none is called negative, "
+                       "sensitivity or specificity when the test set lacks that class); an "
+                       "interval shows \"-\" when no resample defines it.")
+TEST_SET_NOT_COVERED = ("Intervals, like the test metrics, are exact statistics of the "
+                        "held-out test patients, not covered by the differential privacy "
+                        "guarantee.")
+NO_INTERVALS_DEPLOYED = ("No intervals and no confusion matrix: in a deployment only sums "
+                         "over the sites' test patients reach the coordinator, and a "
+                         "bootstrap needs each test patient's prediction.")
 MAX_BUDGET_POINTS = 20
 """Rounds at which the budget chart computes the cumulative epsilon (each point of each
 party costs one accountant call: 0.04 s with PLD, 0.15 s with RDP)."""
@@ -54,6 +82,42 @@ def _fmt(value: object, digits: int = 3) -> str:
 def _metric(metrics: Mapping[str, Any] | None, name: str) -> float:
     value = (metrics or {}).get(name)
     return math.nan if value is None else float(value)
+
+
+def _metric_text(metrics: Mapping[str, Any] | None, name: str) -> str:
+    """A metric as a table shows it; undefined with both classes missing: `ONE_CLASS`."""
+    value = _metric(metrics, name)
+    if math.isfinite(value):
+        return f"{value:.3f}"
+    n = (metrics or {}).get("n")
+    return ONE_CLASS if n and name in ("roc_auc", "balanced_accuracy") else "-"
+
+
+def _interval(intervals: Mapping[str, Any] | None, name: str) -> str:
+    pair = (intervals or {}).get(name)
+    return f"{pair[0]:.3f}-{pair[1]:.3f}" if pair else "-"
+
+
+def _chance(evaluation: Mapping[str, Any] | None) -> str:
+    """"" or why a summary's evaluation is no better than chance (recorded, else from its
+    pooled metrics: a deployed run has no confusion matrix or intervals)."""
+    evaluation = evaluation or {}
+    if "chance" in evaluation:
+        return str(evaluation["chance"] or "")
+    return chance_reason(evaluation.get("pooled") or {})
+
+
+def _subgroup_label(name: str, labels: Mapping[str, Mapping[str, str]]) -> str:
+    """``sex = 0`` as ``sex = 0 (female)`` when the schema labels the code."""
+    column, _, code = name.partition(" = ")
+    meaning = labels.get(column, {}).get(code)
+    return f"{name} ({meaning})" if meaning else name
+
+
+def site_colours(sites: Sequence[str], others: Sequence[str] = ()) -> dict[str, str]:
+    """One colour per line across every chart of a report: pooled, then each site, then any
+    other ledger party (``federation``, ``aggregator``)."""
+    return colour_map(["pooled", *sites, *[o for o in others if o not in sites]])
 
 
 def budget_per_round(run_dir: Path, delta: float, accountant: str) -> dict[str, Any]:
@@ -89,6 +153,23 @@ def budget_per_round(run_dir: Path, delta: float, accountant: str) -> dict[str, 
                 ys.append(known[history])
         series[party] = (xs, ys)
     return series
+
+
+def budget_caps(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The epsilon caps a budget chart draws: label -> cap (one line per distinct cap;
+    record level: each site's, from ``privacy.caps``; else the run's ``privacy.epsilon``)."""
+    privacy = summary.get("privacy") or {}
+    caps: Mapping[str, float] = privacy.get("caps") or {}
+    if not caps:
+        configured = ((summary.get("config") or {}).get("privacy") or {}).get("epsilon")
+        return {} if configured is None else {f"cap: epsilon = {configured:g}":
+                                              float(configured)}
+    by_value: dict[float, list[str]] = {}
+    for party, cap in caps.items():
+        by_value.setdefault(float(cap), []).append(party)
+    if len(by_value) == 1:
+        return {f"cap: epsilon = {cap:g}": cap for cap in by_value}
+    return {f"cap {cap:g} ({', '.join(parties)})": cap for cap, parties in by_value.items()}
 
 
 def _protection(summary: Mapping[str, Any]) -> tuple[str, str]:
@@ -139,9 +220,10 @@ def _headline_rows(summary: Mapping[str, Any], sites: Sequence[str]) -> list[lis
     for label, evaluation in rows:
         pooled = (evaluation or {}).get("pooled")
         per_site = (evaluation or {}).get("sites") or {}
-        table.append([label] + [_fmt(_metric(pooled, m)) for m in
-                                ("accuracy", "roc_auc", "balanced_accuracy", "brier")]
-                     + [_fmt(_metric(per_site.get(s), "accuracy")) for s in sites])
+        flag = f" - {CHANCE}" if _chance(evaluation) else ""
+        table.append([label + flag] + [_metric_text(pooled, m) for m in
+                                       ("accuracy", "roc_auc", "balanced_accuracy", "brier")]
+                     + [_metric_text(per_site.get(s), "accuracy") for s in sites])
     return table
 
 
@@ -149,6 +231,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _categories(vocabulary: Sequence[str]) -> str:
+    # A vocabulary that long may hold individual patients' values (a hand-written schema:
+    # `fedcare schema infer` never writes one); the card names its size only.
+    if len(vocabulary) > MAX_VOCABULARY:
+        return f"{len(vocabulary)} categories (not listed: more than {MAX_VOCABULARY})"
+    return ", ".join(vocabulary)
 
 
 def model_card(run_dir: Path) -> str:
@@ -201,19 +291,36 @@ def model_card(run_dir: Path) -> str:
         bounds = schema.get("bounds") or {}
         rows = [[c, "numeric", ", ".join(f"{b:g}" for b in bounds[c]) if c in bounds else "-"]
                 for c in numeric]
-        rows += [[c, "categorical", ", ".join(v)] for c, v in categorical.items()]
+        rows += [[c, "categorical", _categories(v)] for c, v in categorical.items()]
+        rows += [[c, "not used (schema's ignore list)", "-"] for c in schema.get("ignore", [])]
         parts += ["## Schema", f"Outcome: `{target}` (positive: {positive}).",
                   _markdown_table(["column", "type", "public bounds / categories"], rows)]
+    labels: Mapping[str, Mapping[str, str]] = schema.get("labels") or {}
+    if labels:
+        parts += ["### What the codes mean",
+                  _markdown_table(["column", "code", "meaning"],
+                                  [[c, code, meaning] for c, codes in labels.items()
+                                   for code, meaning in codes.items()])]
     per_site = federated.get("sites") or {}
     metrics = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("brier", "Brier")]
+    performance = [["all sites (pooled)", str((federated.get("pooled") or {}).get("n", "-"))]
+                   + [_metric_text(federated.get("pooled"), m[0]) for m in metrics]]
+    performance += [[name + (f" ({SMALL_NOTE})" if (v.get("n") or 0) < SMALL_SITE else ""),
+                     str(v.get("n", "-"))] + [_metric_text(v, m[0]) for m in metrics]
+                    for name, v in per_site.items()]
     parts += ["## Performance (federated model, test sets)",
-              _markdown_table(["test set", "patients"] + [m[1] for m in metrics],
-                              [["all sites (pooled)", str((federated.get("pooled") or {})
-                                                          .get("n", "-"))]
-                               + [_fmt(_metric(federated.get("pooled"), m[0])) for m in metrics]]
-                              + [[name, str(v.get("n", "-"))]
-                                 + [_fmt(_metric(v, m[0])) for m in metrics]
-                                 for name, v in per_site.items()])]
+              _markdown_table(["test set", "patients"] + [m[1] for m in metrics], performance)]
+    if any(ONE_CLASS in row for row in performance):
+        parts.append(ONE_CLASS_NOTE)
+    if _chance(federated):
+        parts.append(f"{CHANCE}: {_chance(federated)}. Do not use this model.")
+    intervals = federated.get("intervals")
+    if intervals:
+        parts.append(f"95% intervals on the pooled test set ({intervals['resamples']} "
+                     f"bootstrap resamples of its patients): accuracy "
+                     f"{_interval(intervals, 'accuracy')}, ROC AUC "
+                     f"{_interval(intervals, 'roc_auc')}."
+                     + (" " + TEST_SET_NOT_COVERED if privacy else ""))
     if site_level and per_site:
         parts.append(PER_SITE_NOT_COVERED)
     if federated.get("note"):
@@ -224,8 +331,8 @@ def model_card(run_dir: Path) -> str:
     if subgroups:
         parts += ["### By subgroup (pooled test set)",
                   _markdown_table(["subgroup", "patients"] + [m[1] for m in metrics],
-                                  [[name, str(v.get("n", "-"))]
-                                   + [_fmt(_metric(v, m[0])) for m in metrics]
+                                  [[_subgroup_label(name, labels), str(v.get("n", "-"))]
+                                   + [_metric_text(v, m[0]) for m in metrics]
                                    for name, v in subgroups.items()])]
     scheme, protection = _protection(summary)
     parts += ["## Privacy",
@@ -294,6 +401,121 @@ def audit_section(audit: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def headline(summary: Mapping[str, Any]) -> str:
+    """The report's headline: the federated model's pooled metrics with their 95% intervals,
+    or, for a model no better than chance, that first."""
+    federated = summary.get("federated") or {}
+    pooled = federated.get("pooled") or {}
+    intervals = federated.get("intervals") or {}
+
+    def shown(name: str, label: str) -> str:
+        pair = intervals.get(name)
+        return (f"{label} <b>{_metric_text(pooled, name)}</b>"
+                + (f" (95% interval {pair[0]:.3f}-{pair[1]:.3f})" if pair else ""))
+
+    mean_auc = site_mean_auc(pooled)
+    text = (f"Federated model on the pooled test set ({pooled.get('n', '-')} patients): "
+            f"{shown('accuracy', 'accuracy')}, {shown('roc_auc', 'ROC AUC')}"
+            f"{f' ({escape(mean_auc)})' if mean_auc else ''}, "
+            f"{shown('balanced_accuracy', 'balanced accuracy')}.")
+    chance = _chance(federated)
+    if chance:
+        return (f"<p class='headline warning' id='headline'><b>{CHANCE}</b>: "
+                f"{escape(chance)}. Do not use this model. {text}</p>")
+    return f"<p class='headline' id='headline'>{text}</p>"
+
+
+def small_sites(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Sites with fewer than `SMALL_SITE` test patients (the summary publishes each site's
+    test size already), as (name, test patients)."""
+    return [(s["name"], int(s["n_test"])) for s in summary.get("sites") or []
+            if isinstance(s, Mapping) and s.get("n_test") is not None
+            and s["n_test"] < SMALL_SITE]
+
+
+def threshold_section(summary: Mapping[str, Any]) -> str:
+    """Sensitivity, specificity, PPV, NPV and the confusion matrix at `THRESHOLD`, with
+    intervals (or, for a deployed run, why there are none)."""
+    federated = summary.get("federated") or {}
+    counts = federated.get("threshold")
+    parts = [f"<h2 id='threshold'>At the threshold: predicted risk >= {THRESHOLD:g} counts "
+             "as positive</h2>"]
+    if not counts:
+        why = NO_INTERVALS_DEPLOYED if summary.get("data") else "Not computed for this run."
+        return "\n".join([*parts, f"<p>{escape(why)}</p>"])
+    intervals = federated.get("intervals") or {}
+    rows = [[name, _fmt(_metric(counts, key)), _interval(intervals, key), meaning]
+            for key, name, meaning in (
+                ("sensitivity", "sensitivity", "of patients with the outcome, share called "
+                 "positive"),
+                ("specificity", "specificity", "of patients without it, share called "
+                 "negative"),
+                ("ppv", "PPV", "of patients called positive, share with the outcome"),
+                ("npv", "NPV", "of patients called negative, share without it"))]
+    tp, fp = counts["true_positives"], counts["false_positives"]
+    fn, tn = counts["false_negatives"], counts["true_negatives"]
+    parts.append(_html_table(["", "value", "95% interval", "meaning"], rows))
+    if any("-" in (row[1], row[2]) for row in rows):
+        parts.append(f"<p>{escape(UNDEFINED_RATE_NOTE)}</p>")
+    parts += ["<h3>Confusion matrix (pooled test set)</h3>",
+              _html_table(["", "predicted positive", "predicted negative", "total"],
+                          [["outcome positive", str(tp), str(fn), str(tp + fn)],
+                           ["outcome negative", str(fp), str(tn), str(fp + tn)],
+                           ["total", str(tp + fp), str(fn + tn), str(tp + fp + fn + tn)]]),
+              f"<p>Intervals: {escape(str(intervals.get('method', 'bootstrap')))}, "
+              f"{intervals.get('resamples', '-')} resamples, seeded by the run's seed "
+              "(reproducible)."
+              + (" " + escape(TEST_SET_NOT_COVERED) if summary.get("privacy") else "")
+              + "</p>"]
+    return "\n".join(parts)
+
+
+def odds_ratio_section(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """Odds ratios of a logistic regression (`odds_ratios`), without intervals and why."""
+    config = summary.get("config") or {}
+    standardize = str((config.get("data") or {}).get("standardize", "auto"))
+    if standardize == "auto":
+        standardize = "bounds" if summary.get("privacy") else "federated"
+    covariance = summary.get("coefficient_covariance")
+    rows = odds_ratios(meta["params"], meta.get("feature_names") or [],
+                       meta.get("schema") or {}, meta.get("standardization") or {},
+                       standardize, covariance)
+    return "\n".join([
+        "<h2 id='odds-ratios'>Odds ratios (logistic regression)</h2>",
+        "<p>exp(coefficient): how the odds of the outcome multiply per unit of each input, "
+        "the others held fixed. Numeric inputs were standardised, so their unit is "
+        f"{escape(STANDARDIZED_UNITS_TEXT.get(standardize, 'that of the model input'))}.</p>",
+        _html_table(["input", "odds ratio"] + (["95% interval"] if covariance else []) + ["per"],
+                    [[r["feature"], f"{r['odds_ratio']:.3g}"]
+                     + ([f"{r['low']:.3g}-{r['high']:.3g}"] if covariance else []) + [r["per"]]
+                     for r in rows]),
+        f"<p>{escape(WALD_NOTE if covariance else NO_ODDS_RATIO_INTERVALS)}</p>"])
+
+
+STANDARDIZED_UNITS_TEXT = {"federated": "1 standard deviation (SD) of the pooled training "
+                                        "data (its value in brackets)",
+                           "bounds": "half the public range of the schema's bounds (its "
+                                     "value in brackets)",
+                           "site": "1 SD of each site's own training data",
+                           "none": "1 unit as recorded"}
+
+
+def audit_chart(audit: Mapping[str, Any]) -> str:
+    """The audit's results as a bar chart: per configuration, the attacks' success (share
+    of records recovered; AUCs, where 0.5 is chance)."""
+    keys = (("records recovered", "records recovered"), ("records recovered by prior",
+                                                          "records (prior)"),
+            ("membership AUC", "membership AUC"), ("canary AUC", "canary AUC"))
+    groups = {str(row.get("configuration", i + 1)): {
+        label: float(row[key]) for key, label in keys if row.get(key) is not None}
+        for i, row in enumerate(audit.get("table") or [])}
+    if not any(groups.values()):
+        return ""
+    return ("<div class='charts'>" + bar_chart(
+        groups, title="Attack success per configuration", y_label="share / AUC",
+        levels={"AUC 0.5: chance": 0.5}) + "</div>")
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1120px;margin:24px auto;
 padding:0 16px;color:#222;line-height:1.45}
@@ -307,6 +529,8 @@ td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}td:first-child,th:f
 .chart .title{font-weight:600;font-size:13px}.chart .tick,.chart .legend{font-size:11px;fill:#444}
 .chart .label{font-size:12px;fill:#222}.chart .frame{fill:none;stroke:#999}
 .chart .grid{stroke:#eee}.chart .diagonal{stroke:#aaa;stroke-dasharray:4 4}
+.chart .level{stroke:#d62728;stroke-width:1.5;stroke-dasharray:6 3}
+.chart .level-label{font-size:11px;fill:#d62728}
 code{background:#f3f3f3;padding:0 3px}
 """
 
@@ -342,22 +566,20 @@ def write_report(run_dir: str | Path) -> Path:
     if summary.get("status") != "completed":
         body.append(f"<p class='warning'>The run stopped early: "
                     f"{escape(str(summary.get('error')))}</p>")
-    accuracy_text, auc_text = _fmt(_metric(pooled, "accuracy")), _fmt(_metric(pooled, "roc_auc"))
-    mean_auc = site_mean_auc(pooled)
-    body.append(f"<p class='headline' id='headline'>Federated model on the pooled test set "
-                f"({pooled.get('n', '-')} patients): accuracy <b>{accuracy_text}</b>, "
-                f"ROC AUC <b>{auc_text}</b>{f' ({escape(mean_auc)})' if mean_auc else ''}.</p>")
+    body.append(headline(summary))
     if short_rounds_text(summary):
         body.append(f"<p class='warning' id='short-rounds'>"
                     f"{escape(short_rounds_text(summary))}</p>")
     if summary.get("data"):  # a deployed run: only the sites with metrics of their own
         sites = _metric_sites(summary, sites)
         shown = sites if len(sites) <= MAX_SITE_LINES else []
+    mean_auc = site_mean_auc(pooled)
     header = ["model", "accuracy", "ROC AUC", "bal. acc", "Brier"] + [f"acc@{s}" for s in sites]
     baselines = summary.get("baselines") or {}
+    headline_rows = _headline_rows(summary, sites)
     body += ["<h2>Federated vs pooled vs each site alone</h2>" if baselines else
              "<h2>Federated model</h2>",
-             _html_table(header, _headline_rows(summary, sites)),
+             _html_table(header, headline_rows),
              "<p>Pooled metrics are on all sites' test patients together"
              + ("; acc@site on that site's own test patients." if sites else ".")
              + (" The pooled and single-site models are references trained without privacy "
@@ -365,11 +587,29 @@ def write_report(run_dir: str | Path) -> Path:
              + (" " + PER_SITE_NOT_COVERED
                 if (summary.get("privacy") or {}).get("level") == "site" and sites else "")
              + (" " + str((summary.get("federated") or {}).get("note") or "")) + "</p>"]
+    if any(ONE_CLASS in row for row in headline_rows):
+        body.append(f"<p>{escape(ONE_CLASS_NOTE)}</p>")
+    small = small_sites(summary)
+    if small:
+        body.append("<p class='warning' id='small-sites'>Small test sets ("
+                    + escape(", ".join(f"{name}: {n} patients" for name, n in small))
+                    + f"): {SMALL_NOTE}. An accuracy on n patients has a standard error of "
+                    "about sqrt(p(1-p)/n): 0.1 at n = 25.</p>")
     if baselines.get("note"):
         body.append(f"<p class='warning'>{escape(str(baselines['note']))}</p>")
+    if rows_section := loss_section(summary):
+        body.append(rows_section)
+    body.append(threshold_section(summary))
+    meta = torch.load(run_dir / "model.pt", weights_only=True) \
+        if (run_dir / "model.pt").is_file() else {}
+    if summary.get("model") == "logreg" and meta:
+        body.append(odds_ratio_section(summary, meta))
 
     privacy = summary.get("privacy")
     scheme, protection = _protection(summary)
+    budget = budget_per_round(run_dir, float(privacy["delta"]), str(privacy["accountant"])) \
+        if privacy else {}
+    colours = site_colours(sites, list(budget))
     body.append("<h2 id='privacy'>Privacy</h2>")
     if privacy:
         # A seeded run states no guarantee: its sentence goes in the warning box, and its
@@ -377,16 +617,15 @@ def write_report(run_dir: str | Path) -> Path:
         private = privacy.get("private", True) is not False
         body.append(f"<p class='{'guarantee' if private else 'warning'}'>"
                     f"{escape(privacy['sentence'])}</p>")
-        budget = budget_per_round(run_dir, float(privacy["delta"]), str(privacy["accountant"]))
         if budget:
-            cap = float(privacy.get("epsilon", math.nan))
+            caps = budget_caps(summary)
             title = (f"Privacy budget spent (epsilon, delta = {privacy['delta']:g})" if private
                      else f"NOT private (seeded noise): epsilon secure noise would have spent "
                           f"(delta = {privacy['delta']:g})")
+            top = max(*caps.values(), *(max(v[1], default=0.0) for v in budget.values()), 0.0)
             body.append(line_chart(budget, title=title, x_label="round",
-                                   y_label="epsilon spent",
-                                   y_range=(0.0, max(cap, *(max(v[1], default=0.0)
-                                                            for v in budget.values())))))
+                                   y_label="cumulative epsilon", colours=colours,
+                                   levels=caps, y_range=(0.0, 1.1 * top if top > 0 else 1.0)))
     else:
         body.append("<p class='warning'>Trained without differential privacy: the model and "
                     "the updates may reveal whether a patient took part.</p>")
@@ -402,10 +641,10 @@ def write_report(run_dir: str | Path) -> Path:
             auc[s] = (x, [_metric((r.get("sites") or {}).get(s), "roc_auc") for r in rounds])
         body += ["<h2 id='training'>Training, round by round</h2><div class='charts'>",
                  line_chart(accuracy, title="Accuracy of the global model", x_label="round",
-                            y_label="accuracy", y_range=(0.0, 1.0)),
+                            y_label="accuracy", y_range=(0.0, 1.0), colours=colours),
                  line_chart(auc, title="ROC AUC of the global model" + (
                      " (mean of the sites' AUCs)" if mean_auc else ""), x_label="round",
-                            y_label="ROC AUC", y_range=(0.0, 1.0)),
+                            y_label="ROC AUC", y_range=(0.0, 1.0), colours=colours),
                  "</div>"]
         failed = [(r["round"], s, why) for r in rounds for s, why in r.get("failures", {}).items()]
         if failed:
@@ -421,13 +660,15 @@ def write_report(run_dir: str | Path) -> Path:
                  "<div class='charts'>",
                  line_chart(roc, title="ROC curve", x_label="false positive rate",
                             y_label="true positive rate", x_range=(0.0, 1.0),
-                            y_range=(0.0, 1.0), diagonal=True),
+                            y_range=(0.0, 1.0), diagonal=True, colours=colours),
                  line_chart(calibration, title="Calibration (10 risk bins)",
                             x_label="predicted risk", y_label="observed rate",
-                            x_range=(0.0, 1.0), y_range=(0.0, 1.0), diagonal=True),
+                            x_range=(0.0, 1.0), y_range=(0.0, 1.0), diagonal=True,
+                            colours=colours),
                  "</div>"]
     if (run_dir / AUDIT_FILE).is_file():
-        body.append(audit_section(json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))))
+        audit = json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))
+        body += [audit_section(audit), audit_chart(audit)]
     body += ["<h2 id='model-card'>Model card</h2>", _markdown_to_html(card)]
     if (run_dir / AUDIT_LOG_FILE).is_file():
         recorded = summary.get("audit_log") or {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,20 @@ from typing import Any
 import torch
 
 from fedcare.config import RunConfig
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, DataError
 from fedcare.federation.aggregator import RoundReport
 
 
 def make_run_dir(config: RunConfig, out: str | Path | None = None) -> Path:
-    """Create a fresh run directory; `out` names it exactly, else it goes under ``config.out``."""
+    """Create a fresh run directory: `out` exactly, else ``config.out / config.name``.
+
+    `out` (``fedcare run --out``) must be new or empty, so no earlier run is
+    overwritten; under ``config.out`` a taken name gets a ``-2``, ``-3``... suffix
+    instead (default name: ``<dataset>-<strategy>-<time>``).
+    """
     if out is not None:
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"--out {path} exists and is not empty; choose a new directory so "
                               "no earlier run is overwritten.")
     else:
@@ -44,6 +50,29 @@ def make_run_dir(config: RunConfig, out: str | Path | None = None) -> Path:
             path = Path(config.out) / f"{base}-{suffix}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json``, or None if it has none yet (a run stopped or still running).
+
+    Raises
+    ------
+    DataError
+        The file exists but is not a JSON object (damaged, or not fedcare's).
+    """
+    path = Path(run_dir) / "summary.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                        f"column {exc.colno}).") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path} holds a JSON {type(summary).__name__}, not a run summary.")
+    return summary
 
 
 def jsonable(value: Any) -> Any:
@@ -123,7 +152,13 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{run_dir} has no {CHECKPOINT_FILE}: no round of it completed, so "
                           "there is nothing to resume; start a new run.")
-    checkpoint: dict[str, Any] = torch.load(path, weights_only=True)
+    try:
+        checkpoint: dict[str, Any] = torch.load(path, weights_only=True)
+        int(checkpoint["round"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError,
+            ValueError) as exc:
+        raise DataError(f"{path} cannot be read (damaged or not a fedcare checkpoint: "
+                        f"{type(exc).__name__}); the run cannot be resumed from it.") from None
     return checkpoint
 
 

@@ -27,8 +27,20 @@ def _fmt(value: float) -> str:
     return "   -" if math.isnan(value) else f"{value:.3f}"
 
 
+CHANCE = "NO BETTER THAN CHANCE"
+UNDEFINED = ("-: not defined on that test set (ROC AUC and balanced accuracy need patients "
+             "of both classes; every metric needs at least one patient).")
+TEST_SET_NOT_COVERED = ("Like the test metrics, they are exact statistics of the held-out "
+                        "test patients, not covered by the differential privacy guarantee.")
+"""The flag of a model no better than chance (`fedcare.evaluation.chance_reason`)."""
+
+
 def results_table(result: RunResult) -> str:
-    """The headline table of a run, one model per row, pooled and per-site test metrics."""
+    """The headline table of a run, one model per row, pooled and per-site test metrics.
+
+    A model no better than chance gets `CHANCE` in a last column and a line below
+    the table saying why; the federated model's 95% intervals follow.
+    """
     sites = [s.name for s in result.data.sites]
     rows: list[tuple[str, Evaluation]] = [
         (f"federated ({result.summary['strategy']})", result.federated)]
@@ -57,10 +69,36 @@ def results_table(result: RunResult) -> str:
             cells += [_fmt(min(known)) if known else "   -",
                       _fmt(sum(known) / len(known)) if known else "   -"]
         body.append(cells)
+    flagged = [(label, ev.chance) for label, ev in rows if ev.chance]
+    if flagged:
+        header.append("flag")
+        for cells, (_, ev) in zip(body, rows, strict=True):
+            cells.append(CHANCE if ev.chance else "")
     n_test = int(result.federated.pooled["n"])
     title = (f"{result.data.description}: metrics on the pooled test set ({n_test} patients)"
              " and accuracy on each site's test set")
-    return title + "\n" + _grid(header, body)
+    notes = [f"{label}: {CHANCE}: {why}." for label, why in flagged]
+    if any(cell.strip() == "-" for cells in body for cell in cells[1:]):
+        notes.append(UNDEFINED)
+    intervals = interval_line(result.federated)
+    if intervals:
+        notes.append(intervals + (" " + TEST_SET_NOT_COVERED if result.summary.get("privacy")
+                                  else ""))
+    return title + "\n" + _grid(header, body) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def interval_line(evaluation: Evaluation) -> str:
+    """"" or the federated model's 95% bootstrap intervals on the pooled test set, one line."""
+    intervals = (evaluation.details or {}).get("intervals") or {}
+    shown = [(name, intervals.get(key)) for key, name in
+             (("accuracy", "accuracy"), ("roc_auc", "ROC AUC"),
+              ("balanced_accuracy", "bal. acc"))]
+    parts = [f"{name} {low:.3f}-{high:.3f}" for name, pair in shown if pair
+             for low, high in [pair]]
+    if not parts:
+        return ""
+    return (f"95% intervals of the federated model ({intervals['resamples']} bootstrap "
+            f"resamples of the test patients): {', '.join(parts)}.")
 
 
 def _local_rows(local: dict[str, Evaluation]) -> list[tuple[str, Evaluation]]:
