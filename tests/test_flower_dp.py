@@ -276,6 +276,7 @@ def site_node(config: RunConfig, partition: int = 0, **settings: Any) -> SiteNod
     return SiteNode(config, NodeSettings(partition=partition, **settings))
 
 
+@pytest.mark.slow
 def test_a_site_tells_the_client_level_settings_it_calibrated_and_they_match() -> None:
     config = client_level_config("distributed", privacy__dropout_tolerance=1)
     node = site_node(config, partition=2)
@@ -326,6 +327,7 @@ def test_per_site_caps_are_refused_under_client_level_dp() -> None:
 
 
 # ----------------------------------------------------------------------------- calibration
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["record", "site"])
 def test_a_site_calibrates_once_per_run_not_once_per_message(
         level: str, monkeypatch: pytest.MonkeyPatch) -> None:

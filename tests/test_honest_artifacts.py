@@ -112,6 +112,7 @@ def test_the_same_attack_fails_against_secure_noise(tmp_path: Path) -> None:
             in privacy["sentence"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["record", "site"])
 def test_a_seeded_run_says_not_private_in_every_artefact(
         level: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,6 +263,7 @@ def test_the_audit_log_is_no_oracle_on_a_sites_data(privacy: dict[str, Any],
     assert main(["verify", str(run_dir)]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     {"privacy": {"level": "record", "epsilon": 1.0}},  # each payload carries the site's noise
     {"protection": {"scheme": "secagg"}},  # each payload is masked
@@ -357,6 +359,7 @@ def test_site_level_artefacts_name_no_cohort_and_no_site_size(tmp_path: Path) ->
     assert len(selected) == 4
 
 
+@pytest.mark.slow
 def test_the_leak_detector_finds_what_a_record_level_run_publishes(tmp_path: Path) -> None:
     # Record-level DP treats sizes and cohorts as public: the same search finds them, so
     # the empty result above is not the search's blindness.

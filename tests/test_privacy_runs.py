@@ -40,6 +40,7 @@ def ledger_lines(run_dir: Path) -> list[dict[str, Any]]:
     return [x for x in lines if x["type"] == "spend"]
 
 
+@pytest.mark.slow
 def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> None:
     # secure noise: the guarantee it states is the one this test checks
     c = config(privacy__level="record", privacy__epsilon=2.0, privacy__secure=True)
@@ -63,6 +64,7 @@ def test_record_level_run_spends_what_it_was_calibrated_for(tmp_path: Path) -> N
     assert on_disk["privacy"]["sentence"] == privacy["sentence"]
 
 
+@pytest.mark.slow
 def test_record_level_dp_costs_accuracy_but_learns(tmp_path: Path) -> None:
     plain = run(config(federation__rounds=10), tmp_path / "plain")
     private = run(config(federation__rounds=10, privacy__level="record",
@@ -73,6 +75,7 @@ def test_record_level_dp_costs_accuracy_but_learns(tmp_path: Path) -> None:
     assert acc_private < acc_plain  # epsilon 0.05 is noisy enough to cost something
 
 
+@pytest.mark.slow
 def test_a_site_cap_lowers_that_site_budget_only(tmp_path: Path) -> None:
     c = config(privacy__level="record", privacy__epsilon=2.0,
                privacy__site_epsilon={"switzerland": 0.5})
@@ -233,6 +236,7 @@ def crash_before_checkpoint(c: RunConfig, run_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(rundir.RunWriter, "save_checkpoint", save)
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_model_and_counts_every_round_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A fixed noise multiplier under a cap with room for the round run twice (the cap
@@ -264,6 +268,7 @@ def test_resume_reaches_the_same_model_and_counts_every_round_once(
     assert rounds == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_refuses_a_redo_over_the_cap(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Issue 14.3.3: calibrated so that 5 rounds exactly fill the cap. The aggregator saw
@@ -374,6 +379,7 @@ def test_the_count_slot_of_adaptive_clipping_is_counted_against_the_aggregator(
     assert update_only < 0.95 * counted  # what was reported before
 
 
+@pytest.mark.slow
 def test_plain_payloads_are_counted_with_each_rounds_actual_cohort(tmp_path: Path) -> None:
     # Issue 14.3.2. Under plain protection each payload carries sigma / sqrt(n - t) of the
     # noise for the round's actual Poisson cohort n, not for round(q K).

@@ -79,6 +79,7 @@ def test_adaptive_clipping_splits_the_noise_budget_as_andrew_et_al() -> None:
         privacy(target_quantile=0.5, count_noise=0.4, noise_multiplier=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantile", [0.2, 0.8])
 def test_adaptive_clip_norm_converges_to_the_target_quantile(quantile: float) -> None:
     n_sites = 200
