@@ -8,7 +8,7 @@ ROC and calibration curves) are simple.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
@@ -29,6 +29,22 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
             break
     first = math.ceil(low / step - 1e-9) * step
     return [round(first + i * step, 10) for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _frame(title: str, width: int, height: int, left: int, top: int, plot_w: float,
+           plot_h: float, y_ticks: Sequence[float], sy: Callable[[float], float]) -> list[str]:
+    """The opening of a chart: the svg element, its title, the plot's frame and the
+    horizontal grid lines with their tick labels."""
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{escape(title)}">',
+             f'<text x="{left}" y="18" class="title">{escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>']
+    for t in y_ticks:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+                     f'class="grid"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" '
+                     f'class="tick" text-anchor="end">{t:g}</text>')
+    return parts
 
 
 def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_label: str,
@@ -82,15 +98,7 @@ def line_chart(series: Mapping[str, Series], *, title: str, x_label: str, y_labe
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{escape(title)}">',
-             f'<text x="{left}" y="18" class="title">{escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>']
-    for t in _ticks(y0, y1):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
-                     f'class="grid"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" '
-                     f'class="tick" text-anchor="end">{t:g}</text>')
+    parts = _frame(title, width, height, left, top, plot_w, plot_h, _ticks(y0, y1), sy)
     for t in _ticks(x0, x1):
         parts.append(f'<text x="{sx(t):.1f}" y="{top + plot_h + 16}" class="tick" '
                      f'text-anchor="middle">{t:g}</text>')
@@ -158,15 +166,7 @@ def bar_chart(groups: Mapping[str, Mapping[str, float]], *, title: str, y_label:
     def sy(y: float) -> float:
         return top + (1 - (min(max(y, y0), y1) - y0) / (y1 - y0)) * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{escape(title)}">',
-             f'<text x="{left}" y="18" class="title">{escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>']
-    for t in _ticks(y0, y1):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
-                     f'class="grid"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" '
-                     f'class="tick" text-anchor="end">{t:g}</text>')
+    parts = _frame(title, width, height, left, top, plot_w, plot_h, _ticks(y0, y1), sy)
     parts.append(f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" '
                  f'class="label" text-anchor="middle">{escape(y_label)}</text>')
     slot = plot_w / max(len(groups), 1)
